@@ -1,0 +1,1 @@
+//! Host contiguous-memory allocator (placeholder until the cma issue lands).

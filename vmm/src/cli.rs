@@ -1,0 +1,163 @@
+//! The command line: `dmavisor run ...`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{ByteSize, VmConfig};
+use crate::vm::Vm;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dmavisor",
+    version,
+    about = "A VMM whose core is a hypervisor memory manager for guest DMA"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a guest; the VMM exits when the guest reboots (0), panics (2) or fails.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Guest kernel: a bzImage or an ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initramfs for the guest.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (default: serial console, reboot=k, panic=-1).
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Guest RAM, e.g. size=512M (default 512M).
+    #[arg(long, value_name = "size=SIZE", value_parser = parse_size_option("--memory"))]
+    memory: Option<ByteSize>,
+    /// Number of vCPUs (default 1).
+    #[arg(long, value_name = "N")]
+    cpus: Option<u8>,
+    /// The guest's DMA window, its CMA area, e.g. size=64M (default 64M; size=0 disables).
+    #[arg(long = "dma-window", value_name = "size=SIZE", value_parser = parse_size_option("--dma-window"))]
+    dma_window: Option<ByteSize>,
+    /// A TOML or JSON file with the same settings; flags given as well override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// Parses `size=SIZE` (or a bare `SIZE`) for the option `flag`.
+fn parse_size_option(flag: &'static str) -> impl Fn(&str) -> Result<ByteSize, String> + Clone {
+    move |s: &str| {
+        let value = match s.split_once('=') {
+            Some(("size", v)) => v,
+            Some((key, _)) => {
+                return Err(format!(
+                    "unknown key `{key}` in {flag} {s}; the accepted form is {flag} size=SIZE, e.g. size=512M"
+                ))
+            }
+            None => s,
+        };
+        value.parse::<ByteSize>().map_err(|e| e.to_string())
+    }
+}
+
+impl Cli {
+    /// Runs the command; returns the process exit status.
+    pub fn execute(self) -> anyhow::Result<i32> {
+        match self.command {
+            Command::Run(args) => run(args),
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let config = args.into_config()?;
+    config.validate()?;
+    tracing::info!(?config, "starting VM");
+    let vm = Vm::build(&config).context("cannot start the VM")?;
+    let outcome = vm.run()?;
+    if outcome.guest_panicked {
+        eprintln!("dmavisor: the guest kernel panicked");
+    } else if outcome.exit_code() != 0 {
+        eprintln!(
+            "dmavisor: the guest stopped abnormally: {:?}",
+            outcome.reason
+        );
+    }
+    Ok(outcome.exit_code())
+}
+
+impl RunArgs {
+    fn into_config(self) -> anyhow::Result<VmConfig> {
+        let mut config = match (&self.config, &self.kernel) {
+            (Some(file), _) => VmConfig::from_file(file)?,
+            (None, Some(kernel)) => VmConfig::with_kernel(kernel.clone()),
+            (None, None) => anyhow::bail!(
+                "no guest kernel: pass --kernel PATH (resources/build-guest.sh builds target/guest/kernel) or set `kernel` in a --config FILE"
+            ),
+        };
+        if let Some(k) = self.kernel {
+            config.kernel = k;
+        }
+        if let Some(i) = self.initrd {
+            config.initrd = Some(i);
+        }
+        if let Some(c) = self.cmdline {
+            config.cmdline = Some(c);
+        }
+        if let Some(m) = self.memory {
+            config.memory.size = m;
+        }
+        if let Some(n) = self.cpus {
+            config.cpus = n;
+        }
+        if let Some(w) = self.dma_window {
+            config.dma_window.size = w;
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_options_accept_key_value_and_bare() {
+        let p = parse_size_option("--memory");
+        assert_eq!(p("size=1G").unwrap(), ByteSize(1 << 30));
+        assert_eq!(p("256M").unwrap(), ByteSize(256 << 20));
+        let e = p("sz=1G").unwrap_err();
+        assert!(
+            e.contains("unknown key `sz`") && e.contains("size=SIZE"),
+            "{e}"
+        );
+        assert!(p("size=lots").unwrap_err().contains("\"lots\""));
+    }
+
+    #[test]
+    fn flags_override_config_file() {
+        let dir = std::env::temp_dir().join(format!("dmavisor-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("vm.toml");
+        std::fs::write(&f, "kernel = \"/k\"\ncpus = 2\n[memory]\nsize = \"1G\"\n").unwrap();
+        let cli = Cli::try_parse_from([
+            "dmavisor",
+            "run",
+            "--config",
+            f.to_str().unwrap(),
+            "--cpus",
+            "3",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command;
+        let c = args.into_config().unwrap();
+        assert_eq!((c.cpus, c.memory.size), (3, ByteSize(1 << 30)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,343 @@
+//! The VM's configuration: one struct, filled from command-line flags or from a TOML/JSON file.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// Guest RAM below this is too small for any Linux guest to boot.
+pub const MIN_MEMORY: u64 = 32 * MIB;
+/// Guest RAM above this is refused: the layout keeps all guest memory below 1 TiB.
+pub const MAX_MEMORY: u64 = 256 * GIB;
+/// The DMA window's size and base are multiples of this: the guest's CMA area must be
+/// aligned to a pageblock (2 MiB on x86-64).
+pub const DMA_WINDOW_ALIGN: u64 = 2 * MIB;
+/// The largest DMA window a guest may have.
+pub const MAX_DMA_WINDOW: u64 = 64 * GIB;
+/// vCPUs the MP table and the guest kernel (CONFIG_NR_CPUS) are built for.
+pub const MAX_CPUS: u8 = 32;
+
+/// A size in bytes, written as a number with an optional K, M or G suffix (powers of 1024).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct ByteSize(pub u64);
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid size {input:?}: {reason}; write a number of bytes with an optional K, M or G suffix, e.g. 512M or 2G")]
+pub struct SizeError {
+    input: String,
+    reason: &'static str,
+}
+
+impl FromStr for ByteSize {
+    type Err = SizeError;
+
+    fn from_str(s: &str) -> Result<Self, SizeError> {
+        let err = |reason| SizeError {
+            input: s.to_string(),
+            reason,
+        };
+        let t = s.trim();
+        let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+            Some((i, _)) => t.split_at(i),
+            None => (t, ""),
+        };
+        if digits.is_empty() {
+            return Err(err("it does not start with a number"));
+        }
+        let n: u64 = digits.parse().map_err(|_| err("the number is too large"))?;
+        let mult = match unit.trim().to_ascii_uppercase().as_str() {
+            "" | "B" => 1,
+            "K" | "KB" | "KIB" => KIB,
+            "M" | "MB" | "MIB" => MIB,
+            "G" | "GB" | "GIB" => GIB,
+            _ => return Err(err("unknown suffix")),
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| err("the size overflows 64 bits"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        match b {
+            0 => write!(f, "0"),
+            _ if b % GIB == 0 => write!(f, "{}G", b / GIB),
+            _ if b % MIB == 0 => write!(f, "{}M", b / MIB),
+            _ if b % KIB == 0 => write!(f, "{}K", b / KIB),
+            _ => write!(f, "{b}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(b) => Ok(ByteSize(b)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Guest RAM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Bytes of guest RAM, not counting the DMA window.
+    pub size: ByteSize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            size: ByteSize(512 * MIB),
+        }
+    }
+}
+
+/// The guest-physical range the guest kernel uses as its CMA area.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DmaWindowConfig {
+    /// Bytes in the window; 0 disables it.
+    pub size: ByteSize,
+}
+
+impl Default for DmaWindowConfig {
+    fn default() -> Self {
+        Self {
+            size: ByteSize(64 * MIB),
+        }
+    }
+}
+
+/// Everything needed to start a VM. `dmavisor run` flags and `--config FILE` both produce it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// The guest kernel: a bzImage or an ELF vmlinux.
+    pub kernel: PathBuf,
+    /// An initramfs for the guest.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line; the VMM appends its own device and CMA parameters.
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    #[serde(default = "default_cpus")]
+    pub cpus: u8,
+    #[serde(default)]
+    pub dma_window: DmaWindowConfig,
+}
+
+fn default_cpus() -> u8 {
+    1
+}
+
+/// The command line a guest gets when none is given: serial console, reboot through the i8042
+/// (the VMM exits on it) and reboot at once on panic (so a panic ends the VMM too).
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// A configuration mistake, with what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid {format}: {message}")]
+    Parse {
+        path: PathBuf,
+        format: &'static str,
+        message: String,
+    },
+    #[error("config file {0} must end in .toml or .json")]
+    UnknownFormat(PathBuf),
+    #[error("kernel image {0} does not exist; build the guest with resources/build-guest.sh or pass --kernel PATH")]
+    KernelMissing(PathBuf),
+    #[error("initrd {0} does not exist; pass an existing file with --initrd PATH")]
+    InitrdMissing(PathBuf),
+    #[error("--memory size={0} is too small: a Linux guest needs at least {min}", min = ByteSize(MIN_MEMORY))]
+    MemoryTooSmall(ByteSize),
+    #[error("--memory size={0} is too large: at most {max} is supported", max = ByteSize(MAX_MEMORY))]
+    MemoryTooLarge(ByteSize),
+    #[error("--memory size={0} is not a multiple of 4K (the guest page size)")]
+    MemoryUnaligned(ByteSize),
+    #[error("--cpus {0}: need between 1 and {MAX_CPUS} vCPUs")]
+    Cpus(u8),
+    #[error("--dma-window size={0} is larger than allowed: at most {max}", max = ByteSize(MAX_DMA_WINDOW))]
+    WindowTooLarge(ByteSize),
+    #[error("--dma-window size={0} is not a multiple of 2M (the guest's CMA pageblock); try {1}")]
+    WindowUnaligned(ByteSize, ByteSize),
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn with_kernel(kernel: PathBuf) -> Self {
+        Self {
+            kernel,
+            initrd: None,
+            cmdline: None,
+            memory: MemoryConfig::default(),
+            cpus: default_cpus(),
+            dma_window: DmaWindowConfig::default(),
+        }
+    }
+
+    /// Reads a configuration file; the format follows the extension.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let parse_err = |format, message: String| ConfigError::Parse {
+            path: path.to_path_buf(),
+            format,
+            message,
+        };
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("toml") => toml::from_str(&text).map_err(|e| parse_err("TOML", e.to_string())),
+            Some("json") => {
+                serde_json::from_str(&text).map_err(|e| parse_err("JSON", e.to_string()))
+            }
+            _ => Err(ConfigError::UnknownFormat(path.to_path_buf())),
+        }
+    }
+
+    /// Checks everything that can be checked before touching KVM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.kernel.is_file() {
+            return Err(ConfigError::KernelMissing(self.kernel.clone()));
+        }
+        if let Some(initrd) = &self.initrd {
+            if !initrd.is_file() {
+                return Err(ConfigError::InitrdMissing(initrd.clone()));
+            }
+        }
+        let mem = self.memory.size;
+        if mem.0 < MIN_MEMORY {
+            return Err(ConfigError::MemoryTooSmall(mem));
+        }
+        if mem.0 > MAX_MEMORY {
+            return Err(ConfigError::MemoryTooLarge(mem));
+        }
+        if mem.0 % (4 * KIB) != 0 {
+            return Err(ConfigError::MemoryUnaligned(mem));
+        }
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(ConfigError::Cpus(self.cpus));
+        }
+        let win = self.dma_window.size;
+        if win.0 > MAX_DMA_WINDOW {
+            return Err(ConfigError::WindowTooLarge(win));
+        }
+        if win.0 % DMA_WINDOW_ALIGN != 0 {
+            let up = ByteSize(win.0.div_ceil(DMA_WINDOW_ALIGN) * DMA_WINDOW_ALIGN);
+            return Err(ConfigError::WindowUnaligned(win, up));
+        }
+        Ok(())
+    }
+
+    /// The command line the guest boots with, before the VMM adds device parameters.
+    pub fn base_cmdline(&self) -> &str {
+        self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!("512M".parse::<ByteSize>().unwrap(), ByteSize(512 * MIB));
+        assert_eq!("2g".parse::<ByteSize>().unwrap(), ByteSize(2 * GIB));
+        assert_eq!("64K".parse::<ByteSize>().unwrap(), ByteSize(64 * KIB));
+        assert_eq!("4096".parse::<ByteSize>().unwrap(), ByteSize(4096));
+        assert_eq!("1GiB".parse::<ByteSize>().unwrap(), ByteSize(GIB));
+    }
+
+    #[test]
+    fn bad_sizes_say_why() {
+        let e = "12Q".parse::<ByteSize>().unwrap_err().to_string();
+        assert!(
+            e.contains("\"12Q\"") && e.contains("unknown suffix") && e.contains("512M"),
+            "{e}"
+        );
+        let e = "M".parse::<ByteSize>().unwrap_err().to_string();
+        assert!(e.contains("does not start with a number"), "{e}");
+        let e = "99999999999G".parse::<ByteSize>().unwrap_err().to_string();
+        assert!(e.contains("overflows"), "{e}");
+        assert!("-1M".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for s in ["512M", "2G", "64K", "4097"] {
+            assert_eq!(s.parse::<ByteSize>().unwrap().to_string(), s);
+        }
+    }
+
+    #[test]
+    fn toml_and_json_give_the_same_struct() {
+        let dir = std::env::temp_dir().join(format!("dmavisor-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = dir.join("vm.toml");
+        std::fs::write(
+            &t,
+            "kernel = \"/k\"\ncpus = 2\n[memory]\nsize = \"1G\"\n[dma_window]\nsize = 134217728\n",
+        )
+        .unwrap();
+        let j = dir.join("vm.json");
+        std::fs::write(
+            &j,
+            r#"{"kernel":"/k","cpus":2,"memory":{"size":"1G"},"dma_window":{"size":"128M"}}"#,
+        )
+        .unwrap();
+        let a = VmConfig::from_file(&t).unwrap();
+        let b = VmConfig::from_file(&j).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.memory.size, ByteSize(GIB));
+        assert_eq!(a.dma_window.size, ByteSize(128 * MIB));
+        std::fs::write(&j, r#"{"kernel":"/k","memroy":{"size":"1G"}}"#).unwrap();
+        let e = VmConfig::from_file(&j).unwrap_err().to_string();
+        assert!(e.contains("memroy"), "unknown keys are named: {e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let mut c = VmConfig::with_kernel("/nonexistent/bzImage".into());
+        assert!(matches!(c.validate(), Err(ConfigError::KernelMissing(_))));
+        c.kernel = std::env::current_exe().unwrap();
+        c.validate().unwrap();
+        c.dma_window.size = ByteSize(MAX_DMA_WINDOW + DMA_WINDOW_ALIGN);
+        assert!(matches!(c.validate(), Err(ConfigError::WindowTooLarge(_))));
+        c.dma_window.size = ByteSize(3 * MIB);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("try 4M"), "{e}");
+        c.dma_window.size = ByteSize(0);
+        c.validate().unwrap();
+        c.cpus = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Cpus(0))));
+        c.cpus = 1;
+        c.memory.size = ByteSize(MIB);
+        assert!(matches!(c.validate(), Err(ConfigError::MemoryTooSmall(_))));
+    }
+}

@@ -1,0 +1,32 @@
+//! `dmavisor`: a VMM whose core is a hypervisor memory manager for guest DMA.
+
+mod arch;
+mod cli;
+mod config;
+mod devices;
+mod hypervisor;
+mod memory;
+mod vcpu;
+mod vm;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DMAVISOR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = cli::Cli::parse();
+    match cli.execute() {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! Assembling a VM from its configuration and running it until the guest stops.
+
+use std::io::{self, Read, Stdout};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use devices::legacy::{I8042Reset, PanicWatch, SerialConsole, I8042_BASE, I8042_LEN};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use linux_loader::loader::Cmdline;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::{
+    GuestLayout, CMDLINE_MAX_SIZE, COM1_IRQ, COM1_PORT, KVM_TSS_ADDRESS,
+};
+use crate::arch::x86_64::{boot, mptable, regs};
+use crate::config::{ByteSize, VmConfig};
+use crate::devices::{DeviceError, DeviceManager};
+use crate::hypervisor::{self, HypervisorError};
+use crate::memory::{self, MemoryError};
+use crate::vcpu::{ExitReason, ExitSignal, Vcpu, VcpuError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error("KVM_{op}: {source}")]
+    Kvm {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    #[error("creating an eventfd: {0}")]
+    EventFd(io::Error),
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { op, source }
+}
+
+/// How the VM ended, as the process reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmOutcome {
+    pub reason: ExitReason,
+    /// The guest kernel printed a panic before it stopped.
+    pub guest_panicked: bool,
+}
+
+impl VmOutcome {
+    /// The process exit status: 0 for a clean guest reboot/power-off, 2 for a guest kernel
+    /// panic, 3 for a triple fault, 4 for a vCPU that KVM could not run.
+    pub fn exit_code(&self) -> i32 {
+        match (&self.reason, self.guest_panicked) {
+            (_, true) => 2,
+            (ExitReason::Reset, false) => 0,
+            (ExitReason::TripleFault { .. }, false) => 3,
+            (ExitReason::VcpuError { .. }, false) => 4,
+        }
+    }
+}
+
+type Console = SerialConsole<PanicWatch<Stdout>>;
+
+/// A VM, built and ready to start.
+pub struct Vm {
+    _kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<Vcpu>,
+    devices: DeviceManager,
+    console: Arc<Mutex<Console>>,
+    exit: Arc<ExitSignal>,
+    panicked: Arc<AtomicBool>,
+}
+
+impl Vm {
+    pub fn build(config: &VmConfig) -> Result<Self, VmError> {
+        let kvm = hypervisor::open()?;
+        let vm = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(kvm_err("CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("CREATE_PIT2"))?;
+
+        let layout = GuestLayout::new(config.memory.size.0, config.dma_window.size.0);
+        let mem = memory::create(&layout)?;
+        memory::register(&vm, &mem)?;
+        tracing::info!(?layout, "guest memory mapped");
+
+        let mut cmdline =
+            Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| VmError::Cmdline(e.to_string()))?;
+        cmdline
+            .insert_str(config.base_cmdline())
+            .map_err(|e| VmError::Cmdline(format!("{:?}: {e}", config.base_cmdline())))?;
+        if let Some((base, size)) = layout.dma_window {
+            // The guest's CMA area is exactly the window.
+            let cma = format!("cma={}@{base:#x}", ByteSize(size));
+            cmdline
+                .insert_str(&cma)
+                .map_err(|e| VmError::Cmdline(format!("{cma}: {e}")))?;
+        }
+
+        let exit = Arc::new(ExitSignal::new().map_err(VmError::EventFd)?);
+        let panicked = Arc::new(AtomicBool::new(false));
+        let mut devices = DeviceManager::new();
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        let console = Arc::new(Mutex::new(SerialConsole::new(
+            serial_irq.try_clone().map_err(VmError::EventFd)?,
+            PanicWatch::new(io::stdout(), panicked.clone()),
+        )));
+        devices.add_pio(
+            &vm,
+            console.clone(),
+            COM1_PORT,
+            8,
+            Some((&serial_irq, COM1_IRQ)),
+        )?;
+        let reset = exit.eventfd().try_clone().map_err(VmError::EventFd)?;
+        devices.add_pio(
+            &vm,
+            Arc::new(Mutex::new(I8042Reset::new(reset))),
+            I8042_BASE,
+            I8042_LEN,
+            None,
+        )?;
+
+        let entry = boot::load(
+            &mem,
+            &layout,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &cmdline,
+        )?;
+        tracing::info!(?entry, cmdline = ?cmdline.as_cstring().ok(), "kernel loaded");
+        mptable::setup(&mem, config.cpus)?;
+        regs::write_boot_tables(&mem, entry.mode)?;
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
+        let vcpus = (0..config.cpus)
+            .map(|id| Vcpu::new(&vm, &supported, id, config.cpus, entry))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        Ok(Self {
+            _kvm: kvm,
+            vm,
+            mem,
+            vcpus,
+            devices,
+            console,
+            exit,
+            panicked,
+        })
+    }
+
+    /// The guest memory, for devices and tests.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Starts the vCPUs and serves the console until the guest stops.
+    pub fn run(self) -> Result<VmOutcome, VmError> {
+        let _vm = self.vm;
+        let pio = Arc::new(self.devices.pio);
+        let mmio = Arc::new(self.devices.mmio);
+        let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+        let stop = Arc::new(Mutex::new(ExitWatcher {
+            evt: self.exit.eventfd().try_clone().map_err(VmError::EventFd)?,
+            fired: false,
+        }));
+        manager.add_subscriber(stop.clone());
+        let _raw = RawTerminal::enter();
+        manager.add_subscriber(Arc::new(Mutex::new(StdinToConsole {
+            console: self.console.clone(),
+        })));
+
+        for vcpu in self.vcpus {
+            vcpu.start(pio.clone(), mmio.clone(), self.exit.clone())?;
+        }
+        while !stop.lock().unwrap_or_else(|e| e.into_inner()).fired {
+            manager
+                .run()
+                .map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+        }
+        let outcome = VmOutcome {
+            reason: self.exit.take_reason(),
+            guest_panicked: self.panicked.load(Ordering::SeqCst),
+        };
+        tracing::info!(?outcome, "VM stopped");
+        Ok(outcome)
+    }
+}
+
+struct ExitWatcher {
+    evt: EventFd,
+    fired: bool,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        self.fired = true;
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            tracing::error!("watching the VM exit eventfd: {e:?}");
+        }
+    }
+}
+
+/// Forwards the VMM's standard input to the guest console. A closed or non-pollable stdin
+/// (CI, `</dev/null`) simply means no input.
+struct StdinToConsole {
+    console: Arc<Mutex<Console>>,
+}
+
+impl MutEventSubscriber for StdinToConsole {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 256];
+        let n = if events.event_set().contains(EventSet::IN) {
+            io::stdin().lock().read(&mut buf).unwrap_or(0)
+        } else {
+            0
+        };
+        if n == 0 {
+            // EOF or hang-up: stop watching, the guest keeps running without input.
+            let _ = ops.remove(events);
+            return;
+        }
+        let mut console = self.console.lock().unwrap_or_else(|e| e.into_inner());
+        if console.queue_input(&buf[..n]) < n {
+            tracing::warn!("guest console input buffer full; input dropped");
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let stdin = io::stdin();
+        if let Err(e) = ops.add(Events::new(&stdin, EventSet::IN)) {
+            tracing::debug!(
+                "stdin (fd {}) cannot be polled ({e:?}); the guest console has no input",
+                stdin.as_raw_fd()
+            );
+        }
+    }
+}
+
+/// Puts a terminal stdin in raw mode so keystrokes reach the guest, and restores it on drop.
+struct RawTerminal(bool);
+
+impl RawTerminal {
+    fn enter() -> Self {
+        use vmm_sys_util::terminal::Terminal;
+        let stdin = io::stdin();
+        Self(stdin.is_terminal_raw() && stdin.lock().set_raw_mode().is_ok())
+    }
+}
+
+trait IsTerminalRaw {
+    fn is_terminal_raw(&self) -> bool;
+}
+
+impl IsTerminalRaw for io::Stdin {
+    fn is_terminal_raw(&self) -> bool {
+        std::io::IsTerminal::is_terminal(self)
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        use vmm_sys_util::terminal::Terminal;
+        if self.0 {
+            let _ = io::stdin().lock().set_canon_mode();
+        }
+    }
+}
