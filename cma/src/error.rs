@@ -52,7 +52,9 @@ pub enum RegionError {
 pub enum ConfigError {
     #[error("granule {granule:#x} must be a power of two >= 4096 and divide the host page size {page:#x} or be a multiple of it")]
     BadGranule { granule: usize, page: usize },
-    #[error("pageblock {pageblock:#x} must be a power of two multiple of the granule {granule:#x}")]
+    #[error(
+        "pageblock {pageblock:#x} must be a power of two multiple of the granule {granule:#x}"
+    )]
     BadPageblock { pageblock: usize, granule: usize },
     #[error("region length {len:#x} is not a multiple of the granule {granule:#x}")]
     RegionNotGranular { len: usize, granule: usize },

@@ -63,7 +63,11 @@ pub(crate) struct FreeTree {
 
 fn leaf_runs(busy: u64) -> Runs {
     if busy == 0 {
-        return Runs { pre: 64, suf: 64, max: 64 };
+        return Runs {
+            pre: 64,
+            suf: 64,
+            max: 64,
+        };
     }
     // Longest run of zeros: shrink the free mask by one per step until it vanishes.
     let mut free = !busy;
@@ -117,10 +121,6 @@ impl FreeTree {
             t.refresh_inner(n);
         }
         t
-    }
-
-    pub(crate) fn frames(&self) -> usize {
-        self.frames
     }
 
     fn refresh_leaf(&mut self, w: usize) {
@@ -188,13 +188,17 @@ impl FreeTree {
 
     /// Mark `[start, start+len)` as occupied (`true`) or not.
     pub(crate) fn set_occ(&mut self, start: usize, len: usize, on: bool) {
-        self.update(start, len, |t, w, m| {
-            if on {
-                t.occ[w] |= m
-            } else {
-                t.occ[w] &= !m
-            }
-        });
+        self.update(
+            start,
+            len,
+            |t, w, m| {
+                if on {
+                    t.occ[w] |= m
+                } else {
+                    t.occ[w] &= !m
+                }
+            },
+        );
     }
 
     pub(crate) fn is_alloc(&self, f: usize) -> bool {
@@ -218,7 +222,11 @@ impl FreeTree {
     /// Number of allocated frames (linear in words; used for error reports only).
     pub(crate) fn allocated_total(&self) -> usize {
         let tail = self.leaves * WORD - self.frames;
-        self.alloc.iter().map(|w| w.count_ones() as usize).sum::<usize>() - tail
+        self.alloc
+            .iter()
+            .map(|w| w.count_ones() as usize)
+            .sum::<usize>()
+            - tail
     }
 
     /// Leftmost `p >= from` such that `[p, p+need)` is free in `class`.

@@ -1,0 +1,388 @@
+//! Allocation requests, policies and the allocation handle.
+//!
+//! One attempt ("sweep") is: a clean fit under one short lock hold; failing that, a
+//! walk over the whole region in batches of candidates, each batch under its own
+//! lock hold, migrating into the cheapest unpinned candidate of the batch. What
+//! happens after a failed sweep is the request's [`Policy`].
+
+use std::ops::Range;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, debug_span, trace};
+
+use super::claim::{Batch, PinnedCandidate};
+use super::{Allocator, Shared};
+use crate::error::AllocError;
+use crate::frame::{self, Tag, Word};
+use crate::freetree::Class;
+use crate::release::ReleaseNode;
+use crate::stats::Stats;
+
+/// What to do when no range can be had right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Never wait: try every candidate range once, skipping those with a pinned
+    /// frame (`__GFP_NORETRY`-like, seed 004).
+    FailFast,
+    /// Sweep the whole region; if nothing worked, back off (woken early by pin
+    /// releases and frees) and sweep again until `deadline` (seed 000).
+    Retry { deadline: Instant },
+    /// Sweep once; if the best candidate was blocked by a pin, wait up to `timeout`
+    /// in total for that pin to be released, then sweep again.
+    WaitForPin { timeout: Duration },
+}
+
+/// A request for `len` bytes aligned to `align` bytes (physical alignment where the
+/// physical address is known, region-offset alignment otherwise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocRequest {
+    pub len: usize,
+    /// Power of two; values below the granule mean "granule".
+    pub align: usize,
+    pub policy: Policy,
+}
+
+impl AllocRequest {
+    /// `len` bytes, granule-aligned, fail-fast.
+    pub fn new(len: usize) -> Self {
+        AllocRequest {
+            len,
+            align: 1,
+            policy: Policy::FailFast,
+        }
+    }
+
+    pub fn align(mut self, align: usize) -> Self {
+        self.align = align;
+        self
+    }
+
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+}
+
+/// A contiguous range handed out by [`Allocator::alloc`]. Dropping it (or calling
+/// [`Allocation::free`]) releases the range without blocking or allocating.
+pub struct Allocation {
+    shared: Arc<Shared>,
+    start: usize,
+    frames: usize,
+    extent: usize,
+    migrated: usize,
+    node: Option<Box<ReleaseNode>>,
+}
+
+impl std::fmt::Debug for Allocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Allocation")
+            .field("offset", &self.offset())
+            .field("len", &self.len())
+            .field("extent", &self.extent)
+            .field("phys", &self.phys_addr())
+            .finish()
+    }
+}
+
+impl Allocation {
+    /// Byte offset in the region.
+    pub fn offset(&self) -> usize {
+        self.start * self.shared.config.granule
+    }
+
+    /// Length in bytes (the request rounded up to whole frames).
+    pub fn len(&self) -> usize {
+        self.frames * self.shared.config.granule
+    }
+
+    /// Never true: zero-length requests are rejected.
+    pub fn is_empty(&self) -> bool {
+        self.frames == 0
+    }
+
+    /// Frame indices covered.
+    pub fn frames(&self) -> Range<usize> {
+        self.start..self.start + self.frames
+    }
+
+    /// Host virtual address of the first byte.
+    pub fn host_addr(&self) -> NonNull<u8> {
+        let base = self.shared.region.host_addr().as_ptr();
+        NonNull::new(base.wrapping_add(self.offset())).unwrap_or(NonNull::dangling())
+    }
+
+    /// Host physical address of the first byte, when the region knows it.
+    pub fn phys_addr(&self) -> Option<u64> {
+        let e = self.shared.extents[self.extent];
+        e.phys_frame
+            .map(|pf| (pf + (self.start - e.start) as u64) * self.shared.config.granule as u64)
+    }
+
+    /// Index of the extent (see [`crate::Region::extents`]) holding the allocation.
+    pub fn extent(&self) -> usize {
+        self.extent
+    }
+
+    /// Frames whose occupants were migrated to make room for this allocation.
+    pub fn migrated_frames(&self) -> usize {
+        self.migrated
+    }
+
+    /// Release now (same as dropping).
+    pub fn free(self) {}
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        let s = &self.shared;
+        // Lock-free part: pinners see FREE at once and can no longer pin.
+        for w in &s.words[self.start..self.start + self.frames] {
+            frame::set_tag(w, Tag::Free);
+        }
+        match s.map.try_lock() {
+            Ok(mut m) => {
+                s.drain_released(&mut m);
+                m.tree.set_alloc(self.start, self.frames, false);
+            }
+            Err(_) => {
+                if let Some(node) = self.node.take() {
+                    s.released.push(node);
+                }
+                Stats::bump(&s.stats.c.frees_deferred, 1);
+            }
+        }
+        Stats::bump(&s.stats.c.frees, 1);
+        s.notify_inner(true);
+    }
+}
+
+/// Why one sweep found nothing.
+#[derive(Default)]
+struct SweepFail {
+    candidates: usize,
+    pinned: usize,
+    move_failed: usize,
+    first_pinned: Option<PinnedCandidate>,
+    first_revocable: Option<PinnedCandidate>,
+}
+
+impl Allocator {
+    /// Allocate a contiguous range. See [`Policy`] for what happens when the region
+    /// is busy. Never panics on bad input; see [`AllocError`] for every reason.
+    pub fn alloc(&self, req: AllocRequest) -> Result<Allocation, AllocError> {
+        let t0 = Instant::now();
+        let s = &self.shared;
+        let _span =
+            debug_span!("cma.alloc", len = req.len, align = req.align, policy = ?req.policy)
+                .entered();
+        let r = self.alloc_inner(req, t0);
+        s.stats.alloc_latency.record(t0.elapsed());
+        let c = &s.stats.c;
+        let counter = match &r {
+            Ok(a) if a.migrated == 0 => {
+                Stats::bump(&c.allocs_clean, 1);
+                &c.allocs
+            }
+            Ok(_) => &c.allocs,
+            Err(AllocError::InvalidRequest { .. }) => &c.fail_invalid,
+            Err(AllocError::LargerThanExtent { .. }) => &c.fail_too_large,
+            Err(AllocError::NoRoom { .. }) => &c.fail_no_room,
+            Err(AllocError::AllCandidatesPinned { .. }) => &c.fail_all_pinned,
+            Err(AllocError::DeadlinePassed { .. }) => &c.fail_deadline,
+            Err(AllocError::PinWaitTimedOut { .. }) => &c.fail_pin_wait,
+        };
+        Stats::bump(counter, 1);
+        match &r {
+            Ok(a) => debug!(offset = a.offset(), migrated = a.migrated, "allocated"),
+            Err(e) => debug!(error = %e, "allocation failed"),
+        }
+        r
+    }
+
+    fn validate(&self, req: &AllocRequest) -> Result<(usize, usize), AllocError> {
+        let g = self.shared.config.granule;
+        let invalid = |reason| AllocError::InvalidRequest {
+            len: req.len,
+            align: req.align,
+            reason,
+        };
+        if req.len == 0 {
+            return Err(invalid("zero length"));
+        }
+        if !req.align.is_power_of_two() {
+            return Err(invalid("alignment is not a power of two"));
+        }
+        let largest = self.shared.region.largest_extent();
+        if req.len > largest {
+            return Err(AllocError::LargerThanExtent {
+                requested: req.len,
+                largest_extent: largest,
+            });
+        }
+        if req.align > largest {
+            return Err(invalid("alignment larger than the largest extent"));
+        }
+        Ok((req.len.div_ceil(g), (req.align / g).max(1)))
+    }
+
+    fn alloc_inner(&self, req: AllocRequest, t0: Instant) -> Result<Allocation, AllocError> {
+        let s = &self.shared;
+        let (n, align) = self.validate(&req)?;
+        let mut backoff = Duration::from_micros(50);
+        let mut sweeps = 0u32;
+        loop {
+            sweeps += 1;
+            Stats::bump(&s.stats.c.sweeps, 1);
+            if sweeps > 1 {
+                Stats::bump(&s.stats.c.retries, 1);
+            }
+            let fail = match self.sweep(n, align) {
+                Ok(a) => return Ok(a),
+                Err(f) => f,
+            };
+            let no_room = fail.candidates == 0;
+            let requested = req.len;
+            let busy = || {
+                if no_room {
+                    let allocated = s.lock_map().tree.allocated_total() * s.config.granule;
+                    AllocError::NoRoom {
+                        requested,
+                        align: req.align,
+                        allocated_bytes: allocated,
+                        region_bytes: s.region.len(),
+                    }
+                } else {
+                    AllocError::AllCandidatesPinned {
+                        requested,
+                        candidates: fail.candidates,
+                        pinned: fail.pinned,
+                        move_failed: fail.move_failed,
+                    }
+                }
+            };
+            match req.policy {
+                Policy::FailFast => return Err(busy()),
+                Policy::Retry { deadline } => {
+                    if fail.first_pinned.is_some() && fail.candidates == fail.pinned {
+                        if let Some(pc) = fail.first_revocable {
+                            self.request_revoke(pc.start, n);
+                        }
+                    }
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(AllocError::DeadlinePassed {
+                            requested,
+                            sweeps,
+                            waited: t0.elapsed(),
+                        });
+                    }
+                    let slice = backoff.min(deadline - now);
+                    trace!(?slice, sweeps, "retry: backing off");
+                    s.wait_event(slice, || true);
+                    backoff = (backoff * 2).min(Duration::from_millis(5));
+                }
+                Policy::WaitForPin { timeout } => {
+                    let Some(pc) = fail.first_revocable.or(fail.first_pinned) else {
+                        return Err(busy());
+                    };
+                    if pc.revocable {
+                        self.request_revoke(pc.start, n);
+                    }
+                    let left = timeout.saturating_sub(t0.elapsed());
+                    if left.is_zero() || !self.wait_unpinned(pc.frame, left) {
+                        return Err(AllocError::PinWaitTimedOut {
+                            requested,
+                            frame: pc.frame,
+                            timeout,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// One attempt over the whole region.
+    fn sweep(&self, n: usize, align: usize) -> Result<Allocation, SweepFail> {
+        let s = &self.shared;
+        {
+            let mut m = s.lock_map();
+            let mut from = 0;
+            while let Some((a, x)) = s.find_fit(&m, Class::Clean, from, n, align) {
+                match s.claim_clean(&mut m, a, n) {
+                    Ok(()) => {
+                        trace!(start = a, "clean fit");
+                        return Ok(self.handle(a, n, x, 0));
+                    }
+                    Err(f) => from = f + 1,
+                }
+            }
+        }
+        let mut fail = SweepFail::default();
+        let mut pos = 0;
+        while pos < s.frames {
+            let mut m = s.lock_map();
+            let b: Batch = s.evaluate(&m, pos, n, align);
+            fail.candidates += b.evaluated;
+            fail.pinned += b.pinned;
+            Stats::bump(&s.stats.c.candidates_pinned, b.pinned as u64);
+            fail.first_pinned = fail.first_pinned.or(b.first_pinned);
+            fail.first_revocable = fail.first_revocable.or(b.first_revocable);
+            pos = b.next.max(pos + 1);
+            let Some(c) = b.best else { continue };
+            debug!(start = c.start, cost = c.cost, "candidate chosen");
+            let prepared = match s.prepare(&mut m, c.start, n) {
+                Ok(p) => p,
+                Err(f) => {
+                    fail.pinned += 1;
+                    fail.first_pinned.get_or_insert(PinnedCandidate {
+                        start: c.start,
+                        frame: f,
+                        revocable: false,
+                    });
+                    continue;
+                }
+            };
+            drop(m);
+            let done = s.migrate(&prepared);
+            let mut m = s.lock_map();
+            if s.commit(&mut m, &prepared, done) {
+                return Ok(self.handle(c.start, n, c.extent, done));
+            }
+            fail.move_failed += 1;
+        }
+        Err(fail)
+    }
+
+    fn handle(&self, start: usize, frames: usize, extent: usize, migrated: usize) -> Allocation {
+        Allocation {
+            shared: self.shared.clone(),
+            start,
+            frames,
+            extent,
+            migrated,
+            node: Some(ReleaseNode::new(start, frames)),
+        }
+    }
+
+    /// Wait until frame `f` has no pins, up to `timeout`. True when released.
+    fn wait_unpinned(&self, f: usize, timeout: Duration) -> bool {
+        let s = &self.shared;
+        let t = Instant::now();
+        Stats::bump(&s.stats.c.pin_waits, 1);
+        let pinned = || frame::pins_of(s.words[f].get()) > 0;
+        while pinned() {
+            let left = timeout.saturating_sub(t.elapsed());
+            if left.is_zero() {
+                Stats::bump(&s.stats.c.pin_wait_timeouts, 1);
+                s.stats.pin_wait_latency.record(t.elapsed());
+                return false;
+            }
+            s.wait_event(left.min(Duration::from_millis(5)), pinned);
+        }
+        s.stats.pin_wait_latency.record(t.elapsed());
+        true
+    }
+}

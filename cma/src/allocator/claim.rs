@@ -1,0 +1,312 @@
+//! Finding, evaluating and claiming candidate ranges; building and committing
+//! migration plans. Everything here except `migrate` runs under the map lock.
+
+use std::time::Instant;
+
+use tracing::{debug, trace};
+
+use super::{MapState, Shared};
+use crate::frame::{self, Tag, Word};
+use crate::freetree::Class;
+use crate::migrate::{Destination, FrameMove, MigrationPlan};
+use crate::stats::Stats;
+
+/// A range that passed evaluation.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Candidate {
+    pub(super) start: usize,
+    pub(super) extent: usize,
+    /// Occupied frames that would have to move.
+    pub(super) cost: usize,
+}
+
+/// A range rejected because of a pin; kept for WaitForPin and revocation.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PinnedCandidate {
+    pub(super) start: usize,
+    pub(super) frame: usize,
+    /// Every pin in the range registered a revoke callback.
+    pub(super) revocable: bool,
+}
+
+/// Result of evaluating one batch of candidates.
+#[derive(Debug, Default)]
+pub(super) struct Batch {
+    pub(super) best: Option<Candidate>,
+    pub(super) evaluated: usize,
+    pub(super) pinned: usize,
+    pub(super) first_pinned: Option<PinnedCandidate>,
+    pub(super) first_revocable: Option<PinnedCandidate>,
+    /// Where the next batch starts; `frames` when the sweep is complete.
+    pub(super) next: usize,
+}
+
+/// A claimed range whose occupants are frozen and whose plan is ready.
+pub(super) struct Prepared {
+    pub(super) start: usize,
+    pub(super) frames: usize,
+    pub(super) plan: MigrationPlan,
+}
+
+impl Shared {
+    fn extent_of(&self, f: usize) -> usize {
+        self.extents.partition_point(|e| e.end <= f)
+    }
+
+    /// Leftmost aligned `a >= from` with `[a, a+n)` free in `class` and inside one
+    /// extent. Each step is a tree descent, so this is O(log frames) per free run
+    /// considered rather than O(frames).
+    pub(super) fn find_fit(
+        &self,
+        m: &MapState,
+        class: Class,
+        from: usize,
+        n: usize,
+        align: usize,
+    ) -> Option<(usize, usize)> {
+        let mut pos = from;
+        loop {
+            let p = m.tree.next_fit(class, pos, n)?;
+            let x = self.extent_of(p);
+            let e = self.extents[x];
+            let a = e.align_up(p, align);
+            if a + n > e.end {
+                pos = e.end;
+                continue;
+            }
+            if a == p || m.tree.next_fit(class, a, n) == Some(a) {
+                return Some((a, x));
+            }
+            pos = a + 1;
+        }
+    }
+
+    /// First pinned (or frozen) frame in `[start, start+n)`, and whether all pins in
+    /// the range so far are revocable. Pageblocks with no pinned frame are skipped
+    /// without touching their frames.
+    fn first_pinned(&self, start: usize, n: usize) -> Option<(usize, bool)> {
+        let end = start + n;
+        let mut f = start;
+        let mut found: Option<(usize, bool)> = None;
+        while f < end {
+            let block_end = ((self.block_of(f) + 1) * self.block_frames).min(end);
+            if self.block_pins[self.block_of(f)].load(std::sync::atomic::Ordering::Acquire) == 0 {
+                f = block_end;
+                continue;
+            }
+            for g in f..block_end {
+                let w = self.words[g].get();
+                if frame::is_frozen(w) {
+                    return Some((g, false));
+                }
+                if frame::pins_of(w) > 0 {
+                    let rev = frame::unrevocable_of(w) == 0;
+                    if !rev {
+                        return Some((found.map_or(g, |x| x.0), false));
+                    }
+                    found.get_or_insert((g, true));
+                }
+            }
+            f = block_end;
+        }
+        found
+    }
+
+    /// Evaluate up to `candidates_per_hold` ranges from `from` on: the cheapest
+    /// (fewest occupied frames) unpinned one wins. Candidates step by
+    /// `max(align, n rounded down to align)`, so they do not overlap.
+    pub(super) fn evaluate(&self, m: &MapState, from: usize, n: usize, align: usize) -> Batch {
+        let step = align.max(n / align * align);
+        let mut b = Batch {
+            next: self.frames,
+            ..Default::default()
+        };
+        let mut pos = from;
+        while b.evaluated < self.config.candidates_per_hold {
+            let Some((a, x)) = self.find_fit(m, Class::Avail, pos, n, align) else {
+                return b;
+            };
+            b.evaluated += 1;
+            if let Some((f, revocable)) = self.first_pinned(a, n) {
+                b.pinned += 1;
+                let pc = PinnedCandidate {
+                    start: a,
+                    frame: f,
+                    revocable,
+                };
+                b.first_pinned.get_or_insert(pc);
+                if revocable {
+                    b.first_revocable.get_or_insert(pc);
+                }
+                trace!(
+                    start = a,
+                    pinned_frame = f,
+                    revocable,
+                    "candidate skipped: pinned"
+                );
+                pos = a + step;
+                continue;
+            }
+            let cost = m.tree.occ_count(a, a + n);
+            if b.best.is_none_or(|c| cost < c.cost) {
+                b.best = Some(Candidate {
+                    start: a,
+                    extent: x,
+                    cost,
+                });
+            }
+            pos = a + step;
+            // Without a clean fit every candidate costs at least one frame.
+            if cost <= 1 {
+                break;
+            }
+        }
+        b.next = pos.min(self.frames);
+        b
+    }
+
+    /// Claim a clean range: every frame must be FREE and unpinned. On a frame still
+    /// pinned from its previous life, undo and report it.
+    pub(super) fn claim_clean(
+        &self,
+        m: &mut MapState,
+        start: usize,
+        n: usize,
+    ) -> Result<(), usize> {
+        m.tree.set_alloc(start, n, true);
+        for f in start..start + n {
+            if frame::try_claim(&self.words[f]).is_err() {
+                for g in start..f {
+                    frame::set_tag(&self.words[g], Tag::Free);
+                }
+                m.tree.set_alloc(start, n, false);
+                return Err(f);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reserve a candidate range, freeze its occupants and pick their destinations.
+    /// Fails (undoing everything) at the first frame that was pinned after evaluation.
+    pub(super) fn prepare(
+        &self,
+        m: &mut MapState,
+        start: usize,
+        n: usize,
+    ) -> Result<Prepared, usize> {
+        m.tree.set_alloc(start, n, true);
+        let mut moves = Vec::new();
+        for f in start..start + n {
+            let ok = if m.tree.is_occ(f) {
+                let r = frame::try_freeze(&self.words[f], Tag::Occupied);
+                if r.is_ok() {
+                    if let Some(occupant) = m.occupants[f] {
+                        moves.push(FrameMove {
+                            occupant,
+                            src: f,
+                            dst: Destination::OutOfRegion,
+                        });
+                    }
+                }
+                r.is_ok()
+            } else {
+                frame::try_claim(&self.words[f]).is_ok()
+            };
+            if !ok {
+                for g in start..f {
+                    let tag = if m.tree.is_occ(g) {
+                        Tag::Occupied
+                    } else {
+                        Tag::Free
+                    };
+                    frame::thaw(&self.words[g], tag);
+                }
+                m.tree.set_alloc(start, n, false);
+                Stats::bump(&self.stats.c.claim_races, 1);
+                return Err(f);
+            }
+        }
+        // Destinations: clean frames from the top of the region down; the range
+        // itself is excluded because it is now marked allocated.
+        for mv in &mut moves {
+            let mut before = self.frames;
+            while let Some(d) = m.tree.last_clean(before) {
+                if frame::pins_of(self.words[d].get()) == 0 {
+                    m.tree.set_occ(d, 1, true);
+                    m.occupants[d] = Some(mv.occupant);
+                    frame::freeze_as(&self.words[d], Tag::Occupied);
+                    mv.dst = Destination::Frame(d);
+                    break;
+                }
+                before = d;
+            }
+        }
+        let plan = MigrationPlan {
+            granule: self.config.granule,
+            moves,
+        };
+        Ok(Prepared {
+            start,
+            frames: n,
+            plan,
+        })
+    }
+
+    /// Run the plan through the mover (no lock held) and return how many moves took
+    /// effect.
+    pub(super) fn migrate(&self, p: &Prepared) -> usize {
+        if p.plan.is_empty() {
+            return 0;
+        }
+        let t = Instant::now();
+        let r = self.mover.move_frames(&p.plan);
+        self.stats.migrate_latency.record(t.elapsed());
+        Stats::bump(&self.stats.c.migrations, 1);
+        match r {
+            Ok(()) => p.plan.len(),
+            Err(e) => {
+                debug!(error = %e, "mover failed");
+                Stats::bump(&self.stats.c.move_failures, 1);
+                e.completed.min(p.plan.len())
+            }
+        }
+    }
+
+    /// Commit the first `done` moves. If that is all of them the range becomes an
+    /// allocation (returns true); otherwise the rest is rolled back and the range
+    /// returned to the tree.
+    pub(super) fn commit(&self, m: &mut MapState, p: &Prepared, done: usize) -> bool {
+        for (i, mv) in p.plan.moves.iter().enumerate() {
+            let moved = i < done;
+            if moved {
+                m.occupants[mv.src] = None;
+                m.tree.set_occ(mv.src, 1, false);
+                frame::thaw(&self.words[mv.src], Tag::Allocated);
+            } else {
+                frame::thaw(&self.words[mv.src], Tag::Occupied);
+            }
+            if let Destination::Frame(d) = mv.dst {
+                if moved {
+                    frame::thaw(&self.words[d], Tag::Occupied);
+                } else {
+                    m.occupants[d] = None;
+                    m.tree.set_occ(d, 1, false);
+                    frame::thaw(&self.words[d], Tag::Free);
+                }
+            }
+        }
+        let g = self.config.granule as u64;
+        Stats::bump(&self.stats.c.pages_migrated, done as u64);
+        Stats::bump(&self.stats.c.bytes_migrated, done as u64 * g);
+        if done == p.plan.len() {
+            return true;
+        }
+        for f in p.start..p.start + p.frames {
+            if !m.tree.is_occ(f) {
+                frame::set_tag(&self.words[f], Tag::Free);
+            }
+        }
+        m.tree.set_alloc(p.start, p.frames, false);
+        false
+    }
+}

@@ -1,0 +1,437 @@
+//! The allocator: shared state, construction, occupants and frame queries.
+//! Allocation lives in `alloc.rs`, claiming and migrating ranges in `claim.rs`,
+//! pins in `crate::pin`.
+
+mod alloc;
+mod claim;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tracing::trace;
+
+pub use alloc::{AllocRequest, Allocation, Policy};
+
+use crate::error::{ConfigError, OccupyError};
+use crate::frame::{self, Tag};
+use crate::freetree::FreeTree;
+use crate::migrate::{Mover, Occupant};
+use crate::pin::RevokeRegistry;
+use crate::region::Region;
+use crate::release::ReleaseQueue;
+use crate::stats::{Stats, StatsSnapshot};
+
+/// Tuning knobs. The defaults are what the docs assume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocatorConfig {
+    /// Frame size in bytes (power of two, >= 4 KiB). Default 4 KiB.
+    pub granule: usize,
+    /// Pageblock size in bytes (power-of-two multiple of the granule). Default 2 MiB.
+    /// Pin summaries are kept per pageblock, so a candidate range only inspects the
+    /// frames of pageblocks that have pins at all.
+    pub pageblock: usize,
+    /// Candidate ranges evaluated per map-lock hold when migration is needed. Bounds
+    /// the critical section; a sweep continues in further holds until it has covered
+    /// the whole region.
+    pub candidates_per_hold: usize,
+}
+
+impl Default for AllocatorConfig {
+    fn default() -> Self {
+        AllocatorConfig {
+            granule: 4096,
+            pageblock: 2 << 20,
+            candidates_per_hold: 64,
+        }
+    }
+}
+
+/// A physically contiguous extent in frame units.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FrameExtent {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+    /// Physical frame number (in granules) of `start`, when known.
+    pub(crate) phys_frame: Option<u64>,
+}
+
+impl FrameExtent {
+    /// Lowest `a >= p` whose *physical* address (or region offset, when unknown)
+    /// is a multiple of `align` frames.
+    pub(crate) fn align_up(&self, p: usize, align: usize) -> usize {
+        let base = self.phys_frame.unwrap_or(self.start as u64);
+        let addr = base + (p - self.start) as u64;
+        let rem = (addr % align as u64) as usize;
+        if rem == 0 {
+            p
+        } else {
+            p + align - rem
+        }
+    }
+}
+
+/// What the map lock protects.
+pub(crate) struct MapState {
+    pub(crate) tree: FreeTree,
+    /// Occupant of each frame (also set on a migration destination in flight).
+    pub(crate) occupants: Vec<Option<Occupant>>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) region: Arc<Region>,
+    pub(crate) config: AllocatorConfig,
+    pub(crate) frames: usize,
+    pub(crate) block_frames: usize,
+    pub(crate) extents: Vec<FrameExtent>,
+    /// Per-frame state words (see `crate::frame`). Lock-free.
+    pub(crate) words: Box<[AtomicU64]>,
+    /// Per-pageblock count of frames with at least one pin: a hint that lets a
+    /// candidate skip the per-frame pin check for pin-free pageblocks. Updated after
+    /// the word's pin count crosses zero, so it can lag (and briefly wrap); the
+    /// frame word's compare-and-swap at freeze time is what decides.
+    pub(crate) block_pins: Box<[AtomicU32]>,
+    /// The map lock. Protects the free-run tree and the occupant table. Held only
+    /// for tree queries and updates and for per-frame compare-and-swaps of the range
+    /// being claimed: never while the `Mover` copies, never while a revoke callback
+    /// runs, never while sleeping. Lock order: `map` before `revokers`; the pin
+    /// event mutex is a leaf and is never held while taking another lock.
+    pub(crate) map: Mutex<MapState>,
+    pub(crate) released: ReleaseQueue,
+    pub(crate) revokers: RevokeRegistry,
+    /// Wakes threads waiting for a pin release or a free (Retry / WaitForPin).
+    pub(crate) event: Mutex<()>,
+    pub(crate) event_cv: Condvar,
+    pub(crate) waiters: AtomicUsize,
+    pub(crate) mover: Arc<dyn Mover>,
+    pub(crate) stats: Stats,
+}
+
+/// What a frame holds right now (a snapshot: it may change as soon as it is read).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameState {
+    Free,
+    Allocated,
+    Occupied(Occupant),
+    /// An occupant is being moved off or onto the frame.
+    Migrating,
+}
+
+/// A frame's state and pin counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameInfo {
+    pub state: FrameState,
+    pub pins: u32,
+    pub longterm_pins: u32,
+}
+
+/// The contiguous-memory allocator. Cheap to clone (a shared handle); every method
+/// takes `&self` and is safe to call from many threads.
+#[derive(Clone)]
+pub struct Allocator {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Allocator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Allocator")
+            .field("region", &self.shared.region)
+            .field("frames", &self.shared.frames)
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}
+
+const MAX_FRAMES: usize = 1 << 31;
+
+impl Allocator {
+    /// Build an allocator over `region`; `mover` carries out migrations.
+    pub fn new(
+        region: Arc<Region>,
+        config: AllocatorConfig,
+        mover: Arc<dyn Mover>,
+    ) -> Result<Self, ConfigError> {
+        let g = config.granule;
+        if !g.is_power_of_two() || g < 4096 {
+            return Err(ConfigError::BadGranule {
+                granule: g,
+                page: region.page_size(),
+            });
+        }
+        let pb = config.pageblock;
+        if !pb.is_power_of_two() || pb < g {
+            return Err(ConfigError::BadPageblock {
+                pageblock: pb,
+                granule: g,
+            });
+        }
+        let len = region.len();
+        if len % g != 0
+            || region
+                .extents()
+                .iter()
+                .any(|e| e.offset % g != 0 || e.len % g != 0)
+        {
+            return Err(ConfigError::RegionNotGranular { len, granule: g });
+        }
+        let frames = len / g;
+        if frames > MAX_FRAMES {
+            return Err(ConfigError::TooManyFrames {
+                frames,
+                max: MAX_FRAMES,
+            });
+        }
+        let extents = region
+            .extents()
+            .iter()
+            .map(|e| FrameExtent {
+                start: e.offset / g,
+                end: e.end() / g,
+                phys_frame: e.phys.map(|p| p / g as u64),
+            })
+            .collect();
+        let block_frames = pb / g;
+        let shared = Shared {
+            config: AllocatorConfig {
+                candidates_per_hold: config.candidates_per_hold.max(1),
+                ..config
+            },
+            frames,
+            block_frames,
+            extents,
+            words: (0..frames).map(|_| AtomicU64::new(0)).collect(),
+            block_pins: (0..frames.div_ceil(block_frames))
+                .map(|_| AtomicU32::new(0))
+                .collect(),
+            map: Mutex::new(MapState {
+                tree: FreeTree::new(frames),
+                occupants: vec![None; frames],
+            }),
+            released: ReleaseQueue::new(),
+            revokers: RevokeRegistry::default(),
+            event: Mutex::new(()),
+            event_cv: Condvar::new(),
+            waiters: AtomicUsize::new(0),
+            mover,
+            stats: Stats::new(),
+            region,
+        };
+        Ok(Allocator {
+            shared: Arc::new(shared),
+        })
+    }
+
+    pub fn region(&self) -> &Arc<Region> {
+        &self.shared.region
+    }
+
+    pub fn config(&self) -> AllocatorConfig {
+        self.shared.config
+    }
+
+    /// Number of frames in the region.
+    pub fn frames(&self) -> usize {
+        self.shared.frames
+    }
+
+    /// A copy of the counters and histograms.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// Free frames that hold nothing, and frames holding occupants.
+    pub fn usage(&self) -> Usage {
+        let m = self.shared.lock_map();
+        let allocated = m.tree.allocated_total();
+        let occupied = m.tree.occupied_total();
+        Usage {
+            frames: self.shared.frames,
+            allocated,
+            occupied,
+            largest_clean_run: m.tree.longest(crate::freetree::Class::Clean),
+        }
+    }
+
+    /// What frame `frame` holds, with its pin counts.
+    pub fn frame_info(&self, frame: usize) -> Option<FrameInfo> {
+        if frame >= self.shared.frames {
+            return None;
+        }
+        let m = self.shared.lock_map();
+        let w = frame::Word::get(&self.shared.words[frame]);
+        let state = if frame::is_frozen(w) {
+            FrameState::Migrating
+        } else {
+            match frame::tag_of(w) {
+                Tag::Free => FrameState::Free,
+                Tag::Allocated => FrameState::Allocated,
+                Tag::Occupied => {
+                    m.occupants[frame].map_or(FrameState::Migrating, FrameState::Occupied)
+                }
+            }
+        };
+        Some(FrameInfo {
+            state,
+            pins: frame::pins_of(w),
+            longterm_pins: frame::longterm_of(w),
+        })
+    }
+
+    /// Lend a clean frame to a movable occupant. Frames are taken from the top of
+    /// the region down, while DMA allocations are placed first-fit from the bottom,
+    /// so the two meet as late as possible and most requests need no migration.
+    pub fn place_occupant(&self, occupant: Occupant) -> Result<usize, OccupyError> {
+        let mut m = self.shared.lock_map();
+        let mut before = self.shared.frames;
+        while let Some(f) = m.tree.last_clean(before) {
+            // A frame freed while still pinned keeps its pins; skip it.
+            if frame::pins_of(frame::Word::get(&self.shared.words[f])) == 0 {
+                self.shared.occupy(&mut m, f, occupant);
+                return Ok(f);
+            }
+            before = f;
+        }
+        Err(OccupyError::RegionFull { occupant })
+    }
+
+    /// Place an occupant on a specific clean frame (tests, benchmarks, and a VMM
+    /// restoring a layout).
+    pub fn place_occupant_at(&self, frame: usize, occupant: Occupant) -> Result<(), OccupyError> {
+        let s = &self.shared;
+        if frame >= s.frames {
+            return Err(OccupyError::OutOfRange {
+                frame,
+                frames: s.frames,
+            });
+        }
+        let mut m = s.lock_map();
+        let w = frame::Word::get(&s.words[frame]);
+        let found = if m.tree.is_alloc(frame) {
+            "allocated"
+        } else if m.tree.is_occ(frame) {
+            "occupied"
+        } else if frame::pins_of(w) != 0 {
+            "still pinned after a free"
+        } else {
+            s.occupy(&mut m, frame, occupant);
+            return Ok(());
+        };
+        Err(OccupyError::NotFree { frame, found })
+    }
+
+    /// Remove an occupant (its owner freed the page). Fails while it is pinned or
+    /// being migrated: the caller retries, as the occupant may have moved.
+    pub fn vacate(&self, frame: usize, occupant: Occupant) -> Result<(), OccupyError> {
+        let s = &self.shared;
+        if frame >= s.frames {
+            return Err(OccupyError::OutOfRange {
+                frame,
+                frames: s.frames,
+            });
+        }
+        let mut m = s.lock_map();
+        if m.occupants[frame] != Some(occupant) || m.tree.is_alloc(frame) {
+            let found = if m.tree.is_alloc(frame) {
+                None
+            } else {
+                m.occupants[frame]
+            };
+            return Err(OccupyError::WrongOccupant {
+                frame,
+                expected: occupant,
+                found,
+            });
+        }
+        if let Err(w) = frame::try_freeze(&s.words[frame], Tag::Occupied) {
+            return Err(if frame::is_frozen(w) {
+                OccupyError::Migrating { frame }
+            } else {
+                OccupyError::Pinned {
+                    frame,
+                    pins: frame::pins_of(w),
+                }
+            });
+        }
+        m.occupants[frame] = None;
+        m.tree.set_occ(frame, 1, false);
+        frame::thaw(&s.words[frame], Tag::Free);
+        Stats::bump(&s.stats.c.occupants_vacated, 1);
+        drop(m);
+        s.notify();
+        Ok(())
+    }
+}
+
+/// Region usage in frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    pub frames: usize,
+    pub allocated: usize,
+    pub occupied: usize,
+    pub largest_clean_run: usize,
+}
+
+impl Shared {
+    /// Take the map lock and fold in releases queued while it was busy.
+    pub(crate) fn lock_map(&self) -> MutexGuard<'_, MapState> {
+        // Every critical section leaves the tree consistent before it can panic
+        // (updates are single calls), so a poisoned lock is still safe to use.
+        let mut g = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        self.drain_released(&mut g);
+        g
+    }
+
+    pub(crate) fn drain_released(&self, m: &mut MapState) {
+        if !self.released.is_empty() {
+            self.released.drain(|start, frames| {
+                trace!(start, frames, "deferred release applied");
+                m.tree.set_alloc(start, frames, false);
+            });
+        }
+    }
+
+    fn occupy(&self, m: &mut MapState, f: usize, occupant: Occupant) {
+        m.occupants[f] = Some(occupant);
+        m.tree.set_occ(f, 1, true);
+        frame::set_tag(&self.words[f], Tag::Occupied);
+        Stats::bump(&self.stats.c.occupants_placed, 1);
+    }
+
+    pub(crate) fn block_of(&self, f: usize) -> usize {
+        f / self.block_frames
+    }
+
+    /// Wake waiters (pin released, range freed). Never blocks: with `try` the event
+    /// mutex is only tried, and a waiter that misses the wake-up times out of its
+    /// bounded wait slice instead.
+    pub(crate) fn notify_inner(&self, try_only: bool) {
+        if self.waiters.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return;
+        }
+        let guard = if try_only {
+            self.event.try_lock().ok()
+        } else {
+            Some(self.event.lock().unwrap_or_else(|e| e.into_inner()))
+        };
+        drop(guard);
+        self.event_cv.notify_all();
+    }
+
+    pub(crate) fn notify(&self) {
+        self.notify_inner(false)
+    }
+
+    /// Sleep until notified or `timeout`, whichever comes first, while `still_blocked`
+    /// holds. Checking the condition under the event mutex closes the lost-wake-up
+    /// window for notifiers that take the mutex.
+    pub(crate) fn wait_event(&self, timeout: Duration, still_blocked: impl Fn() -> bool) {
+        self.waiters
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let g = self.event.lock().unwrap_or_else(|e| e.into_inner());
+        if still_blocked() {
+            let _ = self.event_cv.wait_timeout(g, timeout);
+        }
+        self.waiters
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}

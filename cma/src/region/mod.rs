@@ -1,0 +1,350 @@
+//! The host contiguous region: N bytes of host memory with a chosen backing, and an
+//! honest account of which parts of it are physically contiguous.
+//!
+//! Contiguity is physical and comes in [`Extent`]s. A 1 GiB huge page is one
+//! extent. 2 MiB huge pages come back scattered, so after reserving them we read
+//! their frame numbers, sort the pages by frame number and remap them in that order
+//! (MAP_FIXED over our own mapping), so that physically adjacent pages are also
+//! virtually adjacent and merge into larger extents. Where frame numbers are hidden
+//! (not root), each huge page is its own extent with an unknown physical address.
+
+mod backing;
+mod pagemap;
+
+use std::os::fd::RawFd;
+use std::ptr::NonNull;
+
+use tracing::{debug, info_span};
+
+pub use pagemap::Extent;
+
+use crate::error::RegionError;
+use backing::{Mapping, HUGE_1G, HUGE_2M};
+use pagemap::SMALL_PAGE;
+
+/// Huge page size for a hugetlb region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HugePageSize {
+    /// 1 GiB pages when the length is a multiple of 1 GiB and the host has enough
+    /// free ones reserved; 2 MiB pages otherwise.
+    Auto,
+    Size2M,
+    Size1G,
+}
+
+/// Where the region's memory comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// A hugetlbfs memfd.
+    Hugetlb(HugePageSize),
+    /// A buffer from `/dev/dma_heap/<name>` (a CMA or reserved-memory heap).
+    DmaHeap { name: String },
+    /// A plain memfd: contiguous in host virtual memory only. For tests and hosts
+    /// without huge pages; labelled [`Contiguity::NotPhysical`].
+    Memfd,
+}
+
+/// How much the region's [`Extent`]s can be trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Contiguity {
+    /// Frame numbers were read from pagemap and every 4 KiB page checked.
+    Verified,
+    /// Guaranteed by the backing (a huge page, a CMA heap buffer) but not checked:
+    /// frame numbers are hidden from this process.
+    Assumed,
+    /// Not physically contiguous (plain memfd); the single extent is virtual only.
+    NotPhysical,
+}
+
+/// A reserved, mapped host region.
+pub struct Region {
+    map: Mapping,
+    backing: Backing,
+    page_size: usize,
+    extents: Vec<Extent>,
+    contiguity: Contiguity,
+}
+
+// SAFETY: the region owns its mapping; the raw pointer is only an address. Access to
+// the bytes is coordinated by the allocator (frames have one owner at a time) and
+// the `Mover`, so sharing the handle between threads is sound.
+unsafe impl Send for Region {}
+// SAFETY: see above; `&Region` exposes no interior mutability of its own.
+unsafe impl Sync for Region {}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("backing", &self.backing)
+            .field("len", &self.map.len)
+            .field("page_size", &self.page_size)
+            .field("contiguity", &self.contiguity)
+            .field("extents", &self.extents.len())
+            .finish()
+    }
+}
+
+impl Region {
+    /// Reserve and map `len` bytes with the given backing.
+    pub fn reserve(len: usize, backing: Backing) -> Result<Region, RegionError> {
+        let _span = info_span!("cma.region.reserve", len, ?backing).entered();
+        match &backing {
+            Backing::Hugetlb(size) => Self::hugetlb(len, *size),
+            Backing::DmaHeap { name } => Self::dma_heap(len, name),
+            Backing::Memfd => Self::memfd(len),
+        }
+    }
+
+    fn memfd(len: usize) -> Result<Region, RegionError> {
+        check_len(len, SMALL_PAGE, "memfd")?;
+        let fd = backing::memfd(len, None, "memfd")?;
+        let ptr = backing::map(std::os::fd::AsRawFd::as_raw_fd(&fd), len, 0, None, "memfd")?;
+        Ok(Region {
+            map: Mapping { ptr, len, fd },
+            backing: Backing::Memfd,
+            page_size: SMALL_PAGE,
+            extents: vec![Extent {
+                offset: 0,
+                len,
+                phys: None,
+            }],
+            contiguity: Contiguity::NotPhysical,
+        })
+    }
+
+    fn hugetlb(len: usize, size: HugePageSize) -> Result<Region, RegionError> {
+        let ps = match size {
+            HugePageSize::Size2M => HUGE_2M,
+            HugePageSize::Size1G => HUGE_1G,
+            HugePageSize::Auto => {
+                if len >= HUGE_1G
+                    && len % HUGE_1G == 0
+                    && backing::free_huge_pages(HUGE_1G) >= len / HUGE_1G
+                {
+                    HUGE_1G
+                } else {
+                    HUGE_2M
+                }
+            }
+        };
+        let name = if ps == HUGE_1G {
+            "hugetlb-1G"
+        } else {
+            "hugetlb-2M"
+        };
+        check_len(len, ps, name)?;
+        let (needed, free) = (len / ps, backing::free_huge_pages(ps));
+        if free < needed {
+            return Err(RegionError::HugePagesUnavailable {
+                page_size: ps,
+                needed,
+                free,
+                kib: ps / 1024,
+            });
+        }
+        let fd = backing::memfd(len, Some(ps), name)?;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let ptr = backing::map(raw, len, 0, None, name)?;
+        let map = Mapping { ptr, len, fd };
+        let (extents, contiguity) = match pagemap::phys_addrs(ptr as usize, ps, needed) {
+            Some(phys) => (order_by_frame(&map, ps, phys, name)?, Contiguity::Verified),
+            None => (
+                (0..needed)
+                    .map(|i| Extent {
+                        offset: i * ps,
+                        len: ps,
+                        phys: None,
+                    })
+                    .collect(),
+                Contiguity::Assumed,
+            ),
+        };
+        debug!(
+            extents = extents.len(),
+            ?contiguity,
+            "hugetlb region reserved"
+        );
+        Ok(Region {
+            map,
+            backing: Backing::Hugetlb(size),
+            page_size: ps,
+            extents,
+            contiguity,
+        })
+    }
+
+    fn dma_heap(len: usize, name: &str) -> Result<Region, RegionError> {
+        check_len(len, SMALL_PAGE, "dma-heap")?;
+        let fd = backing::dma_heap_alloc(name, len)?;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let ptr = backing::map(raw, len, 0, None, "dma-heap")?;
+        let map = Mapping { ptr, len, fd };
+        let (extents, contiguity) =
+            match pagemap::phys_addrs(ptr as usize, SMALL_PAGE, len / SMALL_PAGE) {
+                Some(phys) => (
+                    pagemap::merge_extents(SMALL_PAGE, &phys),
+                    Contiguity::Verified,
+                ),
+                // CMA and reserved-memory heaps hand out one contiguous buffer by contract.
+                None => (
+                    vec![Extent {
+                        offset: 0,
+                        len,
+                        phys: None,
+                    }],
+                    Contiguity::Assumed,
+                ),
+            };
+        Ok(Region {
+            map,
+            backing: Backing::DmaHeap { name: name.into() },
+            page_size: SMALL_PAGE,
+            extents,
+            contiguity,
+        })
+    }
+
+    /// Region length in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len
+    }
+
+    /// Always false: a region is never empty (zero lengths are rejected).
+    pub fn is_empty(&self) -> bool {
+        self.map.len == 0
+    }
+
+    /// Host virtual address of the region's first byte.
+    pub fn host_addr(&self) -> NonNull<u8> {
+        // mmap never returns null on success.
+        NonNull::new(self.map.ptr).unwrap_or(NonNull::dangling())
+    }
+
+    /// The backing's fd (memfd or dma-buf), e.g. to map the region into a guest.
+    pub fn fd(&self) -> RawFd {
+        self.map.raw_fd()
+    }
+
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+
+    /// Backing page size (4 KiB, 2 MiB or 1 GiB).
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    pub fn contiguity(&self) -> Contiguity {
+        self.contiguity
+    }
+
+    /// Physically contiguous extents, ordered by offset, tiling the region.
+    pub fn extents(&self) -> &[Extent] {
+        &self.extents
+    }
+
+    /// Length of the largest extent: the largest allocation that can ever succeed.
+    pub fn largest_extent(&self) -> usize {
+        self.extents.iter().map(|e| e.len).max().unwrap_or(0)
+    }
+
+    /// Re-read pagemap and check every 4 KiB page of every extent is where the extent
+    /// says. False when frame numbers are unknown.
+    pub fn verify_extents(&self) -> bool {
+        self.contiguity == Contiguity::Verified
+            && pagemap::verify(self.map.ptr as usize, &self.extents)
+    }
+}
+
+/// Remap the huge pages in frame-number order and return the merged extents.
+fn order_by_frame(
+    map: &Mapping,
+    ps: usize,
+    phys: Vec<u64>,
+    name: &'static str,
+) -> Result<Vec<Extent>, RegionError> {
+    let mut order: Vec<usize> = (0..phys.len()).collect();
+    order.sort_by_key(|&i| phys[i]);
+    if order.iter().enumerate().any(|(pos, &i)| pos != i) {
+        for (pos, &file_page) in order.iter().enumerate() {
+            // Virtual page `pos` now shows file page `file_page`. The pages are already
+            // allocated in the memfd, so this reuses them rather than allocating.
+            let at = map.ptr.wrapping_add(pos * ps);
+            backing::map(map.raw_fd(), ps, file_page * ps, Some(at), name)?;
+        }
+    }
+    let sorted: Vec<u64> = order.iter().map(|&i| phys[i]).collect();
+    Ok(pagemap::merge_extents(ps, &sorted))
+}
+
+fn check_len(len: usize, page: usize, backing: &'static str) -> Result<(), RegionError> {
+    let reason = if len == 0 {
+        "zero length"
+    } else if len % page != 0 {
+        "not a multiple of the backing page size"
+    } else {
+        return Ok(());
+    };
+    Err(RegionError::InvalidLength {
+        len,
+        backing,
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memfd_region_is_labelled_not_physical() {
+        let r = Region::reserve(1 << 20, Backing::Memfd).unwrap();
+        assert_eq!(r.contiguity(), Contiguity::NotPhysical);
+        assert_eq!(
+            r.extents(),
+            &[Extent {
+                offset: 0,
+                len: 1 << 20,
+                phys: None
+            }]
+        );
+        assert!(!r.verify_extents());
+        // The memory is really there and writable.
+        // SAFETY: the region maps 1 MiB; we write its last byte and read it back.
+        unsafe {
+            *r.host_addr().as_ptr().add((1 << 20) - 1) = 7;
+            assert_eq!(*r.host_addr().as_ptr().add((1 << 20) - 1), 7);
+        }
+    }
+
+    #[test]
+    fn bad_lengths_are_errors() {
+        assert!(matches!(
+            Region::reserve(0, Backing::Memfd),
+            Err(RegionError::InvalidLength {
+                reason: "zero length",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Region::reserve(4097, Backing::Memfd),
+            Err(RegionError::InvalidLength { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_dma_heap_is_a_clear_error() {
+        if std::path::Path::new("/dev/dma_heap/reserved").exists() {
+            return;
+        }
+        let err = Region::reserve(
+            1 << 20,
+            Backing::DmaHeap {
+                name: "reserved".into(),
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, RegionError::DmaHeapMissing { .. }));
+        assert!(err.to_string().contains("/dev/dma_heap/reserved"), "{err}");
+    }
+}

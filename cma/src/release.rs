@@ -1,0 +1,127 @@
+//! Deferred releases: how freeing stays non-blocking and allocation-free (seed 002).
+//!
+//! A release first marks its frames FREE in their atomic words (lock-free), then
+//! tries the map lock. If the lock is busy it pushes a node onto this lock-free
+//! stack instead of waiting; the node was allocated together with the allocation,
+//! so pushing allocates nothing. Every map-lock holder drains the stack before it
+//! looks at the tree, so a freed range is visible to the very next allocation,
+//! without the flush-the-workqueue dance of `cma_release_nowait()`.
+//!
+//! The stack is push-one / take-all (`swap(null)`), so there is no ABA problem: a
+//! node is never popped individually while others may still push on top of it.
+
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+/// A freed frame range waiting to be returned to the free-run tree.
+pub(crate) struct ReleaseNode {
+    pub(crate) start: usize,
+    pub(crate) frames: usize,
+    next: *mut ReleaseNode,
+}
+
+impl ReleaseNode {
+    pub(crate) fn new(start: usize, frames: usize) -> Box<Self> {
+        Box::new(ReleaseNode {
+            start,
+            frames,
+            next: ptr::null_mut(),
+        })
+    }
+}
+
+pub(crate) struct ReleaseQueue {
+    head: AtomicPtr<ReleaseNode>,
+}
+
+// SAFETY: the queue owns the nodes reachable from `head`; they are only accessed by
+// the single thread that took them out with `drain`.
+unsafe impl Send for ReleaseQueue {}
+// SAFETY: all shared access goes through the atomic `head`.
+unsafe impl Sync for ReleaseQueue {}
+
+impl ReleaseQueue {
+    pub(crate) fn new() -> Self {
+        ReleaseQueue {
+            head: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    /// Push without blocking or allocating.
+    pub(crate) fn push(&self, node: Box<ReleaseNode>) {
+        let node = Box::into_raw(node);
+        let mut head = self.head.load(Ordering::Relaxed);
+        loop {
+            // SAFETY: `node` came from Box::into_raw above and is not yet shared.
+            unsafe { (*node).next = head };
+            match self
+                .head
+                .compare_exchange_weak(head, node, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    /// True when nothing is queued (a cheap check before draining).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.head.load(Ordering::Relaxed).is_null()
+    }
+
+    /// Take every queued node (most recent first) and hand each range to `f`.
+    /// Allocates nothing, so a releasing thread may drain too.
+    pub(crate) fn drain(&self, mut f: impl FnMut(usize, usize)) {
+        let mut p = self.head.swap(ptr::null_mut(), Ordering::Acquire);
+        while !p.is_null() {
+            // SAFETY: every node on the stack came from Box::into_raw in `push`, and
+            // the swap above made this thread the only one that can reach it.
+            let node = unsafe { Box::from_raw(p) };
+            f(node.start, node.frames);
+            p = node.next;
+        }
+    }
+}
+
+impl Drop for ReleaseQueue {
+    fn drop(&mut self) {
+        self.drain(|_, _| {});
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn concurrent_pushes_are_all_taken_once() {
+        let q = Arc::new(ReleaseQueue::new());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let q = q.clone();
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        q.push(ReleaseNode::new(t * 1000 + i, 1));
+                    }
+                })
+            })
+            .collect();
+        let mut seen = Vec::new();
+        while seen.len() < 2000 {
+            q.drain(|s, _| seen.push(s));
+            if threads.iter().all(|t| t.is_finished()) {
+                q.drain(|s, _| seen.push(s));
+                break;
+            }
+        }
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        q.drain(|s, _| seen.push(s));
+        seen.sort_unstable();
+        let want: Vec<usize> = (0..4)
+            .flat_map(|t| (0..500).map(move |i| t * 1000 + i))
+            .collect();
+        assert_eq!(seen, want);
+        assert!(q.is_empty());
+    }
+}
