@@ -144,7 +144,9 @@ impl Shared {
                     revocable,
                     "candidate skipped: pinned"
                 );
-                pos = a + step;
+                // Every window overlapping `f` is blocked too: resume past it, as
+                // cma_alloc() moves to the next aligned offset after a busy range.
+                pos = f + 1;
                 continue;
             }
             let cost = m.tree.occ_count(a, a + n);

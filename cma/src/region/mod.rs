@@ -348,3 +348,16 @@ mod tests {
         assert!(err.to_string().contains("/dev/dma_heap/reserved"), "{err}");
     }
 }
+
+#[cfg(test)]
+impl Region {
+    /// A memfd region that pretends to have the given physical extents, so that
+    /// extent handling can be tested without hugetlb.
+    pub(crate) fn fake_extents(extents: Vec<Extent>) -> Region {
+        let len = extents.iter().map(|e| e.len).sum();
+        let mut r = Region::memfd(len).expect("memfd");
+        r.extents = extents;
+        r.contiguity = Contiguity::Assumed;
+        r
+    }
+}
