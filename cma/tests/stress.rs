@@ -55,13 +55,24 @@ fn concurrent_alloc_free_pin_and_migrate() {
                 let policy = if rng.gen_bool(0.5) {
                     Policy::FailFast
                 } else {
-                    Policy::Retry { deadline: Instant::now() + Duration::from_millis(50) }
+                    Policy::Retry {
+                        deadline: Instant::now() + Duration::from_millis(50),
+                    }
                 };
-                match a.alloc(AllocRequest::new(frames * K4).align(align * K4).policy(policy)) {
+                match a.alloc(
+                    AllocRequest::new(frames * K4)
+                        .align(align * K4)
+                        .policy(policy),
+                ) {
                     Ok(x) => {
                         assert_eq!(x.frames().start % align, 0);
                         for f in x.frames() {
-                            let prev = owners[f].compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire);
+                            let prev = owners[f].compare_exchange(
+                                0,
+                                id,
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            );
                             assert!(prev.is_ok(), "frame {f} handed out twice ({prev:?})");
                         }
                         write_id(&x, id);
@@ -74,7 +85,11 @@ fn concurrent_alloc_free_pin_and_migrate() {
                 }
                 if held.len() > 6 || (!held.is_empty() && rng.gen_bool(0.4)) {
                     let (x, id) = held.swap_remove(rng.gen_range(0..held.len()));
-                    assert!(check_id(&x, id), "allocation {id:#x} at {:?} was overwritten", x.frames());
+                    assert!(
+                        check_id(&x, id),
+                        "allocation {id:#x} at {:?} was overwritten",
+                        x.frames()
+                    );
                     for f in x.frames() {
                         owners[f].store(0, Ordering::Release);
                     }
@@ -90,7 +105,12 @@ fn concurrent_alloc_free_pin_and_migrate() {
         }));
     }
     {
-        let (a, stop, placed, vacated) = (s.alloc.clone(), stop.clone(), placed.clone(), vacated.clone());
+        let (a, stop, placed, vacated) = (
+            s.alloc.clone(),
+            stop.clone(),
+            placed.clone(),
+            vacated.clone(),
+        );
         hs.push(thread::spawn(move || {
             let mut rng = rand::rngs::SmallRng::seed_from_u64(99);
             let mut page = 0;
@@ -136,7 +156,10 @@ fn concurrent_alloc_free_pin_and_migrate() {
                 } else if let Ok(p) = a.pin(f) {
                     if p.pinned_as() == PinnedAs::Occupied {
                         let info = a.frame_info(f).unwrap();
-                        assert!(matches!(info.state, cma::FrameState::Occupied(_)), "pinned occupant moved: {info:?}");
+                        assert!(
+                            matches!(info.state, cma::FrameState::Occupied(_)),
+                            "pinned occupant moved: {info:?}"
+                        );
                     }
                     thread::sleep(Duration::from_micros(rng.gen_range(10..100)));
                 }
@@ -154,10 +177,19 @@ fn concurrent_alloc_free_pin_and_migrate() {
     );
     assert_eq!(st.allocs, ok.load(Ordering::Relaxed));
     assert_eq!(st.frees, st.allocs);
-    assert!(st.allocs > 100 && st.pages_migrated > 0, "stress did too little to mean anything");
+    assert!(
+        st.allocs > 100 && st.pages_migrated > 0,
+        "stress did too little to mean anything"
+    );
     let u = s.alloc.usage();
     assert_eq!(u.allocated, 0, "all allocations were freed");
     let vacated = vacated.lock().unwrap().clone();
-    let expected: Vec<Occupant> = placed.lock().unwrap().iter().filter(|o| !vacated.contains(o)).copied().collect();
+    let expected: Vec<Occupant> = placed
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|o| !vacated.contains(o))
+        .copied()
+        .collect();
     check_no_occupant_lost(&s, &expected);
 }

@@ -1,0 +1,154 @@
+//! Physical contiguity on real hugetlb regions. The test sets the huge page counts
+//! itself (and restores them); it skips, saying why, only where that is impossible
+//! (not root, no hugetlb support, or the kernel could not find the memory).
+
+mod common;
+
+use std::sync::Arc;
+
+use cma::{
+    AllocError, AllocRequest, Allocator, AllocatorConfig, Backing, Contiguity, HugePageSize,
+    MemcpyMover, Region,
+};
+
+const MIB: usize = 1 << 20;
+const GIB: usize = 1 << 30;
+
+fn sysfs(kib: usize, file: &str) -> String {
+    format!("/sys/kernel/mm/hugepages/hugepages-{kib}kB/{file}")
+}
+
+fn read_count(kib: usize, file: &str) -> Option<usize> {
+    std::fs::read_to_string(sysfs(kib, file))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Make sure `extra` more pages of `kib` are free; returns the count to restore.
+fn reserve_pages(kib: usize, extra: usize) -> Result<usize, String> {
+    let total = read_count(kib, "nr_hugepages")
+        .ok_or_else(|| format!("no {}", sysfs(kib, "nr_hugepages")))?;
+    let free = read_count(kib, "free_hugepages").unwrap_or(0);
+    if free >= extra {
+        return Ok(total);
+    }
+    let want = total + extra - free;
+    std::fs::write(sysfs(kib, "nr_hugepages"), want.to_string())
+        .map_err(|e| format!("cannot write {}: {e}", sysfs(kib, "nr_hugepages")))?;
+    let got = read_count(kib, "free_hugepages").unwrap_or(0);
+    if got < extra {
+        let _ = std::fs::write(sysfs(kib, "nr_hugepages"), total.to_string());
+        return Err(format!(
+            "kernel granted only {got} free {kib} kB pages, need {extra}"
+        ));
+    }
+    Ok(total)
+}
+
+fn restore(kib: usize, total: usize) {
+    let _ = std::fs::write(sysfs(kib, "nr_hugepages"), total.to_string());
+}
+
+fn check_region(r: &Region, page: usize) {
+    assert_eq!(r.page_size(), page);
+    assert_eq!(
+        r.contiguity(),
+        Contiguity::Verified,
+        "running as root, pagemap must give frame numbers"
+    );
+    assert!(
+        r.verify_extents(),
+        "every 4 KiB page of every extent must be where the extent says"
+    );
+    let ext = r.extents();
+    assert_eq!(ext.iter().map(|e| e.len).sum::<usize>(), r.len());
+    for w in ext.windows(2) {
+        assert_eq!(w[0].end(), w[1].offset, "extents tile the region");
+        let p0 = w[0].phys.unwrap() + w[0].len as u64;
+        // Sorted by frame number and maximal: the next extent starts higher, not adjacent.
+        assert!(
+            w[1].phys.unwrap() > p0,
+            "extents are ordered by physical address and maximal"
+        );
+    }
+}
+
+#[test]
+fn hugetlb_regions_report_and_respect_physical_extents() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIP hugetlb test: not root, cannot set huge page counts or read frame numbers");
+        return;
+    }
+    // 2 MiB pages, ordered by frame number into extents.
+    match reserve_pages(2048, 32) {
+        Err(why) => println!("SKIP 2 MiB part: {why}"),
+        Ok(restore_to) => {
+            let r = Region::reserve(64 * MIB, Backing::Hugetlb(HugePageSize::Size2M))
+                .expect("2 MiB hugetlb region");
+            check_region(&r, 2 * MIB);
+            let runs: Vec<usize> = r.extents().iter().map(|e| e.len / (2 * MIB)).collect();
+            println!(
+                "2 MiB hugetlb: 32 pages form {} extents, runs of pages {runs:?}",
+                runs.len()
+            );
+            let r = Arc::new(r);
+            let largest = r.largest_extent();
+            let a = Allocator::new(
+                r.clone(),
+                AllocatorConfig::default(),
+                Arc::new(MemcpyMover::new(r.clone())),
+            )
+            .unwrap();
+            let e = a.alloc(AllocRequest::new(largest + 4096)).unwrap_err();
+            assert_eq!(
+                e,
+                AllocError::LargerThanExtent {
+                    requested: largest + 4096,
+                    largest_extent: largest
+                }
+            );
+            // Fill the region with 1 MiB chunks: each lies in one extent, and its
+            // physical address is what pagemap says for its first byte.
+            let mut live = Vec::new();
+            while let Ok(x) = a.alloc(AllocRequest::new(MIB).align(MIB)) {
+                let ext = r.extents()[x.extent()];
+                assert!(x.offset() >= ext.offset && x.offset() + x.len() <= ext.end());
+                let phys = x.phys_addr().unwrap();
+                assert_eq!(phys % MIB as u64, 0);
+                assert_eq!(phys, ext.phys.unwrap() + (x.offset() - ext.offset) as u64);
+                live.push(x);
+            }
+            assert_eq!(live.len(), 64);
+            drop(live);
+            let big = a.alloc(AllocRequest::new(largest)).unwrap();
+            assert_eq!(big.len(), largest);
+            drop((big, a));
+            drop(r);
+            restore(2048, restore_to);
+        }
+    }
+    // 1 GiB page: one extent of 1 GiB, chosen automatically.
+    match reserve_pages(1024 * 1024, 1) {
+        Err(why) => println!("SKIP 1 GiB part: {why}"),
+        Ok(restore_to) => {
+            let r = Region::reserve(GIB, Backing::Hugetlb(HugePageSize::Auto))
+                .expect("1 GiB hugetlb region");
+            check_region(&r, GIB);
+            assert_eq!(r.extents().len(), 1);
+            assert_eq!(
+                r.extents()[0].phys.unwrap() % GIB as u64,
+                0,
+                "a 1 GiB page is 1 GiB aligned"
+            );
+            println!(
+                "1 GiB hugetlb: one extent at phys {:#x}",
+                r.extents()[0].phys.unwrap()
+            );
+            drop(r);
+            restore(1024 * 1024, restore_to);
+        }
+    }
+}
