@@ -53,8 +53,12 @@ build_kernel() {
   # not a mystery at boot.
   local bad=0
   while IFS= read -r line; do
-    case "$line" in CONFIG_*=y) ;; *) continue ;; esac
-    if ! grep -qx "$line" "$tree/.config"; then echo "error: $line did not stick in .config" >&2; bad=1; fi
+    case "$line" in
+      CONFIG_*=n)
+        if grep -q "^${line%=n}=" "$tree/.config"; then echo "error: $line did not stick in .config" >&2; bad=1; fi ;;
+      CONFIG_*=*)
+        if ! grep -qx "$line" "$tree/.config"; then echo "error: $line did not stick in .config" >&2; bad=1; fi ;;
+    esac
   done < "$GUEST/kernel.fragment"
   [ $bad -eq 0 ] || exit 1
 

@@ -1,1 +1,266 @@
-//! harness
+//! The harness for integration tests that boot real Linux guests under dmavisor.
+//!
+//! Guests run on real KVM, in one of two ways, chosen automatically and logged:
+//! - **direct**: the host's `/dev/kvm` can run stock guests (the CPU has vmx or svm and KVM is
+//!   not PVM), so `dmavisor` runs here;
+//! - **sandbox**: otherwise the same `dmavisor` binary runs inside the sandbox host
+//!   (`resources/sandbox/run.sh`: QEMU TCG with an emulated SVM CPU and nested KVM).
+//!
+//! `DMAVISOR_TEST_MODE=direct|sandbox` overrides the choice.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
+}
+
+/// Where a guest runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Direct,
+    Sandbox,
+}
+
+fn host_can_run_stock_guests() -> Result<(), String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Err("/dev/kvm does not exist".into());
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Err("/dev/kvm is PVM (kvm_pvm loaded)".into());
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if !hw {
+        return Err("the CPU has neither vmx nor svm".into());
+    }
+    Ok(())
+}
+
+/// The mode for this test run (decided once, and logged).
+pub fn mode() -> Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    *MODE.get_or_init(|| {
+        let (mode, why) = match std::env::var("DMAVISOR_TEST_MODE").as_deref() {
+            Ok("direct") => (Mode::Direct, "DMAVISOR_TEST_MODE=direct".to_string()),
+            Ok("sandbox") => (Mode::Sandbox, "DMAVISOR_TEST_MODE=sandbox".to_string()),
+            _ => match host_can_run_stock_guests() {
+                Ok(()) => (Mode::Direct, "host KVM runs stock guests".to_string()),
+                Err(why) => (Mode::Sandbox, why),
+            },
+        };
+        eprintln!("[harness] guests run {mode:?} ({why})");
+        mode
+    })
+}
+
+/// The dmavisor binary under test.
+pub fn dmavisor_bin() -> PathBuf {
+    std::env::var_os("DMAVISOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/release/dmavisor"))
+}
+
+fn require(path: &Path) -> PathBuf {
+    assert!(
+        path.exists(),
+        "{} is missing: run resources/test.sh, or build it with resources/build-guest.sh, \
+         `cargo build --release -p vmm` and resources/sandbox/build.sh",
+        path.display()
+    );
+    path.to_path_buf()
+}
+
+/// The guest kernel and initramfs built by resources/build-guest.sh.
+pub fn guest_kernel() -> PathBuf {
+    require(&root().join("target/guest/kernel"))
+}
+
+pub fn guest_initramfs() -> PathBuf {
+    require(&root().join("target/guest/initramfs.cpio.gz"))
+}
+
+/// What a dmavisor run left behind.
+#[derive(Debug)]
+pub struct GuestRun {
+    /// Everything the guest console and dmavisor printed.
+    pub console: String,
+    /// dmavisor's exit status; `None` if it never exited (timeout) or the sandbox failed.
+    pub exit_code: Option<i32>,
+}
+
+impl GuestRun {
+    /// The key=value pairs of every `DMAVISOR-RESULT` line, in order.
+    pub fn results(&self) -> Vec<HashMap<String, String>> {
+        self.console
+            .lines()
+            .filter_map(|l| l.split_once("DMAVISOR-RESULT ").map(|(_, rest)| rest))
+            .map(|rest| {
+                rest.split_whitespace()
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.trim_end_matches('\r').to_string()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The first reported value of `key`.
+    pub fn result(&self, key: &str) -> Option<String> {
+        self.results().into_iter().find_map(|m| m.get(key).cloned())
+    }
+
+    /// The first reported value of `key`, parsed; panics with the console if absent.
+    pub fn number(&self, key: &str) -> i64 {
+        let v = self
+            .result(key)
+            .unwrap_or_else(|| panic!("guest reported no {key}; console:\n{}", self.console));
+        v.parse()
+            .unwrap_or_else(|_| panic!("guest reported {key}={v:?}, not a number"))
+    }
+
+    /// The result line that has `key=value`.
+    pub fn line_with(&self, key: &str, value: &str) -> Option<HashMap<String, String>> {
+        self.results()
+            .into_iter()
+            .find(|m| m.get(key).map(String::as_str) == Some(value))
+    }
+}
+
+// Guests boot one at a time: the machine has two cores and a sandbox host wants both.
+static ONE_GUEST_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Runs `dmavisor ARGS...` on real KVM (directly or in the sandbox host) with a time limit.
+pub fn run_dmavisor(args: &[String], timeout: Duration) -> GuestRun {
+    let _one = ONE_GUEST_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let bin = require(&dmavisor_bin());
+    let mut cmd = match mode() {
+        Mode::Direct => {
+            let mut c = Command::new(&bin);
+            c.args(args);
+            c
+        }
+        Mode::Sandbox => {
+            let mut c = Command::new(root().join("resources/sandbox/run.sh"));
+            c.arg("--timeout")
+                .arg(timeout.as_secs().to_string())
+                // Guests named in a config file rather than on the command line.
+                .arg("--with")
+                .arg(guest_kernel())
+                .arg("--with")
+                .arg(guest_initramfs())
+                .arg("--")
+                .arg("dmavisor")
+                .args(args)
+                .env("DMAVISOR_BIN", &bin);
+            c
+        }
+    };
+    let stdout_path = tempfile("stdout");
+    let out = File::create(&stdout_path).expect("creating a temp file");
+    let err = out.try_clone().expect("dup");
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawning dmavisor");
+    // The sandbox enforces its own limit; this one is a backstop for both modes.
+    let limit = timeout + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for dmavisor") {
+            break Some(s);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // In the sandbox, run.sh streams the sandbox console (and so dmavisor's output) to stdout.
+    let console = std::fs::read_to_string(&stdout_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&stdout_path);
+    let exit_code = status.and_then(|s| s.code()).filter(|&c| {
+        // 124/125: the sandbox timed out or never reported dmavisor's status.
+        !(mode() == Mode::Sandbox && (c == 124 || c == 125))
+    });
+    eprintln!(
+        "[harness] dmavisor {:?} -> {:?} in {:.1}s",
+        args,
+        exit_code,
+        started.elapsed().as_secs_f64()
+    );
+    GuestRun { console, exit_code }
+}
+
+fn tempfile(what: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    std::env::temp_dir().join(format!("dmavisor-test-{}-{n}-{what}", std::process::id()))
+}
+
+/// A guest boot running one scenario of the guest init.
+pub struct Boot {
+    pub scenario: &'static str,
+    pub kernel: PathBuf,
+    pub cpus: u8,
+    pub memory: &'static str,
+    pub window: &'static str,
+    pub extra: Vec<String>,
+    pub timeout: Duration,
+}
+
+impl Boot {
+    pub fn scenario(scenario: &'static str) -> Self {
+        Self {
+            scenario,
+            kernel: guest_kernel(),
+            cpus: 1,
+            memory: "512M",
+            window: "64M",
+            extra: Vec::new(),
+            timeout: Duration::from_secs(240),
+        }
+    }
+
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "run".into(),
+            "--kernel".into(),
+            self.kernel.display().to_string(),
+            "--initrd".into(),
+            guest_initramfs().display().to_string(),
+            "--cmdline".into(),
+            format!(
+                "console=ttyS0 reboot=k panic=-1 quiet dmavisor.scenario={}",
+                self.scenario
+            ),
+            "--cpus".into(),
+            self.cpus.to_string(),
+            "--memory".into(),
+            format!("size={}", self.memory),
+            "--dma-window".into(),
+            format!("size={}", self.window),
+        ];
+        a.extend(self.extra.iter().cloned());
+        a
+    }
+
+    pub fn run(&self) -> GuestRun {
+        run_dmavisor(&self.args(), self.timeout)
+    }
+}

@@ -21,7 +21,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Boot a guest; the VMM exits when the guest reboots (0), panics (2) or fails.
+    /// Boot a guest; the VMM exits when the guest reboots (0), panics (3) or fails.
     Run(RunArgs),
 }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use kvm_ioctls::{Cap, Kvm};
 
 /// Where the README explains running dmavisor inside the sandbox host.
-pub const SANDBOX_HINT: &str = "run it inside the sandbox host instead: resources/sandbox/run-vmm.sh -- run --kernel ... (README: \"Hosts without hardware virtualization\")";
+pub const SANDBOX_HINT: &str = "run it inside the sandbox host instead: resources/sandbox/run.sh -- dmavisor run --kernel ... (README: \"Hosts without hardware virtualization\")";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {

@@ -66,14 +66,15 @@ pub struct VmOutcome {
 }
 
 impl VmOutcome {
-    /// The process exit status: 0 for a clean guest reboot/power-off, 2 for a guest kernel
-    /// panic, 3 for a triple fault, 4 for a vCPU that KVM could not run.
+    /// The process exit status: 0 for a clean guest reboot/power-off, 3 for a guest kernel
+    /// panic, 4 for a triple fault, 5 for a vCPU that KVM could not run. (1 is a VMM error
+    /// and 2 a command-line usage error.)
     pub fn exit_code(&self) -> i32 {
         match (&self.reason, self.guest_panicked) {
-            (_, true) => 2,
+            (_, true) => 3,
             (ExitReason::Reset, false) => 0,
-            (ExitReason::TripleFault { .. }, false) => 3,
-            (ExitReason::VcpuError { .. }, false) => 4,
+            (ExitReason::TripleFault { .. }, false) => 4,
+            (ExitReason::VcpuError { .. }, false) => 5,
         }
     }
 }

@@ -269,3 +269,65 @@ fn write_pvh_start_info(
     mem.write_obj(info, GuestAddress(PVH_INFO_START))
         .map_err(mem_err("PVH start info"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guest_file(rel: &str) -> Option<std::path::PathBuf> {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
+        p.exists().then_some(p)
+    }
+
+    fn load_with(kernel: &Path) -> (GuestMemoryMmap, BootEntry) {
+        let layout = GuestLayout::new(256 << 20, 0);
+        let mem = crate::memory::create(&layout).unwrap();
+        let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).unwrap();
+        cmdline.insert_str("console=ttyS0").unwrap();
+        let entry = load(&mem, &layout, kernel, None, &cmdline).unwrap();
+        (mem, entry)
+    }
+
+    #[test]
+    fn bzimage_boots_linux64_with_zero_page() {
+        let Some(k) = guest_file("target/guest/kernel") else {
+            eprintln!("skipped: target/guest/kernel not built (resources/build-guest.sh)");
+            return;
+        };
+        let (mem, entry) = load_with(&k);
+        assert_eq!(entry.mode, EntryMode::Linux64);
+        assert_eq!(entry.entry, HIMEM_START + BZIMAGE_64BIT_ENTRY_OFFSET);
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!({ params.hdr.header }, KERNEL_HDR_MAGIC);
+        assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!(params.e820_entries, 2);
+    }
+
+    #[test]
+    fn elf_vmlinux_with_pvh_note_boots_pvh() {
+        let Some(k) = guest_file("target/guest/linux/vmlinux") else {
+            eprintln!("skipped: target/guest/linux/vmlinux not built (resources/build-guest.sh)");
+            return;
+        };
+        let (mem, entry) = load_with(&k);
+        assert_eq!(entry.mode, EntryMode::Pvh);
+        let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        assert_eq!(info.magic, XEN_HVM_START_MAGIC);
+        assert_eq!(info.cmdline_paddr, CMDLINE_START);
+        assert_eq!(info.memmap_entries, 2);
+    }
+
+    #[test]
+    fn garbage_kernel_is_a_clear_error() {
+        let p = std::env::temp_dir().join(format!("dmavisor-notakernel-{}", std::process::id()));
+        std::fs::write(&p, vec![0x42u8; 8192]).unwrap();
+        let layout = GuestLayout::new(64 << 20, 0);
+        let mem = crate::memory::create(&layout).unwrap();
+        let cmdline = Cmdline::new(CMDLINE_MAX_SIZE).unwrap();
+        let e = load(&mem, &layout, &p, None, &cmdline)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("neither a bzImage nor an ELF"), "{e}");
+        std::fs::remove_file(&p).unwrap();
+    }
+}
