@@ -54,7 +54,9 @@ for arg in "$@"; do
   quoted+=" $(printf '%q' "$arg")"
 done
 for f in "${with[@]}"; do add_file "$f"; done
-printf '#!/bin/sh\n%s\n' "$quoted" >"$stage/run.sh"
+# Run from the same directory as here, so relative paths (in config files too) still resolve.
+mkdir -p "$stage$PWD"
+printf '#!/bin/sh\ncd %q\n%s\n' "$PWD" "$quoted" >"$stage/run.sh"
 
 (cd "$stage" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) >"$work/run.cpio.gz"
 # The kernel unpacks concatenated archives; zero padding between them keeps each aligned.
