@@ -1,1 +1,99 @@
-fn main() {}
+//! alloc+free latency and throughput, ours vs a Linux-`mm/cma.c`-like baseline, on
+//! empty, fragmented and pin-churning 1 GiB regions, at 1 and 2 threads.
+//!
+//! `cargo bench -p cma` runs criterion groups (single-thread alloc+free on the
+//! fragmented region, both allocators) and then prints the full comparison tables
+//! (medians, p99, throughput, ratios) measured in the same run. `CMA_BENCH_MS`
+//! sets the time per table cell (default 300 ms); `CMA_BENCH_TABLES_ONLY=1` skips
+//! criterion.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::Criterion;
+use support::{measure, memcpy_ns_per_page, Base, BenchAlloc, Cell, Ours, Scenario};
+
+const SIZES: [(usize, &str); 4] = [(1, "4 KiB"), (16, "64 KiB"), (256, "1 MiB"), (4096, "16 MiB")];
+
+fn fmt_ns(ns: u64) -> String {
+    match ns {
+        n if n >= 1_000_000 => format!("{:.2} ms", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1} µs", n as f64 / 1e3),
+        n => format!("{n} ns"),
+    }
+}
+
+fn criterion_part() {
+    let mut c = Criterion::default()
+        .configure_from_args()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    let ours = Arc::new(Ours::new(Scenario::Fragmented));
+    let base = Arc::new(Base::new(Scenario::Fragmented));
+    let mut g = c.benchmark_group("alloc_free_fragmented_1thread");
+    for (frames, name) in SIZES {
+        g.bench_function(format!("ours/{name}"), |b| b.iter_custom(|n| run(&*ours, frames, n)));
+        g.bench_function(format!("linux-cma-baseline/{name}"), |b| b.iter_custom(|n| run(&*base, frames, n)));
+    }
+    g.finish();
+}
+
+/// `n` timed alloc+free pairs (layout restoring untimed).
+fn run<A: BenchAlloc>(a: &A, frames: usize, n: u64) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        let (h, _) = a.alloc(frames).expect("allocation failed in bench");
+        let ta = t.elapsed();
+        total += ta + a.free(h);
+    }
+    total
+}
+
+fn main() {
+    let ms: u64 = std::env::var("CMA_BENCH_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    if std::env::var_os("CMA_BENCH_TABLES_ONLY").is_none() {
+        criterion_part();
+    }
+    let dur = Duration::from_millis(ms);
+    let memcpy = memcpy_ns_per_page();
+    println!("\nmemcpy: {memcpy:.0} ns per 4 KiB page ({:.2} GB/s)", 4096.0 / memcpy);
+    println!("cell time {ms} ms; latency = one alloc + one free; throughput = sum over threads of ops / time inside alloc+free\n");
+    println!("| region | size | threads | ours median | ours p99 | baseline median | baseline p99 | ours ops/s | baseline ops/s | throughput ratio | ours migrated/op | baseline migrated/op | ours p99 latency / memcpy(migrated) | fails ours/base |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for sc in [Scenario::Empty, Scenario::Fragmented, Scenario::PinChurn] {
+        let ours = Arc::new(Ours::new(sc));
+        let base = Arc::new(Base::new(sc));
+        let churn = sc == Scenario::PinChurn;
+        for (frames, name) in SIZES {
+            for threads in [1, 2] {
+                let o: Cell = measure(ours.clone(), frames, threads, churn, dur, memcpy);
+                let b: Cell = measure(base.clone(), frames, threads, churn, dur, memcpy);
+                let ratio = o.ops_per_sec / b.ops_per_sec.max(1e-9);
+                let vs = if o.migrating > 0 { format!("{:.2} ({} of {} migrated)", o.p99_vs_memcpy, o.migrating, o.ops) } else { "no migration".into() };
+                println!(
+                    "| {} | {name} | {threads} | {} | {} | {} | {} | {:.0} | {:.0} | {ratio:.1}x | {:.0} KiB | {:.0} KiB | {vs} | {}/{} |",
+                    sc.name(),
+                    fmt_ns(o.median_ns),
+                    fmt_ns(o.p99_ns),
+                    fmt_ns(b.median_ns),
+                    fmt_ns(b.p99_ns),
+                    o.ops_per_sec,
+                    b.ops_per_sec,
+                    o.mean_migrated_bytes / 1024.0,
+                    b.mean_migrated_bytes / 1024.0,
+                    o.fails,
+                    b.fails,
+                );
+            }
+        }
+        let st = ours.a.stats();
+        eprintln!(
+            "[{}] ours: allocs {} (clean {}), pages migrated {}, candidates skipped for pins {}, claim races {}, deferred frees {}",
+            sc.name(), st.allocs, st.allocs_clean, st.pages_migrated, st.candidates_pinned, st.claim_races, st.frees_deferred
+        );
+    }
+}

@@ -20,6 +20,13 @@ pub(crate) struct ReleaseNode {
     next: *mut ReleaseNode,
 }
 
+// SAFETY: a node is owned by exactly one party at a time (its allocation, then the
+// queue, then the draining thread); `next` is only followed by the drainer that
+// took the whole list, so moving or sharing a node between threads is sound.
+unsafe impl Send for ReleaseNode {}
+// SAFETY: `&ReleaseNode` exposes no interior mutability.
+unsafe impl Sync for ReleaseNode {}
+
 impl ReleaseNode {
     pub(crate) fn new(start: usize, frames: usize) -> Box<Self> {
         Box::new(ReleaseNode {

@@ -598,3 +598,13 @@ mod tests {
         ));
     }
 }
+
+/// The handles are used from the VMM's and the device's threads.
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Allocator>();
+    is::<Allocation>();
+    is::<crate::PinGuard>();
+    is::<Region>();
+}

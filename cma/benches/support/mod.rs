@@ -1,0 +1,356 @@
+//! Bench scenarios shared by both allocators: region layouts, the layout-restoring
+//! wrappers, pin churn, and the measurement loop.
+
+pub mod baseline;
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use cma::{
+    AllocRequest, Allocation, Allocator, AllocatorConfig, Backing, Destination, FrameMove, MemcpyMover,
+    MigrationPlan, MoveError, Mover, Occupant, Policy, Region,
+};
+use rand::{Rng, SeedableRng};
+
+pub const GIB: usize = 1 << 30;
+pub const FRAMES: usize = GIB / 4096;
+const BLOCK: usize = 512;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    Empty,
+    Fragmented,
+    PinChurn,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Empty => "empty",
+            Scenario::Fragmented => "fragmented",
+            Scenario::PinChurn => "pin-churn",
+        }
+    }
+}
+
+/// The layout both allocators start from (same seed, same frames).
+pub struct Layout {
+    /// Standing 64 KiB allocations (first frame).
+    pub standing: Vec<usize>,
+    /// Occupied frames.
+    pub occupied: Vec<usize>,
+}
+
+/// Fragmented: 30% of pageblocks hold a standing 64 KiB DMA allocation at a random
+/// offset; 40% of pageblocks are "busy", with a quarter of their frames lent to
+/// occupants at random. Pin churn: the same standing allocations, but occupants are
+/// spread over *every* pageblock (6% of frames), so that almost every request has
+/// to migrate something while pins come and go.
+pub fn layout(s: Scenario) -> Layout {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(2026);
+    let mut l = Layout { standing: Vec::new(), occupied: Vec::new() };
+    if s == Scenario::Empty {
+        return l;
+    }
+    let mut taken = vec![false; FRAMES];
+    for b in 0..FRAMES / BLOCK {
+        if rng.gen_bool(0.3) {
+            let start = b * BLOCK + rng.gen_range(0..BLOCK / 16) * 16;
+            l.standing.push(start);
+            taken[start..start + 16].iter_mut().for_each(|t| *t = true);
+        }
+    }
+    for b in 0..FRAMES / BLOCK {
+        let (busy, density) = match s {
+            Scenario::Fragmented => (rng.gen_bool(0.4), 0.25),
+            _ => (true, 0.06),
+        };
+        if !busy {
+            continue;
+        }
+        for f in b * BLOCK..(b + 1) * BLOCK {
+            if !taken[f] && rng.gen_bool(density) {
+                l.occupied.push(f);
+            }
+        }
+    }
+    l
+}
+
+/// What the bench measures: alloc + free of `frames`, aligned to the size (as the
+/// DMA API aligns to the allocation order), capped at 2 MiB alignment. Returns the
+/// bytes migrated.
+pub trait BenchAlloc: Send + Sync {
+    type Handle;
+    fn alloc(&self, frames: usize) -> Option<(Self::Handle, usize)>;
+    /// Free, then put displaced occupants back so that every iteration sees the
+    /// same layout. Returns the time of the free alone: the restoring stands for
+    /// the page cache refilling the area and is not the allocator's cost.
+    fn free(&self, h: Self::Handle) -> Duration;
+    /// One transient pin on a random occupied frame, held for `hold`.
+    fn pin_random(&self, rng: &mut rand::rngs::SmallRng, hold: Duration);
+}
+
+pub fn align_for(frames: usize) -> usize {
+    frames.next_power_of_two().min(BLOCK)
+}
+
+// ---- ours ----
+
+thread_local! {
+    static MOVED: RefCell<Vec<FrameMove>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The memcpy mover, remembering (per thread) what it moved so the bench can undo it.
+pub struct RecordingMover(pub MemcpyMover);
+
+impl Mover for RecordingMover {
+    fn move_frames(&self, plan: &MigrationPlan) -> Result<(), MoveError> {
+        self.0.move_frames(plan)?;
+        MOVED.with(|m| m.borrow_mut().extend_from_slice(&plan.moves));
+        Ok(())
+    }
+}
+
+pub struct Ours {
+    pub a: Allocator,
+    mover: Arc<RecordingMover>,
+    _standing: Vec<Allocation>,
+}
+
+impl Ours {
+    pub fn new(s: Scenario) -> Self {
+        let region = Arc::new(Region::reserve(GIB, Backing::Memfd).unwrap());
+        let mover = Arc::new(RecordingMover(MemcpyMover::new(region.clone())));
+        let a = Allocator::new(region, AllocatorConfig::default(), mover.clone()).unwrap();
+        let l = layout(s);
+        // Standing allocations at chosen places: fill the region with 64 KiB chunks
+        // and keep only the chosen ones.
+        let mut standing = Vec::new();
+        if !l.standing.is_empty() {
+            let mut all: Vec<Allocation> = Vec::new();
+            while let Ok(x) = a.alloc(AllocRequest::new(16 * 4096).align(16 * 4096)) {
+                all.push(x);
+            }
+            let keep: std::collections::HashSet<usize> = l.standing.iter().copied().collect();
+            standing = all.into_iter().filter(|x| keep.contains(&x.frames().start)).collect();
+        }
+        for (i, f) in l.occupied.iter().enumerate() {
+            a.place_occupant_at(*f, Occupant { owner: 1, page: i as u64 }).unwrap();
+        }
+        Ours { a, mover, _standing: standing }
+    }
+}
+
+impl BenchAlloc for Ours {
+    type Handle = Allocation;
+
+    fn alloc(&self, frames: usize) -> Option<(Allocation, usize)> {
+        MOVED.with(|m| m.borrow_mut().clear());
+        let req = AllocRequest::new(frames * 4096).align(align_for(frames) * 4096).policy(Policy::Retry {
+            deadline: Instant::now() + Duration::from_secs(1),
+        });
+        let x = self.a.alloc(req).ok()?;
+        let b = x.migrated_frames() * 4096;
+        Some((x, b))
+    }
+
+    fn free(&self, h: Allocation) -> Duration {
+        let t = Instant::now();
+        drop(h);
+        let took = t.elapsed();
+        let moved = MOVED.with(|m| std::mem::take(&mut *m.borrow_mut()));
+        for mv in moved {
+            match mv.dst {
+                Destination::Frame(d) => {
+                    let _ = self.a.vacate(d, mv.occupant);
+                }
+                Destination::OutOfRegion => {
+                    self.mover.0.drop_outside(mv.occupant);
+                }
+            }
+            if self.a.place_occupant_at(mv.src, mv.occupant).is_err() {
+                let _ = self.a.place_occupant(mv.occupant);
+            }
+        }
+        took
+    }
+
+    fn pin_random(&self, rng: &mut rand::rngs::SmallRng, hold: Duration) {
+        if let Ok(p) = self.a.pin(rng.gen_range(0..FRAMES)) {
+            if p.pinned_as() == cma::PinnedAs::Occupied {
+                spin_for(hold);
+            }
+        }
+    }
+}
+
+// ---- baseline ----
+
+pub struct Base(pub baseline::LinuxCma);
+
+impl Base {
+    pub fn new(s: Scenario) -> Self {
+        let b = baseline::LinuxCma::new(GIB);
+        let l = layout(s);
+        for st in &l.standing {
+            b.reserve_at(*st, 16);
+        }
+        for (i, f) in l.occupied.iter().enumerate() {
+            b.occupant[*f].store(i as u64 + 1, Ordering::Relaxed);
+        }
+        Base(b)
+    }
+}
+
+impl BenchAlloc for Base {
+    type Handle = baseline::Chunk;
+
+    fn alloc(&self, frames: usize) -> Option<(baseline::Chunk, usize)> {
+        let c = self.0.alloc(frames, align_for(frames))?;
+        let b = c.displaced.len() * 4096;
+        Some((c, b))
+    }
+
+    fn free(&self, h: baseline::Chunk) -> Duration {
+        let t = Instant::now();
+        self.0.free(&h);
+        let took = t.elapsed();
+        for (f, o) in &h.displaced {
+            if !self.0.is_allocated(*f) {
+                self.0.occupant[*f].store(*o, Ordering::Relaxed);
+            }
+        }
+        took
+    }
+
+    fn pin_random(&self, rng: &mut rand::rngs::SmallRng, hold: Duration) {
+        let f = rng.gen_range(0..FRAMES);
+        if self.0.occupant[f].load(Ordering::Acquire) != 0 {
+            self.0.pins[f].fetch_add(1, Ordering::AcqRel);
+            spin_for(hold);
+            self.0.pins[f].fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn spin_for(d: Duration) {
+    // Sleeping would hand the core to the allocator threads; a pinner doing I/O
+    // holds its pin without using the CPU, so sleep.
+    thread::sleep(d);
+}
+
+/// Per-cell results.
+#[derive(Clone, Debug, Default)]
+pub struct Cell {
+    pub ops: u64,
+    pub fails: u64,
+    pub median_ns: u64,
+    pub p99_ns: u64,
+    /// Sum over threads of ops / time spent inside alloc+free.
+    pub ops_per_sec: f64,
+    /// Requests that migrated something.
+    pub migrating: u64,
+    /// p99 over migrating requests of latency / memcpy time of their bytes.
+    pub p99_vs_memcpy: f64,
+    pub mean_migrated_bytes: f64,
+}
+
+/// Run `threads` threads of alloc+restore+free for `dur`, with optional pin churn.
+pub fn measure<A: BenchAlloc + 'static>(
+    a: Arc<A>,
+    frames: usize,
+    threads: usize,
+    churn: bool,
+    dur: Duration,
+    memcpy_ns_per_page: f64,
+) -> Cell {
+    let stop = Arc::new(AtomicBool::new(false));
+    // Eight pinners, each holding one transient pin at a time for 20..200 us.
+    let churners: Vec<_> = (0..if churn { 8 } else { 0 })
+        .map(|i| {
+            let (a, stop) = (a.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut rng = rand::rngs::SmallRng::seed_from_u64(5 + i);
+                while !stop.load(Ordering::Relaxed) {
+                    let hold = Duration::from_micros(rng.gen_range(20..200));
+                    a.pin_random(&mut rng, hold);
+                }
+            })
+        })
+        .collect();
+    let fails = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (a, fails) = (a.clone(), fails.clone());
+            thread::spawn(move || {
+                let mut samples: Vec<(u64, usize)> = Vec::new();
+                let mut busy = Duration::ZERO;
+                let t_end = Instant::now() + dur;
+                while Instant::now() < t_end || samples.len() < 5 {
+                    let t = Instant::now();
+                    let r = a.alloc(frames);
+                    let Some((h, bytes)) = r else {
+                        fails.fetch_add(1, Ordering::Relaxed);
+                        busy += t.elapsed();
+                        continue;
+                    };
+                    let t_alloc = t.elapsed();
+                    let lat = t_alloc + a.free(h);
+                    busy += lat;
+                    samples.push((lat.as_nanos() as u64, bytes));
+                }
+                (samples, busy)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut ops_per_sec = 0.0;
+    for w in workers {
+        let (s, busy) = w.join().unwrap();
+        ops_per_sec += s.len() as f64 / busy.as_secs_f64().max(1e-9);
+        all.extend(s);
+    }
+    stop.store(true, Ordering::Relaxed);
+    churners.into_iter().for_each(|c| c.join().unwrap());
+    let mut lat: Vec<u64> = all.iter().map(|s| s.0).collect();
+    lat.sort_unstable();
+    let pct = |v: &[u64], q: f64| v.get(((v.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
+    let mut ratios: Vec<f64> = all
+        .iter()
+        .filter(|s| s.1 > 0)
+        .map(|s| s.0 as f64 / (s.1 as f64 / 4096.0 * memcpy_ns_per_page))
+        .collect();
+    ratios.sort_by(|x, y| x.total_cmp(y));
+    Cell {
+        ops: all.len() as u64,
+        fails: fails.load(Ordering::Relaxed),
+        median_ns: pct(&lat, 0.5),
+        p99_ns: pct(&lat, 0.99),
+        ops_per_sec,
+        migrating: ratios.len() as u64,
+        p99_vs_memcpy: ratios.get(((ratios.len() as f64 - 1.0) * 0.99).round() as usize).copied().unwrap_or(0.0),
+        mean_migrated_bytes: all.iter().map(|s| s.1 as f64).sum::<f64>() / all.len().max(1) as f64,
+    }
+}
+
+/// Nanoseconds to memcpy one 4 KiB page, page by page over 64 MiB (cold-ish cache,
+/// like a migration).
+pub fn memcpy_ns_per_page() -> f64 {
+    let n = 64 << 20;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        for (d, s) in dst.chunks_exact_mut(4096).zip(src.chunks_exact(4096)) {
+            d.copy_from_slice(s);
+        }
+        std::hint::black_box(&dst);
+        best = best.min(t.elapsed().as_nanos() as f64 / (n / 4096) as f64);
+    }
+    best
+}
