@@ -69,9 +69,9 @@ impl fmt::Display for ByteSize {
         let b = self.0;
         match b {
             0 => write!(f, "0"),
-            _ if b % GIB == 0 => write!(f, "{}G", b / GIB),
-            _ if b % MIB == 0 => write!(f, "{}M", b / MIB),
-            _ if b % KIB == 0 => write!(f, "{}K", b / KIB),
+            _ if b.is_multiple_of(GIB) => write!(f, "{}G", b / GIB),
+            _ if b.is_multiple_of(MIB) => write!(f, "{}M", b / MIB),
+            _ if b.is_multiple_of(KIB) => write!(f, "{}K", b / KIB),
             _ => write!(f, "{b}"),
         }
     }
@@ -237,7 +237,7 @@ impl VmConfig {
         if mem.0 > MAX_MEMORY {
             return Err(ConfigError::MemoryTooLarge(mem));
         }
-        if mem.0 % (4 * KIB) != 0 {
+        if !mem.0.is_multiple_of(4 * KIB) {
             return Err(ConfigError::MemoryUnaligned(mem));
         }
         if self.cpus == 0 || self.cpus > MAX_CPUS {
@@ -247,7 +247,7 @@ impl VmConfig {
         if win.0 > MAX_DMA_WINDOW {
             return Err(ConfigError::WindowTooLarge(win));
         }
-        if win.0 % DMA_WINDOW_ALIGN != 0 {
+        if !win.0.is_multiple_of(DMA_WINDOW_ALIGN) {
             let up = ByteSize(win.0.div_ceil(DMA_WINDOW_ALIGN) * DMA_WINDOW_ALIGN);
             return Err(ConfigError::WindowUnaligned(win, up));
         }

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::{I8042Reset, PanicWatch, SerialConsole, I8042_BASE, I8042_LEN};
+use devices::virtio::rng::Rng;
+use devices::virtio::MmioTransport;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -80,14 +82,17 @@ impl VmOutcome {
 }
 
 type Console = SerialConsole<PanicWatch<Stdout>>;
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// A VM, built and ready to start.
 pub struct Vm {
     _kvm: Kvm,
     vm: VmFd,
-    mem: GuestMemoryMmap,
+    // Keeps the guest mappings alive: KVM's memory slots point into them.
+    _mem: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
     devices: DeviceManager,
+    events: EventManager<Subscriber>,
     console: Arc<Mutex<Console>>,
     exit: Arc<ExitSignal>,
     panicked: Arc<AtomicBool>,
@@ -148,6 +153,14 @@ impl Vm {
             None,
         )?;
 
+        let mut events: EventManager<Subscriber> =
+            EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+        let (rng, rng_handler) = Rng::new().map_err(VmError::EventFd)?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        let transport = MmioTransport::new(rng, mem.clone(), irq).map_err(VmError::EventFd)?;
+        devices.add_virtio_mmio(&vm, &mut cmdline, transport)?;
+        events.add_subscriber(Arc::new(Mutex::new(rng_handler)));
+
         let entry = boot::load(
             &mem,
             &layout,
@@ -169,18 +182,14 @@ impl Vm {
         Ok(Self {
             _kvm: kvm,
             vm,
-            mem,
+            _mem: mem,
             vcpus,
             devices,
+            events,
             console,
             exit,
             panicked,
         })
-    }
-
-    /// The guest memory, for devices and tests.
-    pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.mem
     }
 
     /// Starts the vCPUs and serves the console until the guest stops.
@@ -188,8 +197,7 @@ impl Vm {
         let _vm = self.vm;
         let pio = Arc::new(self.devices.pio);
         let mmio = Arc::new(self.devices.mmio);
-        let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-            EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+        let mut manager = self.events;
         let stop = Arc::new(Mutex::new(ExitWatcher {
             evt: self.exit.eventfd().try_clone().map_err(VmError::EventFd)?,
             fired: false,

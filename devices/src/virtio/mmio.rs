@@ -307,7 +307,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
             self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_register(offset).to_le_bytes());
         } else {
             tracing::warn!(
@@ -322,7 +322,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
         if offset >= CONFIG_SPACE_OFFSET {
             self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
             self.config_generation = self.config_generation.wrapping_add(1);
-        } else if let (4, 0, Ok(bytes)) = (data.len(), offset % 4, <[u8; 4]>::try_from(data)) {
+        } else if let (true, Ok(bytes)) = (offset.is_multiple_of(4), <[u8; 4]>::try_from(data)) {
             self.write_register(offset, u32::from_le_bytes(bytes));
         } else {
             tracing::warn!(

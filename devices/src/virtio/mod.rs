@@ -2,6 +2,7 @@
 
 mod device;
 pub mod mmio;
+pub mod rng;
 
 pub use device::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 pub use mmio::{MmioTransport, MMIO_DEVICE_SIZE};
