@@ -54,6 +54,8 @@ pub enum PinKind {
 pub(crate) trait Word {
     fn get(&self) -> u64;
     fn cas(&self, current: u64, new: u64) -> Result<u64, u64>;
+    fn put(&self, v: u64);
+    fn clear_bits(&self, mask: u64);
 }
 
 impl Word for AtomicU64 {
@@ -62,6 +64,12 @@ impl Word for AtomicU64 {
     }
     fn cas(&self, current: u64, new: u64) -> Result<u64, u64> {
         self.compare_exchange_weak(current, new, Ordering::AcqRel, Ordering::Acquire)
+    }
+    fn put(&self, v: u64) {
+        self.store(v, Ordering::Release)
+    }
+    fn clear_bits(&self, mask: u64) {
+        self.fetch_and(!mask, Ordering::AcqRel);
     }
 }
 
@@ -174,18 +182,24 @@ pub(crate) fn freeze_as<W: Word>(word: &W, tag: Tag) {
     let _ = update::<_, ()>(word, |w| Ok(with_tag(w, tag) | FROZEN));
 }
 
-/// Claim a FREE, unpinned, unfrozen frame for an allocation. Fails when a pin taken
-/// while the frame was last allocated is still held (the previous owner freed it
-/// while I/O was in flight): such a frame is never handed out.
-pub(crate) fn try_claim<W: Word>(word: &W) -> Result<(), u64> {
-    update(word, |w| {
-        if tag_of(w) != Tag::Free || is_frozen(w) || w & PINS_MASK != 0 {
-            Err(w)
-        } else {
-            Ok(with_tag(w, Tag::Allocated))
-        }
-    })
-    .map(|_| ())
+/// Claim a frame the map lock holder knows to be FREE in the tree. A FREE word can
+/// only change under the map lock (pins need a non-free tag; release only touches
+/// ALLOCATED words), except for the drop of a pin left over from the frame's
+/// previous allocation, and we refuse any word with pins. So a load and a plain
+/// store suffice, which keeps large claims cheap.
+pub(crate) fn claim_free<W: Word>(word: &W) -> Result<(), u64> {
+    let w = word.get();
+    if w != 0 {
+        return Err(w);
+    }
+    word.put(with_tag(0, Tag::Allocated));
+    Ok(())
+}
+
+/// Release an allocated frame: clear the tag in one atomic step, keeping any pins
+/// (a pin still held makes the frame unclaimable until it is dropped).
+pub(crate) fn release<W: Word>(word: &W) {
+    word.clear_bits(TAG_MASK);
 }
 
 /// Set the tag, keeping pins (occupant placed, allocation released).
@@ -206,6 +220,12 @@ mod tests {
         }
         fn cas(&self, current: u64, new: u64) -> Result<u64, u64> {
             self.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
+        }
+        fn put(&self, v: u64) {
+            self.store(v, Ordering::Release)
+        }
+        fn clear_bits(&self, mask: u64) {
+            self.fetch_and(!mask, Ordering::AcqRel);
         }
     }
 
@@ -230,7 +250,7 @@ mod tests {
             Err(PinRefused::Frozen)
         );
         thaw(&w, Tag::Free);
-        try_claim(&w).unwrap();
+        claim_free(&w).unwrap();
         assert_eq!(tag_of(Word::get(&w)), Tag::Allocated);
     }
 
@@ -288,11 +308,11 @@ mod tests {
                     unpin(&*w2, PinKind::Transient, false);
                 });
                 let w3 = w.clone();
-                let owner = thread::spawn(move || set_tag(&*w3, Tag::Free));
+                let owner = thread::spawn(move || release(&*w3));
                 owner.join().unwrap();
                 let mut claimed = false;
                 for _ in 0..3 {
-                    if try_claim(&*w).is_ok() {
+                    if claim_free(&*w).is_ok() {
                         assert!(!held.load(Ordering::SeqCst), "claimed a frame still pinned");
                         claimed = true;
                         break;
@@ -301,7 +321,7 @@ mod tests {
                 }
                 io.join().unwrap();
                 if !claimed {
-                    try_claim(&*w).unwrap();
+                    claim_free(&*w).unwrap();
                 }
             },
             2000,

@@ -63,18 +63,17 @@ pub(crate) struct FreeTree {
 
 fn leaf_runs(busy: u64) -> Runs {
     if busy == 0 {
-        return Runs {
-            pre: 64,
-            suf: 64,
-            max: 64,
-        };
+        return Runs { pre: 64, suf: 64, max: 64 };
     }
-    // Longest run of zeros: shrink the free mask by one per step until it vanishes.
+    // Longest run of zeros: walk the free runs (at most 32 per word).
     let mut free = !busy;
     let mut max = 0;
     while free != 0 {
-        free &= free >> 1;
-        max += 1;
+        let start = free.trailing_zeros();
+        let len = (!(free >> start)).trailing_zeros();
+        max = max.max(len);
+        // Clear the run just measured (len < 64 here because busy != 0).
+        free &= !(((1u64 << len) - 1) << start);
     }
     Runs {
         pre: busy.trailing_zeros(),

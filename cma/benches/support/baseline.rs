@@ -57,14 +57,35 @@ impl LinuxCma {
         bm[i / 64] >> (i % 64) & 1 == 1
     }
 
+    /// `bitmap_set` / `bitmap_clear`, a word at a time.
     fn set(bm: &mut [u64], start: usize, n: usize, on: bool) {
-        for i in start..start + n {
+        let mut i = start;
+        let end = start + n;
+        while i < end {
+            let (w, b) = (i / 64, i % 64);
+            let k = (64 - b).min(end - i);
+            let m = if k == 64 { u64::MAX } else { ((1u64 << k) - 1) << b };
             if on {
-                bm[i / 64] |= 1 << (i % 64);
+                bm[w] |= m
             } else {
-                bm[i / 64] &= !(1 << (i % 64));
+                bm[w] &= !m
             }
+            i += k;
         }
+    }
+
+    /// `find_next_bit` (`want` = true) / `find_next_zero_bit`, a word at a time.
+    fn find_next(bm: &[u64], size: usize, from: usize, want: bool) -> usize {
+        let mut i = from;
+        while i < size {
+            let (w, b) = (i / 64, i % 64);
+            let word = if want { bm[w] } else { !bm[w] } >> b;
+            if word != 0 {
+                return (i + word.trailing_zeros() as usize).min(size);
+            }
+            i += 64 - b;
+        }
+        size
     }
 
     /// `bitmap_find_next_zero_area_off`: first aligned zero run of `n` bits at or
@@ -72,19 +93,17 @@ impl LinuxCma {
     fn find_zero_area(bm: &[u64], size: usize, start: usize, n: usize, mask: usize) -> Option<usize> {
         let mut index = start;
         loop {
-            // find_next_zero_bit
-            while index < size && Self::bit(bm, index) {
-                index += 1;
-            }
+            index = Self::find_next(bm, size, index, false);
             index = (index + mask) & !mask;
             let end = index + n;
             if end > size {
                 return None;
             }
-            // find_next_bit in [index, end)
-            match (index..end).find(|&i| Self::bit(bm, i)) {
-                Some(i) => index = i + 1,
-                None => return Some(index),
+            let i = Self::find_next(bm, end, index, true);
+            if i < end {
+                index = i + 1;
+            } else {
+                return Some(index);
             }
         }
     }

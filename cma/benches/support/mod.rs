@@ -38,17 +38,20 @@ impl Scenario {
 
 /// The layout both allocators start from (same seed, same frames).
 pub struct Layout {
-    /// Standing 64 KiB allocations (first frame).
-    pub standing: Vec<usize>,
+    /// Standing DMA allocations: (first frame, frames).
+    pub standing: Vec<(usize, usize)>,
     /// Occupied frames.
     pub occupied: Vec<usize>,
 }
 
-/// Fragmented: 30% of pageblocks hold a standing 64 KiB DMA allocation at a random
-/// offset; 40% of pageblocks are "busy", with a quarter of their frames lent to
-/// occupants at random. Pin churn: the same standing allocations, but occupants are
-/// spread over *every* pageblock (6% of frames), so that almost every request has
-/// to migrate something while pins come and go.
+/// Fragmented: what first-fit leaves behind after a long run. The lower 60% of the
+/// region is packed with long-lived small DMA allocations (1..=16 frames) separated
+/// by holes of 1..=8 frames, half of whose frames are lent to occupants. The upper
+/// 40%: a third of its pageblocks hold one 64 KiB allocation at a random offset,
+/// and 40% of its pageblocks are "busy", a quarter of their frames lent to
+/// occupants. Pin churn: the upper-40% pattern over the whole region, but with
+/// occupants spread over *every* pageblock (6% of frames), so that most larger
+/// requests must migrate something while pins come and go.
 pub fn layout(s: Scenario) -> Layout {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(2026);
     let mut l = Layout { standing: Vec::new(), occupied: Vec::new() };
@@ -56,14 +59,33 @@ pub fn layout(s: Scenario) -> Layout {
         return l;
     }
     let mut taken = vec![false; FRAMES];
-    for b in 0..FRAMES / BLOCK {
+    let mut f = 0;
+    if s == Scenario::Fragmented {
+        while f < FRAMES * 6 / 10 {
+            let n = rng.gen_range(1..=16);
+            l.standing.push((f, n));
+            taken[f..f + n].iter_mut().for_each(|t| *t = true);
+            f += n;
+            let hole = rng.gen_range(1..=8);
+            for h in f..f + hole {
+                if rng.gen_bool(0.5) {
+                    l.occupied.push(h);
+                    taken[h] = true;
+                }
+            }
+            f += hole;
+        }
+        f = f.div_ceil(BLOCK) * BLOCK;
+    }
+    let first_block = f / BLOCK;
+    for b in first_block..FRAMES / BLOCK {
         if rng.gen_bool(0.3) {
             let start = b * BLOCK + rng.gen_range(0..BLOCK / 16) * 16;
-            l.standing.push(start);
+            l.standing.push((start, 16));
             taken[start..start + 16].iter_mut().for_each(|t| *t = true);
         }
     }
-    for b in 0..FRAMES / BLOCK {
+    for b in first_block..FRAMES / BLOCK {
         let (busy, density) = match s {
             Scenario::Fragmented => (rng.gen_bool(0.4), 0.25),
             _ => (true, 0.06),
@@ -127,16 +149,24 @@ impl Ours {
         let mover = Arc::new(RecordingMover(MemcpyMover::new(region.clone())));
         let a = Allocator::new(region, AllocatorConfig::default(), mover.clone()).unwrap();
         let l = layout(s);
-        // Standing allocations at chosen places: fill the region with 64 KiB chunks
-        // and keep only the chosen ones.
+        // Standing allocations at chosen places: allocate every frame singly and keep
+        // the ones inside standing ranges (the tree state is the same as if each
+        // range were one allocation).
         let mut standing = Vec::new();
         if !l.standing.is_empty() {
-            let mut all: Vec<Allocation> = Vec::new();
-            while let Ok(x) = a.alloc(AllocRequest::new(16 * 4096).align(16 * 4096)) {
-                all.push(x);
+            let mut keep = vec![false; FRAMES];
+            for (st, n) in &l.standing {
+                keep[*st..st + n].iter_mut().for_each(|k| *k = true);
             }
-            let keep: std::collections::HashSet<usize> = l.standing.iter().copied().collect();
-            standing = all.into_iter().filter(|x| keep.contains(&x.frames().start)).collect();
+            let mut rest = Vec::new();
+            while let Ok(x) = a.alloc(AllocRequest::new(4096)) {
+                if keep[x.frames().start] {
+                    standing.push(x);
+                } else {
+                    rest.push(x);
+                }
+            }
+            drop(rest);
         }
         for (i, f) in l.occupied.iter().enumerate() {
             a.place_occupant_at(*f, Occupant { owner: 1, page: i as u64 }).unwrap();
@@ -196,8 +226,8 @@ impl Base {
     pub fn new(s: Scenario) -> Self {
         let b = baseline::LinuxCma::new(GIB);
         let l = layout(s);
-        for st in &l.standing {
-            b.reserve_at(*st, 16);
+        for (st, n) in &l.standing {
+            b.reserve_at(*st, *n);
         }
         for (i, f) in l.occupied.iter().enumerate() {
             b.occupant[*f].store(i as u64 + 1, Ordering::Relaxed);

@@ -15,7 +15,7 @@ use tracing::{debug, debug_span, trace};
 use super::claim::{Batch, PinnedCandidate};
 use super::{Allocator, Shared};
 use crate::error::AllocError;
-use crate::frame::{self, Tag, Word};
+use crate::frame::{self, Word};
 use crate::freetree::Class;
 use crate::release::ReleaseNode;
 use crate::stats::Stats;
@@ -140,7 +140,7 @@ impl Drop for Allocation {
         let s = &self.shared;
         // Lock-free part: pinners see FREE at once and can no longer pin.
         for w in &s.words[self.start..self.start + self.frames] {
-            frame::set_tag(w, Tag::Free);
+            frame::release(w);
         }
         match s.map.try_lock() {
             Ok(mut m) => {

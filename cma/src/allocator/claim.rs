@@ -177,9 +177,9 @@ impl Shared {
     ) -> Result<(), usize> {
         m.tree.set_alloc(start, n, true);
         for f in start..start + n {
-            if frame::try_claim(&self.words[f]).is_err() {
+            if frame::claim_free(&self.words[f]).is_err() {
                 for g in start..f {
-                    frame::set_tag(&self.words[g], Tag::Free);
+                    frame::release(&self.words[g]);
                 }
                 m.tree.set_alloc(start, n, false);
                 return Err(f);
@@ -212,7 +212,7 @@ impl Shared {
                 }
                 r.is_ok()
             } else {
-                frame::try_claim(&self.words[f]).is_ok()
+                frame::claim_free(&self.words[f]).is_ok()
             };
             if !ok {
                 for g in start..f {
