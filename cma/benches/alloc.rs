@@ -92,8 +92,9 @@ fn main() {
         }
         let st = ours.a.stats();
         eprintln!(
-            "[{}] ours: allocs {} (clean {}), pages migrated {}, candidates skipped for pins {}, claim races {}, deferred frees {}",
-            sc.name(), st.allocs, st.allocs_clean, st.pages_migrated, st.candidates_pinned, st.claim_races, st.frees_deferred
+            "[{}] ours: allocs {} (clean {}), pages migrated {}, candidates skipped for pins {}, claim races {}, retry sweeps {}, deferred frees {}, alloc p50/p99 from stats {:?}/{:?}",
+            sc.name(), st.allocs, st.allocs_clean, st.pages_migrated, st.candidates_pinned, st.claim_races, st.retries, st.frees_deferred,
+            st.alloc_latency.quantile(0.5), st.alloc_latency.quantile(0.99)
         );
     }
 }

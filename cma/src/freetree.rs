@@ -26,14 +26,14 @@ pub(crate) enum Class {
     Avail,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Runs {
     pre: u32,
     suf: u32,
     max: u32,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Node {
     clean: Runs,
     avail: Runs,
@@ -117,7 +117,7 @@ impl FreeTree {
             t.refresh_leaf(w);
         }
         for n in (1..leaves).rev() {
-            t.refresh_inner(n);
+            let _ = t.refresh_inner(n);
         }
         t
     }
@@ -132,18 +132,37 @@ impl FreeTree {
         };
     }
 
-    fn refresh_inner(&mut self, n: usize) {
+    /// Recompute inner node `n` from its children; false when it did not change.
+    fn refresh_inner(&mut self, n: usize) -> bool {
         // Frames covered by each child of node n.
         let depth = usize::BITS - 1 - n.leading_zeros();
         let leaves_below = self.leaves >> (depth + 1);
         let half = (leaves_below * WORD) as u32;
         let l = self.nodes[2 * n];
         let r = self.nodes[2 * n + 1];
-        self.nodes[n] = Node {
+        let new = Node {
             clean: combine(l.clean, r.clean, half),
             avail: combine(l.avail, r.avail, half),
             occ: l.occ + r.occ,
         };
+        std::mem::replace(&mut self.nodes[n], new) != new
+    }
+
+    /// Refresh the ancestors of leaves `w0..=w1`, level by level, stopping early at
+    /// the first level where nothing changed (nothing above it can change either).
+    fn refresh_ancestors(&mut self, w0: usize, w1: usize) {
+        let (mut l, mut r) = ((self.leaves + w0) / 2, (self.leaves + w1) / 2);
+        while l >= 1 {
+            let mut changed = false;
+            for n in l..=r {
+                changed |= self.refresh_inner(n);
+            }
+            if !changed {
+                break;
+            }
+            l /= 2;
+            r /= 2;
+        }
     }
 
     fn update(&mut self, start: usize, len: usize, f: impl Fn(&mut FreeTree, usize, u64)) {
@@ -164,14 +183,33 @@ impl FreeTree {
             f(self, w, mask);
             self.refresh_leaf(w);
         }
-        let (mut l, mut r) = ((self.leaves + w0) / 2, (self.leaves + w1) / 2);
-        while l >= 1 {
-            for n in l..=r {
-                self.refresh_inner(n);
+        self.refresh_ancestors(w0, w1);
+    }
+
+    /// Take up to `k` clean frames from the top of the region down (migration
+    /// destinations), mark them occupied, and append them to `out`. One tree refresh
+    /// for the whole batch instead of one per frame.
+    pub(crate) fn take_top_clean(&mut self, k: usize, out: &mut Vec<usize>) {
+        let Some(top) = self.last_clean(self.frames) else { return };
+        let (mut taken, mut w, w_hi) = (0, top / WORD, top / WORD);
+        let mut w_lo = w_hi;
+        while taken < k {
+            let mut free = !(self.alloc[w] | self.occ[w]);
+            while free != 0 && taken < k {
+                let b = 63 - free.leading_zeros() as usize;
+                free &= !(1u64 << b);
+                self.occ[w] |= 1u64 << b;
+                out.push(w * WORD + b);
+                taken += 1;
             }
-            l /= 2;
-            r /= 2;
+            self.refresh_leaf(w);
+            w_lo = w;
+            if w == 0 {
+                break;
+            }
+            w -= 1;
         }
+        self.refresh_ancestors(w_lo, w_hi);
     }
 
     /// Mark `[start, start+len)` as allocated (`true`) or not.
@@ -414,6 +452,16 @@ mod tests {
                 prop_assert_eq!(t.last_clean(end), last);
             }
             prop_assert_eq!(t.allocated_total(), alloc.iter().filter(|b| **b).count());
+            // Batched destinations: the k highest clean frames, then tree consistent.
+            let want: Vec<usize> = (0..frames).rev().filter(|f| !clean[*f]).take(5).collect();
+            let mut got = Vec::new();
+            t.take_top_clean(5, &mut got);
+            prop_assert_eq!(&got, &want);
+            for f in want { occ[f] = true; }
+            let clean: Vec<bool> = alloc.iter().zip(&occ).map(|(a, o)| *a || *o).collect();
+            prop_assert_eq!(t.next_fit(Class::Clean, 0, 1), naive_fit(&clean, 0, 1));
+            prop_assert_eq!(t.longest(Class::Clean), (1..=frames).rev().find(|n| naive_fit(&clean, 0, *n).is_some()).unwrap_or(0));
+            prop_assert_eq!(t.occupied_total(), occ.iter().filter(|b| **b).count());
         }
     }
 }

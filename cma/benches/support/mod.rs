@@ -124,6 +124,10 @@ pub fn align_for(frames: usize) -> usize {
 
 thread_local! {
     static MOVED: RefCell<Vec<FrameMove>> = const { RefCell::new(Vec::new()) };
+    /// Occupants whose home frame was allocated by another thread when we tried to
+    /// put them back; retried after every free so that the layout does not drift.
+    static PENDING: RefCell<Vec<FrameMove>> = const { RefCell::new(Vec::new()) };
+    static PENDING_BASE: RefCell<Vec<(usize, u64)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The memcpy mover, remembering (per thread) what it moved so the bench can undo it.
@@ -192,8 +196,9 @@ impl BenchAlloc for Ours {
         let t = Instant::now();
         drop(h);
         let took = t.elapsed();
-        let moved = MOVED.with(|m| std::mem::take(&mut *m.borrow_mut()));
-        for mv in moved {
+        let mut moved = MOVED.with(|m| std::mem::take(&mut *m.borrow_mut()));
+        // Undo each move: take the occupant off its destination, put it home.
+        for mv in &moved {
             match mv.dst {
                 Destination::Frame(d) => {
                     let _ = self.a.vacate(d, mv.occupant);
@@ -202,10 +207,10 @@ impl BenchAlloc for Ours {
                     self.mover.0.drop_outside(mv.occupant);
                 }
             }
-            if self.a.place_occupant_at(mv.src, mv.occupant).is_err() {
-                let _ = self.a.place_occupant(mv.occupant);
-            }
         }
+        moved.extend(PENDING.with(|p| std::mem::take(&mut *p.borrow_mut())));
+        moved.retain(|mv| self.a.place_occupant_at(mv.src, mv.occupant).is_err());
+        PENDING.with(|p| *p.borrow_mut() = moved);
         took
     }
 
@@ -249,11 +254,16 @@ impl BenchAlloc for Base {
         let t = Instant::now();
         self.0.free(&h);
         let took = t.elapsed();
-        for (f, o) in &h.displaced {
-            if !self.0.is_allocated(*f) {
+        let mut back = h.displaced;
+        back.extend(PENDING_BASE.with(|p| std::mem::take(&mut *p.borrow_mut())));
+        back.retain(|(f, o)| {
+            let home_free = !self.0.is_allocated(*f);
+            if home_free {
                 self.0.occupant[*f].store(*o, Ordering::Relaxed);
             }
-        }
+            !home_free
+        });
+        PENDING_BASE.with(|p| *p.borrow_mut() = back);
         took
     }
 

@@ -113,7 +113,8 @@ impl Shared {
     }
 
     /// Evaluate up to `candidates_per_hold` ranges from `from` on: the cheapest
-    /// (fewest occupied frames) unpinned one wins. Candidates step by
+    /// (fewest occupied frames) unpinned one wins; the search stops early once its
+    /// own cost outweighs what a better candidate could save. Candidates step by
     /// `max(align, n rounded down to align)`, so they do not overlap.
     pub(super) fn evaluate(&self, m: &MapState, from: usize, n: usize, align: usize) -> Batch {
         let step = align.max(n / align * align);
@@ -158,8 +159,11 @@ impl Shared {
                 });
             }
             pos = a + step;
-            // Without a clean fit every candidate costs at least one frame.
-            if cost <= 1 {
+            // Without a clean fit every candidate costs at least one frame. Beyond
+            // that, evaluating a candidate costs about a fifth of copying one frame,
+            // so stop once the search has cost more than it could still save.
+            let best = b.best.map_or(usize::MAX, |c| c.cost);
+            if best <= 1 || (b.evaluated >= 4 && b.evaluated >= 2 * best) {
                 break;
             }
         }
@@ -228,20 +232,20 @@ impl Shared {
                 return Err(f);
             }
         }
-        // Destinations: clean frames from the top of the region down; the range
-        // itself is excluded because it is now marked allocated.
-        for mv in &mut moves {
-            let mut before = self.frames;
-            while let Some(d) = m.tree.last_clean(before) {
-                if frame::pins_of(self.words[d].get()) == 0 {
-                    m.tree.set_occ(d, 1, true);
-                    m.occupants[d] = Some(mv.occupant);
-                    frame::freeze_as(&self.words[d], Tag::Occupied);
-                    mv.dst = Destination::Frame(d);
-                    break;
-                }
-                before = d;
+        // Destinations: clean frames from the top of the region down, taken in one
+        // batch; the range itself is excluded because it is now marked allocated.
+        // Occupants that find no clean frame leave the region.
+        let mut dsts = Vec::with_capacity(moves.len());
+        m.tree.take_top_clean(moves.len(), &mut dsts);
+        for (mv, d) in moves.iter_mut().zip(dsts) {
+            if frame::pins_of(self.words[d].get()) != 0 {
+                // Still pinned from a previous allocation: not usable.
+                m.tree.set_occ(d, 1, false);
+                continue;
             }
+            m.occupants[d] = Some(mv.occupant);
+            frame::freeze_as(&self.words[d], Tag::Occupied);
+            mv.dst = Destination::Frame(d);
         }
         let plan = MigrationPlan {
             granule: self.config.granule,
@@ -278,11 +282,18 @@ impl Shared {
     /// allocation (returns true); otherwise the rest is rolled back and the range
     /// returned to the tree.
     pub(super) fn commit(&self, m: &mut MapState, p: &Prepared, done: usize) -> bool {
+        let all = done == p.plan.len();
+        if all {
+            // Every occupied frame of the range was a source: one tree update.
+            m.tree.set_occ(p.start, p.frames, false);
+        }
         for (i, mv) in p.plan.moves.iter().enumerate() {
             let moved = i < done;
             if moved {
                 m.occupants[mv.src] = None;
-                m.tree.set_occ(mv.src, 1, false);
+                if !all {
+                    m.tree.set_occ(mv.src, 1, false);
+                }
                 frame::thaw(&self.words[mv.src], Tag::Allocated);
             } else {
                 frame::thaw(&self.words[mv.src], Tag::Occupied);
@@ -300,7 +311,7 @@ impl Shared {
         let g = self.config.granule as u64;
         Stats::bump(&self.stats.c.pages_migrated, done as u64);
         Stats::bump(&self.stats.c.bytes_migrated, done as u64 * g);
-        if done == p.plan.len() {
+        if all {
             return true;
         }
         for f in p.start..p.start + p.frames {
