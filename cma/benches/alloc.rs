@@ -15,7 +15,12 @@ use std::time::Duration;
 use criterion::Criterion;
 use support::{measure, memcpy_ns_per_page, Base, BenchAlloc, Cell, Ours, Scenario};
 
-const SIZES: [(usize, &str); 4] = [(1, "4 KiB"), (16, "64 KiB"), (256, "1 MiB"), (4096, "16 MiB")];
+const SIZES: [(usize, &str); 4] = [
+    (1, "4 KiB"),
+    (16, "64 KiB"),
+    (256, "1 MiB"),
+    (4096, "16 MiB"),
+];
 
 fn fmt_ns(ns: u64) -> String {
     match ns {
@@ -35,8 +40,12 @@ fn criterion_part() {
     let base = Arc::new(Base::new(Scenario::Fragmented));
     let mut g = c.benchmark_group("alloc_free_fragmented_1thread");
     for (frames, name) in SIZES {
-        g.bench_function(format!("ours/{name}"), |b| b.iter_custom(|n| run(&*ours, frames, n)));
-        g.bench_function(format!("linux-cma-baseline/{name}"), |b| b.iter_custom(|n| run(&*base, frames, n)));
+        g.bench_function(format!("ours/{name}"), |b| {
+            b.iter_custom(|n| run(&*ours, frames, n))
+        });
+        g.bench_function(format!("linux-cma-baseline/{name}"), |b| {
+            b.iter_custom(|n| run(&*base, frames, n))
+        });
     }
     g.finish();
 }
@@ -54,13 +63,19 @@ fn run<A: BenchAlloc>(a: &A, frames: usize, n: u64) -> Duration {
 }
 
 fn main() {
-    let ms: u64 = std::env::var("CMA_BENCH_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let ms: u64 = std::env::var("CMA_BENCH_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
     if std::env::var_os("CMA_BENCH_TABLES_ONLY").is_none() {
         criterion_part();
     }
     let dur = Duration::from_millis(ms);
     let memcpy = memcpy_ns_per_page();
-    println!("\nmemcpy: {memcpy:.0} ns per 4 KiB page ({:.2} GB/s)", 4096.0 / memcpy);
+    println!(
+        "\nmemcpy: {memcpy:.0} ns per 4 KiB page ({:.2} GB/s)",
+        4096.0 / memcpy
+    );
     println!("cell time {ms} ms; latency = one alloc + one free; throughput = sum over threads of ops / time inside alloc+free\n");
     println!("| region | size | threads | ours median | ours p99 | baseline median | baseline p99 | ours ops/s | baseline ops/s | throughput ratio | ours migrated/op | baseline migrated/op | ours p99 latency / memcpy(migrated) | fails ours/base |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -73,7 +88,14 @@ fn main() {
                 let o: Cell = measure(ours.clone(), frames, threads, churn, dur, memcpy);
                 let b: Cell = measure(base.clone(), frames, threads, churn, dur, memcpy);
                 let ratio = o.ops_per_sec / b.ops_per_sec.max(1e-9);
-                let vs = if o.migrating > 0 { format!("{:.2} ({} of {} migrated)", o.p99_vs_memcpy, o.migrating, o.ops) } else { "no migration".into() };
+                let vs = if o.migrating > 0 {
+                    format!(
+                        "{:.2} ({} of {} migrated)",
+                        o.p99_vs_memcpy, o.migrating, o.ops
+                    )
+                } else {
+                    "no migration".into()
+                };
                 println!(
                     "| {} | {name} | {threads} | {} | {} | {} | {} | {:.0} | {:.0} | {ratio:.1}x | {:.0} KiB | {:.0} KiB | {vs} | {}/{} |",
                     sc.name(),

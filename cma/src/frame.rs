@@ -1,21 +1,26 @@
 //! Per-frame state word: the lock-free part of the frame state machine.
 //!
-//! Pins are taken and dropped far more often than ranges are allocated (every guest
-//! I/O takes a transient pin), so they must not take the allocator's map lock. Each
-//! frame therefore has one atomic `u64`:
+//! Pins on movable occupants are taken and dropped far more often than ranges are
+//! allocated (every guest I/O takes a transient pin), so they must not take the
+//! allocator's map lock. Each frame therefore has one atomic `u64`:
 //!
 //! ```text
 //!  63      62..58   57..56   55..40      39..20      19..0
 //!  FROZEN  unused   tag      revocable   long-term   transient
 //! ```
 //!
-//! `tag` is FREE, ALLOCATED or OCCUPIED. Tag changes happen under the map lock,
-//! except `release` (ALLOCATED -> FREE), which is lock-free so that freeing never
-//! blocks. `FROZEN` is set while an occupant is being migrated off (or onto) the
-//! frame. The race that matters — a pin arriving while the allocator decides to
-//! migrate the frame — is decided by one compare-and-swap on this word, as Linux
-//! decides it by freezing the page refcount: `try_freeze` succeeds only with zero
-//! pins, and `try_pin` fails while frozen. Exactly one of them wins.
+//! `tag` is OCCUPIED while a movable occupant lives on the frame and FREE otherwise
+//! (free *or* allocated: which of the two is the free-run tree's business, under
+//! the map lock). Only OCCUPIED frames can be pinned lock-free; a pin on an
+//! allocated frame takes the map lock (`pin_locked`), which keeps allocation and
+//! release free of per-frame atomic read-modify-writes: claiming a clean range and
+//! releasing it touch only the tree. Tag changes happen under the map lock.
+//! `FROZEN` is set while an occupant is being migrated off (or onto) the frame.
+//!
+//! The race that matters, a pin arriving while the allocator decides to migrate
+//! the frame, is decided by one compare-and-swap on this word, as Linux decides it
+//! by freezing the page refcount: `try_freeze` succeeds only with zero pins, and
+//! `try_pin` fails while frozen. Exactly one of them wins.
 //!
 //! The functions are generic over [`Word`] so the same code runs under the shuttle
 //! model checker in the tests below.
@@ -31,11 +36,12 @@ const TAG_SHIFT: u32 = 56;
 const TAG_MASK: u64 = 3 << TAG_SHIFT;
 pub(crate) const FROZEN: u64 = 1 << 63;
 
-/// What a frame is used for, as seen by pinners.
+/// What a frame is used for, as seen by lock-free pinners.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Tag {
+    /// Free or allocated: no lock-free pins.
     Free = 0,
-    Allocated = 1,
+    /// Holds a movable occupant.
     Occupied = 2,
 }
 
@@ -54,8 +60,6 @@ pub enum PinKind {
 pub(crate) trait Word {
     fn get(&self) -> u64;
     fn cas(&self, current: u64, new: u64) -> Result<u64, u64>;
-    fn put(&self, v: u64);
-    fn clear_bits(&self, mask: u64);
 }
 
 impl Word for AtomicU64 {
@@ -65,18 +69,11 @@ impl Word for AtomicU64 {
     fn cas(&self, current: u64, new: u64) -> Result<u64, u64> {
         self.compare_exchange_weak(current, new, Ordering::AcqRel, Ordering::Acquire)
     }
-    fn put(&self, v: u64) {
-        self.store(v, Ordering::Release)
-    }
-    fn clear_bits(&self, mask: u64) {
-        self.fetch_and(!mask, Ordering::AcqRel);
-    }
 }
 
 pub(crate) fn tag_of(w: u64) -> Tag {
     match (w & TAG_MASK) >> TAG_SHIFT {
         0 => Tag::Free,
-        1 => Tag::Allocated,
         _ => Tag::Occupied,
     }
 }
@@ -123,14 +120,34 @@ pub(crate) enum PinRefused {
     Overflow,
 }
 
-/// Add one pin. Returns the word before the pin.
+/// Add one pin to an OCCUPIED frame, lock-free. Returns the word before the pin.
+/// `Free` means "not an occupant": the caller may try `pin_locked`.
 pub(crate) fn try_pin<W: Word>(
     word: &W,
     kind: PinKind,
     revocable: bool,
 ) -> Result<u64, PinRefused> {
+    add_pin(word, kind, revocable, true)
+}
+
+/// Add one pin to a frame the caller, holding the map lock, has checked is
+/// allocated (its tag is FREE). Returns the word before the pin.
+pub(crate) fn pin_locked<W: Word>(
+    word: &W,
+    kind: PinKind,
+    revocable: bool,
+) -> Result<u64, PinRefused> {
+    add_pin(word, kind, revocable, false)
+}
+
+fn add_pin<W: Word>(
+    word: &W,
+    kind: PinKind,
+    revocable: bool,
+    need_occupant: bool,
+) -> Result<u64, PinRefused> {
     update(word, |w| {
-        if tag_of(w) == Tag::Free {
+        if need_occupant && tag_of(w) == Tag::Free {
             return Err(PinRefused::Free);
         }
         if is_frozen(w) {
@@ -182,26 +199,6 @@ pub(crate) fn freeze_as<W: Word>(word: &W, tag: Tag) {
     let _ = update::<_, ()>(word, |w| Ok(with_tag(w, tag) | FROZEN));
 }
 
-/// Claim a frame the map lock holder knows to be FREE in the tree. A FREE word can
-/// only change under the map lock (pins need a non-free tag; release only touches
-/// ALLOCATED words), except for the drop of a pin left over from the frame's
-/// previous allocation, and we refuse any word with pins. So a load and a plain
-/// store suffice, which keeps large claims cheap.
-pub(crate) fn claim_free<W: Word>(word: &W) -> Result<(), u64> {
-    let w = word.get();
-    if w != 0 {
-        return Err(w);
-    }
-    word.put(with_tag(0, Tag::Allocated));
-    Ok(())
-}
-
-/// Release an allocated frame: clear the tag in one atomic step, keeping any pins
-/// (a pin still held makes the frame unclaimable until it is dropped).
-pub(crate) fn release<W: Word>(word: &W) {
-    word.clear_bits(TAG_MASK);
-}
-
 /// Set the tag, keeping pins (occupant placed, allocation released).
 pub(crate) fn set_tag<W: Word>(word: &W, tag: Tag) {
     let _ = update::<_, ()>(word, |w| Ok(with_tag(w, tag)));
@@ -220,12 +217,6 @@ mod tests {
         }
         fn cas(&self, current: u64, new: u64) -> Result<u64, u64> {
             self.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
-        }
-        fn put(&self, v: u64) {
-            self.store(v, Ordering::Release)
-        }
-        fn clear_bits(&self, mask: u64) {
-            self.fetch_and(!mask, Ordering::AcqRel);
         }
     }
 
@@ -250,8 +241,13 @@ mod tests {
             Err(PinRefused::Frozen)
         );
         thaw(&w, Tag::Free);
-        claim_free(&w).unwrap();
-        assert_eq!(tag_of(Word::get(&w)), Tag::Allocated);
+        // Free or allocated: only the locked path may pin it.
+        assert_eq!(
+            try_pin(&w, PinKind::Transient, false),
+            Err(PinRefused::Free)
+        );
+        pin_locked(&w, PinKind::LongTerm, false).unwrap();
+        assert_eq!(longterm_of(Word::get(&w)), 1);
     }
 
     /// Model check: a migration (freeze) and a pin on the same occupied frame never
@@ -291,37 +287,51 @@ mod tests {
         );
     }
 
-    /// Model check: an allocation released while a pin is still held is never
-    /// re-claimed until that pin is dropped, however the release, unpin and claim
-    /// interleave.
+    /// Model check of the allocated-frame protocol: the owner pins its allocated
+    /// frame under the map lock and then frees the allocation, an I/O thread drops
+    /// the pin, and a claimer, under the map lock, takes the frame only when the
+    /// tree says free and the word has no pins. However these interleave, the
+    /// frame is never claimed while the pin is held.
     #[test]
     fn shuttle_release_with_pin_blocks_reclaim() {
+        use shuttle::sync::Mutex;
         shuttle::check_random(
             || {
+                let allocated = Arc::new(Mutex::new(true));
                 let w = Arc::new(SAtomicU64::new(0));
-                set_tag(&*w, Tag::Allocated);
-                try_pin(&*w, PinKind::Transient, false).unwrap();
-                let held = Arc::new(AtomicBool::new(true));
+                let held = Arc::new(AtomicBool::new(false));
+                {
+                    let g = allocated.lock().unwrap();
+                    assert!(*g);
+                    pin_locked(&*w, PinKind::Transient, false).unwrap();
+                    held.store(true, Ordering::SeqCst);
+                }
                 let (w2, h2) = (w.clone(), held.clone());
                 let io = thread::spawn(move || {
                     h2.store(false, Ordering::SeqCst);
                     unpin(&*w2, PinKind::Transient, false);
                 });
-                let w3 = w.clone();
-                let owner = thread::spawn(move || release(&*w3));
-                owner.join().unwrap();
+                let a2 = allocated.clone();
+                let owner = thread::spawn(move || *a2.lock().unwrap() = false);
                 let mut claimed = false;
-                for _ in 0..3 {
-                    if claim_free(&*w).is_ok() {
-                        assert!(!held.load(Ordering::SeqCst), "claimed a frame still pinned");
-                        claimed = true;
+                for _ in 0..4 {
+                    {
+                        let mut g = allocated.lock().unwrap();
+                        if !*g && pins_of(Word::get(&*w)) == 0 {
+                            assert!(!held.load(Ordering::SeqCst), "claimed a frame still pinned");
+                            *g = true;
+                            claimed = true;
+                        }
+                    }
+                    if claimed {
                         break;
                     }
                     thread::yield_now();
                 }
                 io.join().unwrap();
+                owner.join().unwrap();
                 if !claimed {
-                    claim_free(&*w).unwrap();
+                    assert!(!*allocated.lock().unwrap() && pins_of(Word::get(&*w)) == 0);
                 }
             },
             2000,

@@ -63,7 +63,11 @@ pub(crate) struct FreeTree {
 
 fn leaf_runs(busy: u64) -> Runs {
     if busy == 0 {
-        return Runs { pre: 64, suf: 64, max: 64 };
+        return Runs {
+            pre: 64,
+            suf: 64,
+            max: 64,
+        };
     }
     // Longest run of zeros: walk the free runs (at most 32 per word).
     let mut free = !busy;
@@ -190,7 +194,9 @@ impl FreeTree {
     /// destinations), mark them occupied, and append them to `out`. One tree refresh
     /// for the whole batch instead of one per frame.
     pub(crate) fn take_top_clean(&mut self, k: usize, out: &mut Vec<usize>) {
-        let Some(top) = self.last_clean(self.frames) else { return };
+        let Some(top) = self.last_clean(self.frames) else {
+            return;
+        };
         let (mut taken, mut w, w_hi) = (0, top / WORD, top / WORD);
         let mut w_lo = w_hi;
         while taken < k {

@@ -142,16 +142,33 @@ impl Shared {
                 frames: self.frames,
             });
         }
-        match frame::try_pin(&self.words[f], kind, revocable) {
-            Ok(before) => {
-                if frame::pins_of(before) == 0 {
+        // Occupants: lock-free. Anything else: under the map lock, where the tree
+        // says whether the frame is allocated (pinnable) or free (not).
+        let r = match frame::try_pin(&self.words[f], kind, revocable) {
+            Err(PinRefused::Free) => {
+                let m = self.lock_map();
+                if !m.tree.is_alloc(f) {
+                    Err(PinRefused::Free)
+                } else {
+                    let r = frame::pin_locked(&self.words[f], kind, revocable);
+                    // The hint must be raised before the lock is dropped: once the
+                    // allocation is freed, `claim_clean` relies on it to see this pin.
+                    if matches!(r, Ok(before) if frame::pins_of(before) == 0) {
+                        self.block_pins[self.block_of(f)].fetch_add(1, Ordering::AcqRel);
+                    }
+                    drop(m);
+                    r.map(|w| (w, PinnedAs::Allocated))
+                }
+            }
+            r => r.map(|w| (w, PinnedAs::Occupied)),
+        };
+        match r {
+            Ok((before, pinned_as)) => {
+                // For occupants the hint may lag the word: the freeze CAS decides.
+                if pinned_as == PinnedAs::Occupied && frame::pins_of(before) == 0 {
                     self.block_pins[self.block_of(f)].fetch_add(1, Ordering::AcqRel);
                 }
                 Stats::bump(&self.stats.c.pins, 1);
-                let pinned_as = match frame::tag_of(before) {
-                    Tag::Occupied => PinnedAs::Occupied,
-                    _ => PinnedAs::Allocated,
-                };
                 Ok(PinGuard {
                     shared: self.clone(),
                     frame: f,
@@ -213,13 +230,13 @@ impl Allocator {
         let m = s.lock_map();
         let w = s.words[f].get();
         let occupant = match (frame::tag_of(w), m.occupants[f]) {
-            (Tag::Free, _) => return Err(PinError::FrameFree { frame: f }),
-            (Tag::Allocated, _) => {
+            (Tag::Free, _) if m.tree.is_alloc(f) => {
                 drop(m);
                 return s
                     .take_pin(f, PinKind::LongTerm, false)
                     .map(LongTermPin::Held);
             }
+            (Tag::Free, _) => return Err(PinError::FrameFree { frame: f }),
             (Tag::Occupied, None) => return Err(PinError::Migrating { frame: f }),
             (Tag::Occupied, Some(o)) => o,
         };

@@ -64,7 +64,11 @@ impl LinuxCma {
         while i < end {
             let (w, b) = (i / 64, i % 64);
             let k = (64 - b).min(end - i);
-            let m = if k == 64 { u64::MAX } else { ((1u64 << k) - 1) << b };
+            let m = if k == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << k) - 1) << b
+            };
             if on {
                 bm[w] |= m
             } else {
@@ -90,7 +94,13 @@ impl LinuxCma {
 
     /// `bitmap_find_next_zero_area_off`: first aligned zero run of `n` bits at or
     /// after `start`, by linear scan.
-    fn find_zero_area(bm: &[u64], size: usize, start: usize, n: usize, mask: usize) -> Option<usize> {
+    fn find_zero_area(
+        bm: &[u64],
+        size: usize,
+        start: usize,
+        n: usize,
+        mask: usize,
+    ) -> Option<usize> {
         let mut index = start;
         loop {
             index = Self::find_next(bm, size, index, false);
@@ -110,7 +120,12 @@ impl LinuxCma {
 
     /// `alloc_contig_range()`: migrate every occupant of the range out; -EBUSY at
     /// the first pinned frame (earlier pages stay migrated).
-    fn alloc_contig_range(&self, start: usize, n: usize, displaced: &mut Vec<(usize, u64)>) -> bool {
+    fn alloc_contig_range(
+        &self,
+        start: usize,
+        n: usize,
+        displaced: &mut Vec<(usize, u64)>,
+    ) -> bool {
         let g = self.granule;
         let base = self.region.host_addr().as_ptr();
         let out = self.outside.host_addr().as_ptr();
@@ -146,7 +161,11 @@ impl LinuxCma {
                 self.alloc_contig_range(bitmap_no, n, &mut displaced)
             };
             if ok {
-                return Some(Chunk { start: bitmap_no, frames: n, displaced });
+                return Some(Chunk {
+                    start: bitmap_no,
+                    frames: n,
+                    displaced,
+                });
             }
             Self::set(&mut self.bitmap.lock().unwrap(), bitmap_no, n, false);
             start = bitmap_no + mask + 1;

@@ -10,8 +10,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use cma::{
-    AllocRequest, Allocation, Allocator, AllocatorConfig, Backing, Destination, FrameMove, MemcpyMover,
-    MigrationPlan, MoveError, Mover, Occupant, Policy, Region,
+    AllocRequest, Allocation, Allocator, AllocatorConfig, Backing, Destination, FrameMove,
+    MemcpyMover, MigrationPlan, MoveError, Mover, Occupant, Policy, Region,
 };
 use rand::{Rng, SeedableRng};
 
@@ -54,7 +54,10 @@ pub struct Layout {
 /// requests must migrate something while pins come and go.
 pub fn layout(s: Scenario) -> Layout {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(2026);
-    let mut l = Layout { standing: Vec::new(), occupied: Vec::new() };
+    let mut l = Layout {
+        standing: Vec::new(),
+        occupied: Vec::new(),
+    };
     if s == Scenario::Empty {
         return l;
     }
@@ -173,9 +176,20 @@ impl Ours {
             drop(rest);
         }
         for (i, f) in l.occupied.iter().enumerate() {
-            a.place_occupant_at(*f, Occupant { owner: 1, page: i as u64 }).unwrap();
+            a.place_occupant_at(
+                *f,
+                Occupant {
+                    owner: 1,
+                    page: i as u64,
+                },
+            )
+            .unwrap();
         }
-        Ours { a, mover, _standing: standing }
+        Ours {
+            a,
+            mover,
+            _standing: standing,
+        }
     }
 }
 
@@ -184,9 +198,11 @@ impl BenchAlloc for Ours {
 
     fn alloc(&self, frames: usize) -> Option<(Allocation, usize)> {
         MOVED.with(|m| m.borrow_mut().clear());
-        let req = AllocRequest::new(frames * 4096).align(align_for(frames) * 4096).policy(Policy::Retry {
-            deadline: Instant::now() + Duration::from_secs(1),
-        });
+        let req = AllocRequest::new(frames * 4096)
+            .align(align_for(frames) * 4096)
+            .policy(Policy::Retry {
+                deadline: Instant::now() + Duration::from_secs(1),
+            });
         let x = self.a.alloc(req).ok()?;
         let b = x.migrated_frames() * 4096;
         Some((x, b))
@@ -358,7 +374,11 @@ pub fn measure<A: BenchAlloc + 'static>(
     churners.into_iter().for_each(|c| c.join().unwrap());
     let mut lat: Vec<u64> = all.iter().map(|s| s.0).collect();
     lat.sort_unstable();
-    let pct = |v: &[u64], q: f64| v.get(((v.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
+    let pct = |v: &[u64], q: f64| {
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
     let mut ratios: Vec<f64> = all
         .iter()
         .filter(|s| s.1 > 0)
@@ -372,7 +392,10 @@ pub fn measure<A: BenchAlloc + 'static>(
         p99_ns: pct(&lat, 0.99),
         ops_per_sec,
         migrating: ratios.len() as u64,
-        p99_vs_memcpy: ratios.get(((ratios.len() as f64 - 1.0) * 0.99).round() as usize).copied().unwrap_or(0.0),
+        p99_vs_memcpy: ratios
+            .get(((ratios.len() as f64 - 1.0) * 0.99).round() as usize)
+            .copied()
+            .unwrap_or(0.0),
         mean_migrated_bytes: all.iter().map(|s| s.1 as f64).sum::<f64>() / all.len().max(1) as f64,
     }
 }

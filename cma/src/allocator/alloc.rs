@@ -138,10 +138,8 @@ impl Allocation {
 impl Drop for Allocation {
     fn drop(&mut self) {
         let s = &self.shared;
-        // Lock-free part: pinners see FREE at once and can no longer pin.
-        for w in &s.words[self.start..self.start + self.frames] {
-            frame::release(w);
-        }
+        // Nothing per frame: allocated frames carry no lock-free state (see
+        // `crate::frame`), so a release is one tree update, or one queue push.
         match s.map.try_lock() {
             Ok(mut m) => {
                 s.drain_released(&mut m);

@@ -171,24 +171,19 @@ impl Shared {
         b
     }
 
-    /// Claim a clean range: every frame must be FREE and unpinned. On a frame still
-    /// pinned from its previous life, undo and report it.
+    /// Claim a clean range. Clean frames carry no lock-free state, so this is a tree
+    /// update plus a check, through the pageblock pin hints, for pins left over from
+    /// an allocation freed while still pinned: such a frame is never handed out.
     pub(super) fn claim_clean(
         &self,
         m: &mut MapState,
         start: usize,
         n: usize,
     ) -> Result<(), usize> {
-        m.tree.set_alloc(start, n, true);
-        for f in start..start + n {
-            if frame::claim_free(&self.words[f]).is_err() {
-                for g in start..f {
-                    frame::release(&self.words[g]);
-                }
-                m.tree.set_alloc(start, n, false);
-                return Err(f);
-            }
+        if let Some((f, _)) = self.first_pinned(start, n) {
+            return Err(f);
         }
+        m.tree.set_alloc(start, n, true);
         Ok(())
     }
 
@@ -216,16 +211,12 @@ impl Shared {
                 }
                 r.is_ok()
             } else {
-                frame::claim_free(&self.words[f]).is_ok()
+                // Pins on a non-occupied frame can only be leftovers (see claim_clean).
+                frame::pins_of(self.words[f].get()) == 0
             };
             if !ok {
-                for g in start..f {
-                    let tag = if m.tree.is_occ(g) {
-                        Tag::Occupied
-                    } else {
-                        Tag::Free
-                    };
-                    frame::thaw(&self.words[g], tag);
+                for g in (start..f).filter(|g| m.tree.is_occ(*g)) {
+                    frame::thaw(&self.words[g], Tag::Occupied);
                 }
                 m.tree.set_alloc(start, n, false);
                 Stats::bump(&self.stats.c.claim_races, 1);
@@ -294,7 +285,7 @@ impl Shared {
                 if !all {
                     m.tree.set_occ(mv.src, 1, false);
                 }
-                frame::thaw(&self.words[mv.src], Tag::Allocated);
+                frame::thaw(&self.words[mv.src], Tag::Free);
             } else {
                 frame::thaw(&self.words[mv.src], Tag::Occupied);
             }
@@ -313,11 +304,6 @@ impl Shared {
         Stats::bump(&self.stats.c.bytes_migrated, done as u64 * g);
         if all {
             return true;
-        }
-        for f in p.start..p.start + p.frames {
-            if !m.tree.is_occ(f) {
-                frame::set_tag(&self.words[f], Tag::Free);
-            }
         }
         m.tree.set_alloc(p.start, p.frames, false);
         false

@@ -261,14 +261,12 @@ impl Allocator {
         let w = frame::Word::get(&self.shared.words[frame]);
         let state = if frame::is_frozen(w) {
             FrameState::Migrating
+        } else if frame::tag_of(w) == Tag::Occupied {
+            m.occupants[frame].map_or(FrameState::Migrating, FrameState::Occupied)
+        } else if m.tree.is_alloc(frame) {
+            FrameState::Allocated
         } else {
-            match frame::tag_of(w) {
-                Tag::Free => FrameState::Free,
-                Tag::Allocated => FrameState::Allocated,
-                Tag::Occupied => {
-                    m.occupants[frame].map_or(FrameState::Migrating, FrameState::Occupied)
-                }
-            }
+            FrameState::Free
         };
         Some(FrameInfo {
             state,
