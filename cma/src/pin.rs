@@ -43,14 +43,16 @@ impl<F: Fn(RevokeRequest) + Send + Sync> Revoke for F {
 /// Registered revoke callbacks, by pin id. Its mutex is taken after the map lock
 /// when both are needed (never the other way round) and is never held while a
 /// callback runs.
+type Revokers = HashMap<u64, (usize, Arc<dyn Revoke>)>;
+
 #[derive(Default)]
 pub(crate) struct RevokeRegistry {
-    entries: Mutex<HashMap<u64, (usize, Arc<dyn Revoke>)>>,
+    entries: Mutex<Revokers>,
     next: AtomicU64,
 }
 
 impl RevokeRegistry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (usize, Arc<dyn Revoke>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Revokers> {
         // Each operation is one insert/remove/scan: a poisoned map is still consistent.
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -70,10 +70,10 @@ pub fn layout(s: Scenario) -> Layout {
             taken[f..f + n].iter_mut().for_each(|t| *t = true);
             f += n;
             let hole = rng.gen_range(1..=8);
-            for h in f..f + hole {
+            for (h, t) in taken.iter_mut().enumerate().skip(f).take(hole) {
                 if rng.gen_bool(0.5) {
                     l.occupied.push(h);
-                    taken[h] = true;
+                    *t = true;
                 }
             }
             f += hole;
@@ -96,8 +96,8 @@ pub fn layout(s: Scenario) -> Layout {
         if !busy {
             continue;
         }
-        for f in b * BLOCK..(b + 1) * BLOCK {
-            if !taken[f] && rng.gen_bool(density) {
+        for (f, t) in taken.iter().enumerate().skip(b * BLOCK).take(BLOCK) {
+            if !t && rng.gen_bool(density) {
                 l.occupied.push(f);
             }
         }

@@ -118,7 +118,7 @@ impl Region {
             HugePageSize::Size1G => HUGE_1G,
             HugePageSize::Auto => {
                 if len >= HUGE_1G
-                    && len % HUGE_1G == 0
+                    && len & (HUGE_1G - 1) == 0
                     && backing::free_huge_pages(HUGE_1G) >= len / HUGE_1G
                 {
                     HUGE_1G
@@ -280,7 +280,8 @@ fn order_by_frame(
 fn check_len(len: usize, page: usize, backing: &'static str) -> Result<(), RegionError> {
     let reason = if len == 0 {
         "zero length"
-    } else if len % page != 0 {
+    } else if len & (page - 1) != 0 {
+        // Page sizes are powers of two.
         "not a multiple of the backing page size"
     } else {
         return Ok(());
@@ -290,6 +291,19 @@ fn check_len(len: usize, page: usize, backing: &'static str) -> Result<(), Regio
         backing,
         reason,
     })
+}
+
+#[cfg(test)]
+impl Region {
+    /// A memfd region that pretends to have the given physical extents, so that
+    /// extent handling can be tested without hugetlb.
+    pub(crate) fn fake_extents(extents: Vec<Extent>) -> Region {
+        let len = extents.iter().map(|e| e.len).sum();
+        let mut r = Region::memfd(len).expect("memfd");
+        r.extents = extents;
+        r.contiguity = Contiguity::Assumed;
+        r
+    }
 }
 
 #[cfg(test)]
@@ -346,18 +360,5 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, RegionError::DmaHeapMissing { .. }));
         assert!(err.to_string().contains("/dev/dma_heap/reserved"), "{err}");
-    }
-}
-
-#[cfg(test)]
-impl Region {
-    /// A memfd region that pretends to have the given physical extents, so that
-    /// extent handling can be tested without hugetlb.
-    pub(crate) fn fake_extents(extents: Vec<Extent>) -> Region {
-        let len = extents.iter().map(|e| e.len).sum();
-        let mut r = Region::memfd(len).expect("memfd");
-        r.extents = extents;
-        r.contiguity = Contiguity::Assumed;
-        r
     }
 }
