@@ -100,8 +100,11 @@ pub struct Vm {
 
 impl Vm {
     pub fn build(config: &VmConfig) -> Result<Self, VmError> {
+        let started = std::time::Instant::now();
         let kvm = hypervisor::open()?;
+        tracing::debug!(elapsed = ?started.elapsed(), "KVM opened");
         let vm = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
+        tracing::debug!(elapsed = ?started.elapsed(), "VM created");
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("SET_TSS_ADDR"))?;
         vm.create_irq_chip().map_err(kvm_err("CREATE_IRQCHIP"))?;
@@ -110,11 +113,12 @@ impl Vm {
             ..Default::default()
         };
         vm.create_pit2(pit).map_err(kvm_err("CREATE_PIT2"))?;
+        tracing::debug!(elapsed = ?started.elapsed(), "irqchip and PIT created");
 
         let layout = GuestLayout::new(config.memory.size.0, config.dma_window.size.0);
         let mem = memory::create(&layout)?;
         memory::register(&vm, &mem)?;
-        tracing::info!(?layout, "guest memory mapped");
+        tracing::info!(?layout, elapsed = ?started.elapsed(), "guest memory mapped");
 
         let mut cmdline =
             Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| VmError::Cmdline(e.to_string()))?;
@@ -168,7 +172,7 @@ impl Vm {
             config.initrd.as_deref(),
             &cmdline,
         )?;
-        tracing::info!(?entry, cmdline = ?cmdline.as_cstring().ok(), "kernel loaded");
+        tracing::info!(?entry, cmdline = ?cmdline.as_cstring().ok(), elapsed = ?started.elapsed(), "kernel loaded");
         mptable::setup(&mem, config.cpus)?;
         regs::write_boot_tables(&mem, entry.mode)?;
 
@@ -178,6 +182,7 @@ impl Vm {
         let vcpus = (0..config.cpus)
             .map(|id| Vcpu::new(&vm, &supported, id, config.cpus, entry))
             .collect::<Result<Vec<_>, _>>()?;
+        tracing::info!(elapsed = ?started.elapsed(), "VM built");
 
         Ok(Self {
             _kvm: kvm,

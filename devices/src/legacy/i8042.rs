@@ -33,7 +33,8 @@ impl BusDevice for I8042Reset {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == COMMAND_OFFSET && data == [CMD_RESET_CPU] {
-            tracing::info!("guest requested reset through the i8042");
+            // Linux repeats the command until the machine resets; say it once per burst.
+            tracing::debug!("guest requested reset through the i8042");
             if let Err(e) = self.reset.write(1) {
                 tracing::error!("signalling guest reset: {e}");
             }

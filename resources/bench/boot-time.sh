@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Boot-time and memory benchmark: time from VMM start to the first line the guest's init
+# prints, for dmavisor and for QEMU -M microvm (qboot firmware, no option ROMs) booting the
+# same kernel and initramfs with the same RAM, interleaved, in the same host (the sandbox host
+# where this machine's KVM cannot run stock guests). Also dmavisor's resident memory outside
+# guest RAM and the DMA window. Prints a Markdown table.
+#
+# usage: resources/bench/boot-time.sh [RUNS]   (default 7)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT"
+runs=${1:-7}
+./resources/setup.sh >/dev/null
+mkdir -p target/bench
+gcc -static -O2 -Wall -o target/bench/firstline resources/bench/firstline.c
+
+kernel=$ROOT/target/guest/kernel
+initrd=$ROOT/target/guest/initramfs.cpio.gz
+qemu=$(command -v qemu-system-x86_64)
+# 512M of RAM for both; dmavisor's CMA area is its 96M DMA window, QEMU's is cma=96M in RAM,
+# so QEMU gets 512M + 96M. Mappings of 96M or more are guest memory.
+cmdline="console=ttyS0 panic=-1 quiet dmavisor.scenario=info"
+inner=target/bench/boot-time-inner.sh
+cat >"$inner" <<INNER
+#!/bin/sh
+for i in \$(seq 1 $runs); do
+  $ROOT/target/bench/firstline --label dmavisor --run \$i --marker DMAVISOR-INIT --timeout 60 --guest-min-kb 98304 -- \\
+    dmavisor run --kernel $kernel --initrd $initrd --memory size=512M --dma-window size=96M \\
+      --cmdline "$cmdline reboot=k"
+  $ROOT/target/bench/firstline --label qemu-microvm --run \$i --marker DMAVISOR-INIT --timeout 60 --guest-min-kb 98304 -- \\
+    $qemu -M microvm,x-option-roms=off,rtc=off -enable-kvm -cpu host -m 608M -smp 1 \\
+      -nodefaults -no-user-config -display none -serial stdio -no-reboot \\
+      -bios /usr/share/qemu/qboot.rom -kernel $kernel -initrd $initrd \\
+      -append "$cmdline reboot=t cma=96M"
+done
+INNER
+chmod +x "$inner"
+
+log=target/bench/boot-time.log
+if [ -e /dev/kvm ] && [ ! -e /sys/module/kvm_pvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; then
+  where="directly on this host"
+  PATH="$ROOT/target/release:$PATH" sh "$inner" | tee "$log"
+else
+  where="inside the sandbox host (nested KVM under QEMU TCG)"
+  withs=(--with "$kernel" --with "$initrd" --with target/bench/firstline --with "$qemu" --with /usr/share/qemu/qboot.rom)
+  for lib in $(ldd "$qemu" | awk '/=> \// {print $3} /^\s*\/lib/ {print $1}'); do withs+=(--with "$lib"); done
+  ./resources/sandbox/run.sh --timeout 1500 "${withs[@]}" -- sh "$inner" | tee "$log" | grep --line-buffered BENCH
+fi
+
+echo
+echo "Boot to the guest init's first line, $runs runs each, $where ($(date -u +%F)):"
+echo
+echo "| VMM | median ms | p90 ms | min ms | max ms | failed | RSS outside guest memory, median KiB |"
+echo "|---|---|---|---|---|---|---|"
+for label in dmavisor qemu-microvm; do
+  tr -d '\r' <"$log" | grep -o "BENCH label=$label .*" | awk 'BEGIN { n = 0; failed = 0 }
+    { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+      if (v["first_line_ms"] < 0) { failed++; next }
+      t[n] = v["first_line_ms"]; m[n] = v["rss_overhead_kb"]; n++ }
+    function sort(a, k,   i, j, x) { for (i = 1; i < k; i++) { x = a[i]; for (j = i - 1; j >= 0 && a[j] > x; j--) a[j + 1] = a[j]; a[j + 1] = x } }
+    function pct(a, k, p) { return a[int((k - 1) * p + 0.5)] }
+    END { sort(t, n); sort(m, n)
+      printf "| %s | %.0f | %.0f | %.0f | %.0f | %d | %d |\n", label, pct(t, n, 0.5), pct(t, n, 0.9), t[0], t[n - 1], failed, pct(m, n, 0.5) }' label="$label"
+done
