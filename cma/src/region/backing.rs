@@ -111,6 +111,26 @@ const DMA_HEAP_IOCTL_ALLOC: libc::c_ulong = (3 << 30)
     | ((std::mem::size_of::<DmaHeapAllocationData>() as libc::c_ulong) << 16)
     | ((b'H' as libc::c_ulong) << 8);
 
+/// The heap to use when none is named: a CMA heap (`linux,cma`, `reserved`, or any
+/// name containing "cma"), since those hand out physically contiguous buffers. The
+/// `system` heap does not, so it is never picked.
+pub(crate) fn find_contiguous_heap() -> Result<String, RegionError> {
+    let dir = PathBuf::from("/dev/dma_heap");
+    let entries = std::fs::read_dir(&dir).map_err(|source| RegionError::DmaHeapMissing {
+        path: dir.clone(),
+        source,
+    })?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n == "reserved" || n.contains("cma"))
+        .collect();
+    names.sort();
+    names.pop().ok_or_else(|| RegionError::DmaHeapMissing {
+        path: dir.join("<cma or reserved heap>"),
+        source: io::Error::from(io::ErrorKind::NotFound),
+    })
+}
+
 /// Allocate a dma-buf of `len` bytes from `/dev/dma_heap/<name>`; returns its fd.
 pub(crate) fn dma_heap_alloc(name: &str, len: usize) -> Result<OwnedFd, RegionError> {
     let path = PathBuf::from("/dev/dma_heap").join(name);

@@ -37,7 +37,8 @@ pub enum HugePageSize {
 pub enum Backing {
     /// A hugetlbfs memfd.
     Hugetlb(HugePageSize),
-    /// A buffer from `/dev/dma_heap/<name>` (a CMA or reserved-memory heap).
+    /// A buffer from `/dev/dma_heap/<name>` (a CMA or reserved-memory heap). An
+    /// empty name picks the host's CMA/reserved heap, if it has one.
     DmaHeap { name: String },
     /// A plain memfd: contiguous in host virtual memory only. For tests and hosts
     /// without huge pages; labelled [`Contiguity::NotPhysical`].
@@ -90,6 +91,9 @@ impl Region {
         let _span = info_span!("cma.region.reserve", len, ?backing).entered();
         match &backing {
             Backing::Hugetlb(size) => Self::hugetlb(len, *size),
+            Backing::DmaHeap { name } if name.is_empty() => {
+                Self::dma_heap(len, &backing::find_contiguous_heap()?)
+            }
             Backing::DmaHeap { name } => Self::dma_heap(len, name),
             Backing::Memfd => Self::memfd(len),
         }
@@ -344,6 +348,21 @@ mod tests {
             Region::reserve(4097, Backing::Memfd),
             Err(RegionError::InvalidLength { .. })
         ));
+    }
+
+    #[test]
+    fn auto_dma_heap_without_heaps_names_the_directory() {
+        if std::path::Path::new("/dev/dma_heap").exists() {
+            return;
+        }
+        let err = Region::reserve(
+            1 << 20,
+            Backing::DmaHeap {
+                name: String::new(),
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/dev/dma_heap"), "{err}");
     }
 
     #[test]
