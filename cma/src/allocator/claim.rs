@@ -160,10 +160,11 @@ impl Shared {
             }
             pos = a + step;
             // Without a clean fit every candidate costs at least one frame. Beyond
-            // that, evaluating a candidate costs about a fifth of copying one frame,
-            // so stop once the search has cost more than it could still save.
+            // that, evaluating a candidate costs about as much as copying one
+            // cache-warm frame, so stop once the search has cost half of what the
+            // best candidate so far would copy: more search is unlikely to pay.
             let best = b.best.map_or(usize::MAX, |c| c.cost);
-            if best <= 1 || (b.evaluated >= 4 && b.evaluated >= 2 * best) {
+            if best <= 1 || (b.evaluated >= 4 && 2 * b.evaluated >= best) {
                 break;
             }
         }
