@@ -213,7 +213,7 @@ impl Allocator {
         if !req.align.is_power_of_two() {
             return Err(invalid("alignment is not a power of two"));
         }
-        let largest = self.shared.region.largest_extent();
+        let largest = self.shared.largest_extent;
         if req.len > largest {
             return Err(AllocError::LargerThanExtent {
                 requested: req.len,

@@ -84,6 +84,8 @@ pub(crate) struct Shared {
     pub(crate) frames: usize,
     pub(crate) block_frames: usize,
     pub(crate) extents: Vec<FrameExtent>,
+    /// Bytes in the largest extent (checked on every request).
+    pub(crate) largest_extent: usize,
     /// Per-frame state words (see `crate::frame`). Lock-free.
     pub(crate) words: Box<[AtomicU64]>,
     /// Per-pageblock count of frames with at least one pin: a hint that lets a
@@ -200,6 +202,7 @@ impl Allocator {
             block_frames,
             extents,
             words: (0..frames).map(|_| AtomicU64::new(0)).collect(),
+            largest_extent: region.largest_extent(),
             block_pins: (0..frames.div_ceil(block_frames))
                 .map(|_| AtomicU32::new(0))
                 .collect(),
