@@ -37,20 +37,23 @@ stage="$work/stage"
 mkdir -p "$stage/bin"
 cp "$bin" "$stage/bin/dmavisor"
 
+# Copies a file to the same absolute path inside the sandbox; a symlink keeps its own name
+# (shared libraries are found by their soname links).
+abs_path() { echo "$(readlink -f "$(dirname "$1")")/$(basename "$1")"; }
 add_file() {
   local abs
-  abs=$(readlink -f "$1")
+  abs=$(abs_path "$1")
   mkdir -p "$stage$(dirname "$abs")"
-  cp "$abs" "$stage$abs"
+  cp -L "$abs" "$stage$abs"
 }
 quoted=""
 for arg in "$@"; do
   if [ -f "$arg" ]; then
     add_file "$arg"
-    arg=$(readlink -f "$arg")
+    arg=$(abs_path "$arg")
   fi
   # Also files given as --opt=PATH.
-  case "$arg" in --*=*) v=${arg#*=}; [ -f "$v" ] && add_file "$v" && arg="${arg%%=*}=$(readlink -f "$v")" ;; esac
+  case "$arg" in --*=*) v=${arg#*=}; [ -f "$v" ] && add_file "$v" && arg="${arg%%=*}=$(abs_path "$v")" ;; esac
   quoted+=" $(printf '%q' "$arg")"
 done
 for f in "${with[@]}"; do add_file "$f"; done

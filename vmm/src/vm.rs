@@ -117,6 +117,7 @@ impl Vm {
 
         let layout = GuestLayout::new(config.memory.size.0, config.dma_window.size.0);
         let mem = memory::create(&layout)?;
+        memory::advise_huge_pages(&mem);
         memory::register(&vm, &mem)?;
         tracing::info!(?layout, elapsed = ?started.elapsed(), "guest memory mapped");
 
