@@ -231,6 +231,9 @@ impl Allocator {
         let (n, align) = self.validate(&req)?;
         let mut backoff = Duration::from_micros(50);
         let mut sweeps = 0u32;
+        // Revocable holders are asked once per request and range, not on every
+        // sweep: the ask is a request to let go soon, repeating it adds nothing.
+        let mut asked: Option<usize> = None;
         loop {
             sweeps += 1;
             Stats::bump(&s.stats.c.sweeps, 1);
@@ -266,7 +269,9 @@ impl Allocator {
                 Policy::Retry { deadline } => {
                     if fail.first_pinned.is_some() && fail.candidates == fail.pinned {
                         if let Some(pc) = fail.first_revocable {
-                            self.request_revoke(pc.start, n);
+                            if asked.replace(pc.start) != Some(pc.start) {
+                                self.request_revoke(pc.start, n);
+                            }
                         }
                     }
                     let now = Instant::now();
@@ -286,7 +291,7 @@ impl Allocator {
                     let Some(pc) = fail.first_revocable.or(fail.first_pinned) else {
                         return Err(busy());
                     };
-                    if pc.revocable {
+                    if pc.revocable && asked.replace(pc.start) != Some(pc.start) {
                         self.request_revoke(pc.start, n);
                     }
                     let left = timeout.saturating_sub(t0.elapsed());
