@@ -62,3 +62,13 @@ for label in dmavisor qemu-microvm; do
     END { sort(t, n); sort(m, n)
       printf "| %s | %.0f | %.0f | %.0f | %.0f | %d | %d |\n", label, pct(t, n, 0.5), pct(t, n, 0.9), t[0], t[n - 1], failed, pct(m, n, 0.5) }' label="$label"
 done
+# Runs are interleaved, so each dmavisor run has a QEMU run next to it under the same load:
+# the paired ratio is the least noisy comparison.
+tr -d '\r' <"$log" | grep -o "BENCH label=.*" | awk '
+  { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+    if (v["first_line_ms"] < 0) next
+    if (v["label"] == "dmavisor") d[v["run"]] = v["first_line_ms"]; else q[v["run"]] = v["first_line_ms"] }
+  END { n = 0; won = 0
+    for (r in d) if (r in q) { ratio[n++] = d[r] / q[r]; if (d[r] <= q[r]) won++ }
+    for (i = 1; i < n; i++) { x = ratio[i]; for (j = i - 1; j >= 0 && ratio[j] > x; j--) ratio[j + 1] = ratio[j]; ratio[j + 1] = x }
+    printf "\nPaired runs: dmavisor at or below QEMU in %d of %d; median dmavisor/QEMU ratio %.2f\n", won, n, ratio[int((n - 1) / 2)] }'
