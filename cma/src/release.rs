@@ -37,15 +37,41 @@ impl ReleaseNode {
     }
 }
 
-pub(crate) struct ReleaseQueue {
-    head: AtomicPtr<ReleaseNode>,
+/// The stack head: an atomic pointer. A trait so that the shuttle model checker can
+/// run the same code with its own atomics (see the tests).
+pub(crate) trait Head {
+    fn get(&self) -> *mut ReleaseNode;
+    fn cas(&self, current: *mut ReleaseNode, new: *mut ReleaseNode)
+        -> Result<(), *mut ReleaseNode>;
+    fn take(&self) -> *mut ReleaseNode;
+}
+
+impl Head for AtomicPtr<ReleaseNode> {
+    fn get(&self) -> *mut ReleaseNode {
+        self.load(Ordering::Relaxed)
+    }
+    fn cas(
+        &self,
+        current: *mut ReleaseNode,
+        new: *mut ReleaseNode,
+    ) -> Result<(), *mut ReleaseNode> {
+        self.compare_exchange_weak(current, new, Ordering::Release, Ordering::Relaxed)
+            .map(|_| ())
+    }
+    fn take(&self) -> *mut ReleaseNode {
+        self.swap(ptr::null_mut(), Ordering::Acquire)
+    }
+}
+
+pub(crate) struct ReleaseQueue<H: Head = AtomicPtr<ReleaseNode>> {
+    head: H,
 }
 
 // SAFETY: the queue owns the nodes reachable from `head`; they are only accessed by
 // the single thread that took them out with `drain`.
-unsafe impl Send for ReleaseQueue {}
+unsafe impl<H: Head + Send> Send for ReleaseQueue<H> {}
 // SAFETY: all shared access goes through the atomic `head`.
-unsafe impl Sync for ReleaseQueue {}
+unsafe impl<H: Head + Sync> Sync for ReleaseQueue<H> {}
 
 impl ReleaseQueue {
     pub(crate) fn new() -> Self {
@@ -53,19 +79,18 @@ impl ReleaseQueue {
             head: AtomicPtr::new(ptr::null_mut()),
         }
     }
+}
 
+impl<H: Head> ReleaseQueue<H> {
     /// Push without blocking or allocating.
     pub(crate) fn push(&self, node: Box<ReleaseNode>) {
         let node = Box::into_raw(node);
-        let mut head = self.head.load(Ordering::Relaxed);
+        let mut head = self.head.get();
         loop {
             // SAFETY: `node` came from Box::into_raw above and is not yet shared.
             unsafe { (*node).next = head };
-            match self
-                .head
-                .compare_exchange_weak(head, node, Ordering::Release, Ordering::Relaxed)
-            {
-                Ok(_) => return,
+            match self.head.cas(head, node) {
+                Ok(()) => return,
                 Err(h) => head = h,
             }
         }
@@ -73,13 +98,13 @@ impl ReleaseQueue {
 
     /// True when nothing is queued (a cheap check before draining).
     pub(crate) fn is_empty(&self) -> bool {
-        self.head.load(Ordering::Relaxed).is_null()
+        self.head.get().is_null()
     }
 
     /// Take every queued node (most recent first) and hand each range to `f`.
     /// Allocates nothing, so a releasing thread may drain too.
     pub(crate) fn drain(&self, mut f: impl FnMut(usize, usize)) {
-        let mut p = self.head.swap(ptr::null_mut(), Ordering::Acquire);
+        let mut p = self.head.take();
         while !p.is_null() {
             // SAFETY: every node on the stack came from Box::into_raw in `push`, and
             // the swap above made this thread the only one that can reach it.
@@ -90,7 +115,7 @@ impl ReleaseQueue {
     }
 }
 
-impl Drop for ReleaseQueue {
+impl<H: Head> Drop for ReleaseQueue<H> {
     fn drop(&mut self) {
         self.drain(|_, _| {});
     }
@@ -100,6 +125,57 @@ impl Drop for ReleaseQueue {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    impl Head for shuttle::sync::atomic::AtomicPtr<ReleaseNode> {
+        fn get(&self) -> *mut ReleaseNode {
+            self.load(Ordering::Acquire)
+        }
+        fn cas(
+            &self,
+            current: *mut ReleaseNode,
+            new: *mut ReleaseNode,
+        ) -> Result<(), *mut ReleaseNode> {
+            self.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
+                .map(|_| ())
+        }
+        fn take(&self) -> *mut ReleaseNode {
+            self.swap(ptr::null_mut(), Ordering::AcqRel)
+        }
+    }
+
+    /// Model check: concurrent pushes racing with drains lose and duplicate nothing.
+    #[test]
+    fn shuttle_push_and_drain_lose_nothing() {
+        use shuttle::sync::atomic::AtomicPtr as SAtomicPtr;
+        shuttle::check_random(
+            || {
+                let q = Arc::new(ReleaseQueue {
+                    head: SAtomicPtr::new(ptr::null_mut()),
+                });
+                let pushers: Vec<_> = (0..2)
+                    .map(|t| {
+                        let q = q.clone();
+                        shuttle::thread::spawn(move || {
+                            for i in 0..2 {
+                                q.push(ReleaseNode::new(t * 10 + i, 1));
+                            }
+                        })
+                    })
+                    .collect();
+                let mut seen = Vec::new();
+                for _ in 0..2 {
+                    q.drain(|s, _| seen.push(s));
+                    shuttle::thread::yield_now();
+                }
+                pushers.into_iter().for_each(|p| p.join().unwrap());
+                q.drain(|s, _| seen.push(s));
+                seen.sort_unstable();
+                assert_eq!(seen, vec![0, 1, 10, 11]);
+                assert!(q.is_empty());
+            },
+            2000,
+        );
+    }
 
     #[test]
     fn concurrent_pushes_are_all_taken_once() {
