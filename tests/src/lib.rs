@@ -142,14 +142,58 @@ static ONE_GUEST_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Runs `dmavisor ARGS...` on real KVM (directly or in the sandbox host) with a time limit.
 pub fn run_dmavisor(args: &[String], timeout: Duration) -> GuestRun {
+    run_dmavisor_with_input(args, None, timeout)
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Text typed into dmavisor's standard input once the console shows `after`.
+#[derive(Clone, Copy, Debug)]
+pub struct ConsoleInput<'a> {
+    pub after: &'a str,
+    pub text: &'a str,
+}
+
+/// Like `run_dmavisor`, typing `input` (if any) into dmavisor's standard input.
+pub fn run_dmavisor_with_input(
+    args: &[String],
+    input: Option<ConsoleInput>,
+    timeout: Duration,
+) -> GuestRun {
     let _one = ONE_GUEST_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let bin = require(&dmavisor_bin());
+    let input_file = tempfile("stdin");
+    std::fs::write(&input_file, input.map_or("", |i| i.text)).expect("writing dmavisor's input");
     let mut cmd = match mode() {
         Mode::Direct => {
             let mut c = Command::new(&bin);
             c.args(args);
+            c
+        }
+        Mode::Sandbox if input.is_some() => {
+            let quoted: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
+            let after = shell_quote(input.map_or("", |i| i.after));
+            // Inside the sandbox: dmavisor reads a fifo that gets the text once the console
+            // shows the marker.
+            let line = format!(
+                "mkfifo /tmp/in; dmavisor {} </tmp/in >/tmp/out 2>&1 & vmm=$!; exec 3>/tmp/in; \
+                 i=0; until grep -q {after} /tmp/out || [ $i -gt 1200 ]; do sleep 0.1; i=$((i+1)); done; \
+                 cat {} >&3; exec 3>&-; wait $vmm; rc=$?; cat /tmp/out; exit $rc",
+                quoted.join(" "),
+                input_file.display()
+            );
+            let mut c = Command::new(root().join("resources/sandbox/run.sh"));
+            c.arg("--timeout")
+                .arg(timeout.as_secs().to_string())
+                .args(["--with".as_ref(), guest_kernel().as_os_str()])
+                .args(["--with".as_ref(), guest_initramfs().as_os_str()])
+                .args(["--with".as_ref(), input_file.as_os_str()])
+                .args(["--", "sh", "-c", &line])
+                .env("DMAVISOR_BIN", &bin);
             c
         }
         Mode::Sandbox => {
@@ -172,12 +216,31 @@ pub fn run_dmavisor(args: &[String], timeout: Duration) -> GuestRun {
     let out = File::create(&stdout_path).expect("creating a temp file");
     let err = out.try_clone().expect("dup");
     let started = Instant::now();
+    let direct_input = input.filter(|_| mode() == Mode::Direct);
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if direct_input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(out)
         .stderr(err)
         .spawn()
         .expect("spawning dmavisor");
+    if let (Some(i), Some(mut stdin)) = (direct_input, child.stdin.take()) {
+        let (after, text, watch) = (i.after.to_string(), i.text.to_string(), stdout_path.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while Instant::now() < deadline {
+                if std::fs::read_to_string(&watch).is_ok_and(|c| c.contains(&after)) {
+                    let _ = stdin.write_all(text.as_bytes());
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+    }
     // The sandbox enforces its own limit; this one is a backstop for both modes.
     let limit = timeout + Duration::from_secs(30);
     let status = loop {
@@ -194,6 +257,7 @@ pub fn run_dmavisor(args: &[String], timeout: Duration) -> GuestRun {
     // In the sandbox, run.sh streams the sandbox console (and so dmavisor's output) to stdout.
     let console = std::fs::read_to_string(&stdout_path).unwrap_or_default();
     let _ = std::fs::remove_file(&stdout_path);
+    let _ = std::fs::remove_file(&input_file);
     let exit_code = status.and_then(|s| s.code()).filter(|&c| {
         // 124/125: the sandbox timed out or never reported dmavisor's status.
         !(mode() == Mode::Sandbox && (c == 124 || c == 125))

@@ -158,6 +158,23 @@ fn guest_kernel_panic_ends_vmm_with_status_three() {
 }
 
 #[test]
+fn console_input_reaches_the_guest() {
+    let boot = Boot::scenario("echo-input");
+    let input = integration_tests::ConsoleInput {
+        after: "DMAVISOR-READY-FOR-INPUT",
+        text: "hello-from-the-host-stdin\n",
+    };
+    let g = integration_tests::run_dmavisor_with_input(&boot.args(), Some(input), boot.timeout);
+    assert_eq!(
+        g.result("input").as_deref(),
+        Some("hello-from-the-host-stdin"),
+        "console:\n{}",
+        g.console
+    );
+    assert_eq!(g.exit_code, Some(0));
+}
+
+#[test]
 fn elf_vmlinux_boots_through_pvh() {
     let vmlinux = root().join("target/guest/linux/vmlinux");
     if !vmlinux.exists() {
