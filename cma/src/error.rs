@@ -118,6 +118,9 @@ pub enum PinError {
     OutOfRange { frame: usize, frames: usize },
     #[error("frame {frame} is free: there is nothing to pin")]
     FrameFree { frame: usize },
+    /// `pin_occupant` on a frame that holds no movable occupant (free or allocated).
+    #[error("frame {frame} holds no movable occupant")]
+    NotOccupied { frame: usize },
     /// The frame's occupant is being migrated; look it up again and retry.
     #[error("frame {frame} is being migrated; its occupant is moving")]
     Migrating { frame: usize },

@@ -116,6 +116,8 @@ fn update<W: Word, E>(word: &W, mut f: impl FnMut(u64) -> Result<u64, E>) -> Res
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PinRefused {
     Free,
+    /// Only used by callers that refuse the locked path for non-occupants.
+    NotOccupant,
     Frozen,
     Overflow,
 }

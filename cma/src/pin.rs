@@ -138,6 +138,16 @@ impl Shared {
         kind: PinKind,
         revocable: bool,
     ) -> Result<PinGuard, PinError> {
+        self.take_pin_inner(f, kind, revocable, true)
+    }
+
+    fn take_pin_inner(
+        self: &Arc<Self>,
+        f: usize,
+        kind: PinKind,
+        revocable: bool,
+        allow_locked: bool,
+    ) -> Result<PinGuard, PinError> {
         if f >= self.frames {
             return Err(PinError::OutOfRange {
                 frame: f,
@@ -147,6 +157,7 @@ impl Shared {
         // Occupants: lock-free. Anything else: under the map lock, where the tree
         // says whether the frame is allocated (pinnable) or free (not).
         let r = match frame::try_pin(&self.words[f], kind, revocable) {
+            Err(PinRefused::Free) if !allow_locked => Err(PinRefused::NotOccupant),
             Err(PinRefused::Free) => {
                 let m = self.lock_map();
                 if !m.tree.is_alloc(f) {
@@ -183,6 +194,7 @@ impl Shared {
                 Stats::bump(&self.stats.c.pin_refusals, 1);
                 Err(match r {
                     PinRefused::Free => PinError::FrameFree { frame: f },
+                    PinRefused::NotOccupant => PinError::NotOccupied { frame: f },
                     PinRefused::Frozen => PinError::Migrating { frame: f },
                     PinRefused::Overflow => PinError::TooManyPins { frame: f },
                 })
@@ -196,6 +208,16 @@ impl Allocator {
     /// Allocations skip ranges with pinned frames, or wait, per their policy.
     pub fn pin(&self, frame: usize) -> Result<PinGuard, PinError> {
         self.shared.take_pin(frame, PinKind::Transient, false)
+    }
+
+    /// Take a transient pin on a frame only if it holds a movable occupant: one
+    /// compare-and-swap, never a lock. This is the guest-I/O path (the VMM pins the
+    /// guest page it is about to do I/O on); pins on DMA allocations use [`pin`].
+    ///
+    /// [`pin`]: Allocator::pin
+    pub fn pin_occupant(&self, frame: usize) -> Result<PinGuard, PinError> {
+        self.shared
+            .take_pin_inner(frame, PinKind::Transient, false, false)
     }
 
     /// Take a pin whose holder agrees to give it back when `revoke` is called. Such

@@ -255,9 +255,20 @@ fn pins_refuse_free_and_out_of_range_frames() {
         Err(PinError::FrameFree { frame: 0 })
     ));
     assert!(matches!(s.alloc.pin(64), Err(PinError::OutOfRange { .. })));
+    let o = place(&s.alloc, occ(1)).unwrap();
+    assert_eq!(
+        s.alloc.pin_occupant(o).unwrap().pinned_as(),
+        PinnedAs::Occupied
+    );
+    s.alloc.vacate(o, occ(1)).unwrap();
     let a = s.alloc.alloc(AllocRequest::new(K4)).unwrap();
     let f = a.frames().start;
+    assert!(matches!(
+        s.alloc.pin_occupant(f),
+        Err(PinError::NotOccupied { .. })
+    ));
     let p = s.alloc.pin(f).unwrap();
+    assert_eq!(p.pinned_as(), PinnedAs::Allocated);
     // Freed while pinned: the frame is never handed out until the pin goes.
     drop(a);
     let b = s.alloc.alloc(AllocRequest::new(64 * K4)).unwrap_err();

@@ -59,12 +59,11 @@ fn start_background(s: &Setup) -> Background {
                 held.retain(|(until, _)| Instant::now() < *until);
                 if held.len() < 8 {
                     let f = rng.gen_range(0..a.frames());
-                    if let Ok(p) = a.pin(f) {
-                        if p.pinned_as() == cma::PinnedAs::Occupied {
-                            pins.fetch_add(1, Ordering::Relaxed);
-                            let hold = Duration::from_micros(rng.gen_range(50..500));
-                            held.push((Instant::now() + hold, p));
-                        }
+                    if let Ok(p) = a.pin_occupant(f) {
+                        assert_eq!(p.pinned_as(), cma::PinnedAs::Occupied);
+                        pins.fetch_add(1, Ordering::Relaxed);
+                        let hold = Duration::from_micros(rng.gen_range(50..500));
+                        held.push((Instant::now() + hold, p));
                     }
                 }
                 thread::sleep(Duration::from_micros(20));

@@ -12,7 +12,9 @@
 //! - no cost model: the first bitmap-free range is taken whatever it contains.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use cma::{Backing, Region};
 
@@ -151,13 +153,13 @@ impl LinuxCma {
         let mut displaced = Vec::new();
         loop {
             let bitmap_no = {
-                let mut bm = self.bitmap.lock().unwrap();
+                let mut bm = self.bitmap.lock();
                 let no = Self::find_zero_area(&bm, self.frames, start, n, mask)?;
                 Self::set(&mut bm, no, n, true);
                 no
             };
             let ok = {
-                let _g = self.cma_mutex.lock().unwrap();
+                let _g = self.cma_mutex.lock();
                 self.alloc_contig_range(bitmap_no, n, &mut displaced)
             };
             if ok {
@@ -167,22 +169,22 @@ impl LinuxCma {
                     displaced,
                 });
             }
-            Self::set(&mut self.bitmap.lock().unwrap(), bitmap_no, n, false);
+            Self::set(&mut self.bitmap.lock(), bitmap_no, n, false);
             start = bitmap_no + mask + 1;
         }
     }
 
     /// `cma_release()`.
     pub fn free(&self, c: &Chunk) {
-        Self::set(&mut self.bitmap.lock().unwrap(), c.start, c.frames, false);
+        Self::set(&mut self.bitmap.lock(), c.start, c.frames, false);
     }
 
     /// Mark frames allocated without migrating (building a fragmented layout).
     pub fn reserve_at(&self, start: usize, n: usize) {
-        Self::set(&mut self.bitmap.lock().unwrap(), start, n, true);
+        Self::set(&mut self.bitmap.lock(), start, n, true);
     }
 
     pub fn is_allocated(&self, f: usize) -> bool {
-        Self::bit(&self.bitmap.lock().unwrap(), f)
+        Self::bit(&self.bitmap.lock(), f)
     }
 }

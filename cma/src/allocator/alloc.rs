@@ -141,11 +141,11 @@ impl Drop for Allocation {
         // Nothing per frame: allocated frames carry no lock-free state (see
         // `crate::frame`), so a release is one tree update, or one queue push.
         match s.map.try_lock() {
-            Ok(mut m) => {
+            Some(mut m) => {
                 s.drain_released(&mut m);
                 m.tree.set_alloc(self.start, self.frames, false);
             }
-            Err(_) => {
+            None => {
                 if let Some(node) = self.node.take() {
                     s.released.push(node);
                 }

@@ -6,7 +6,7 @@ mod alloc;
 mod claim;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use tracing::trace;
@@ -97,8 +97,10 @@ pub(crate) struct Shared {
     /// for tree queries and updates and for per-frame compare-and-swaps of the range
     /// being claimed: never while the `Mover` copies, never while a revoke callback
     /// runs, never while sleeping. Lock order: `map` before `revokers`; the pin
-    /// event mutex is a leaf and is never held while taking another lock.
-    pub(crate) map: Mutex<MapState>,
+    /// event mutex is a leaf and is never held while taking another lock. A
+    /// parking_lot mutex: it spins briefly before parking, which suits critical
+    /// sections this short (a futex sleep/wake costs more than the section).
+    pub(crate) map: parking_lot::Mutex<MapState>,
     pub(crate) released: ReleaseQueue,
     pub(crate) revokers: RevokeRegistry,
     /// Wakes threads waiting for a pin release or a free (Retry / WaitForPin).
@@ -206,7 +208,7 @@ impl Allocator {
             block_pins: (0..frames.div_ceil(block_frames))
                 .map(|_| AtomicU32::new(0))
                 .collect(),
-            map: Mutex::new(MapState {
+            map: parking_lot::Mutex::new(MapState {
                 tree: FreeTree::new(frames),
                 occupants: vec![None; frames],
             }),
@@ -409,10 +411,8 @@ pub struct Usage {
 
 impl Shared {
     /// Take the map lock and fold in releases queued while it was busy.
-    pub(crate) fn lock_map(&self) -> MutexGuard<'_, MapState> {
-        // Every critical section leaves the tree consistent before it can panic
-        // (updates are single calls), so a poisoned lock is still safe to use.
-        let mut g = self.map.lock().unwrap_or_else(|e| e.into_inner());
+    pub(crate) fn lock_map(&self) -> parking_lot::MutexGuard<'_, MapState> {
+        let mut g = self.map.lock();
         self.drain_released(&mut g);
         g
     }
