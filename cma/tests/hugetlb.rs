@@ -47,8 +47,17 @@ fn reserve_pages(kib: usize, extra: usize) -> Result<usize, String> {
     Ok(total)
 }
 
-fn restore(kib: usize, total: usize) {
-    let _ = std::fs::write(sysfs(kib, "nr_hugepages"), total.to_string());
+/// Puts the huge page count back on drop, so that a failing assertion does not
+/// leave the host with pages reserved.
+struct Restore {
+    kib: usize,
+    total: usize,
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let _ = std::fs::write(sysfs(self.kib, "nr_hugepages"), self.total.to_string());
+    }
 }
 
 fn check_region(r: &Region, page: usize) {
@@ -85,7 +94,8 @@ fn hugetlb_regions_report_and_respect_physical_extents() {
     // 2 MiB pages, ordered by frame number into extents.
     match reserve_pages(2048, 32) {
         Err(why) => println!("SKIP 2 MiB part: {why}"),
-        Ok(restore_to) => {
+        Ok(total) => {
+            let _restore = Restore { kib: 2048, total };
             let r = Region::reserve(64 * MIB, Backing::Hugetlb(HugePageSize::Size2M))
                 .expect("2 MiB hugetlb region");
             check_region(&r, 2 * MIB);
@@ -127,13 +137,16 @@ fn hugetlb_regions_report_and_respect_physical_extents() {
             assert_eq!(big.len(), largest);
             drop((big, a));
             drop(r);
-            restore(2048, restore_to);
         }
     }
     // 1 GiB page: one extent of 1 GiB, chosen automatically.
     match reserve_pages(1024 * 1024, 1) {
         Err(why) => println!("SKIP 1 GiB part: {why}"),
-        Ok(restore_to) => {
+        Ok(total) => {
+            let _restore = Restore {
+                kib: 1024 * 1024,
+                total,
+            };
             let r = Region::reserve(GIB, Backing::Hugetlb(HugePageSize::Auto))
                 .expect("1 GiB hugetlb region");
             check_region(&r, GIB);
@@ -148,7 +161,6 @@ fn hugetlb_regions_report_and_respect_physical_extents() {
                 r.extents()[0].phys.unwrap()
             );
             drop(r);
-            restore(1024 * 1024, restore_to);
         }
     }
 }
