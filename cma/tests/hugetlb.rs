@@ -60,6 +60,14 @@ impl Drop for Restore {
     }
 }
 
+/// A `File` view of the region's fd, never closed (wrapped in ManuallyDrop).
+fn borrowed_file(fd: std::os::fd::RawFd) -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the fd stays open while the region lives; the caller never drops the
+    // returned File, so the region's fd is not closed twice.
+    unsafe { std::fs::File::from_raw_fd(fd) }
+}
+
 fn check_region(r: &Region, page: usize) {
     assert_eq!(r.page_size(), page);
     assert_eq!(
@@ -104,6 +112,33 @@ fn hugetlb_regions_report_and_respect_physical_extents() {
                 "2 MiB hugetlb: 32 pages form {} extents, runs of pages {runs:?}",
                 runs.len()
             );
+            // File offsets follow the reordering: the byte at region offset x is at
+            // file_offset(x) in the memfd.
+            for (i, e) in r.extents().iter().enumerate() {
+                let off = e.offset + 4096 * i;
+                // SAFETY: `off` is inside the 64 MiB mapping, which nothing else uses.
+                unsafe {
+                    r.host_addr()
+                        .as_ptr()
+                        .add(off)
+                        .cast::<u64>()
+                        .write_volatile(0xC0FFEE00 + i as u64)
+                };
+                let mut b = [0u8; 8];
+                let file = std::mem::ManuallyDrop::new(borrowed_file(r.fd()));
+                std::os::unix::fs::FileExt::read_exact_at(
+                    &*file,
+                    &mut b,
+                    r.file_offset(off).unwrap(),
+                )
+                .unwrap();
+                assert_eq!(
+                    u64::from_ne_bytes(b),
+                    0xC0FFEE00 + i as u64,
+                    "file_offset of extent {i}"
+                );
+            }
+            assert_eq!(r.file_offset(r.len()), None);
             let r = Arc::new(r);
             let largest = r.largest_extent();
             let a = Allocator::new(

@@ -62,6 +62,9 @@ pub struct Region {
     map: Mapping,
     backing: Backing,
     page_size: usize,
+    /// File page shown at each region page, when the pages were reordered by frame
+    /// number; empty when region offsets equal file offsets.
+    file_pages: Vec<usize>,
     extents: Vec<Extent>,
     contiguity: Contiguity,
 }
@@ -107,6 +110,7 @@ impl Region {
             map: Mapping { ptr, len, fd },
             backing: Backing::Memfd,
             page_size: SMALL_PAGE,
+            file_pages: Vec::new(),
             extents: vec![Extent {
                 offset: 0,
                 len,
@@ -150,8 +154,13 @@ impl Region {
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
         let ptr = backing::map(raw, len, 0, None, name)?;
         let map = Mapping { ptr, len, fd };
+        let mut file_pages = Vec::new();
         let (extents, contiguity) = match pagemap::phys_addrs(ptr as usize, ps, needed) {
-            Some(phys) => (order_by_frame(&map, ps, phys, name)?, Contiguity::Verified),
+            Some(phys) => {
+                let (extents, order) = order_by_frame(&map, ps, phys, name)?;
+                file_pages = order;
+                (extents, Contiguity::Verified)
+            }
             None => (
                 (0..needed)
                     .map(|i| Extent {
@@ -172,6 +181,7 @@ impl Region {
             map,
             backing: Backing::Hugetlb(size),
             page_size: ps,
+            file_pages,
             extents,
             contiguity,
         })
@@ -203,6 +213,7 @@ impl Region {
             map,
             backing: Backing::DmaHeap { name: name.into() },
             page_size: SMALL_PAGE,
+            file_pages: Vec::new(),
             extents,
             contiguity,
         })
@@ -224,9 +235,22 @@ impl Region {
         NonNull::new(self.map.ptr).unwrap_or(NonNull::dangling())
     }
 
-    /// The backing's fd (memfd or dma-buf), e.g. to map the region into a guest.
+    /// The backing's fd (memfd or dma-buf). Its file offsets are not region
+    /// offsets when 2 MiB pages were reordered by frame number: translate with
+    /// [`Region::file_offset`] (e.g. before handing the fd to another process).
     pub fn fd(&self) -> RawFd {
         self.map.raw_fd()
+    }
+
+    /// File offset in [`Region::fd`] of the byte at region offset `offset`, or
+    /// `None` past the end.
+    pub fn file_offset(&self, offset: usize) -> Option<u64> {
+        if offset >= self.len() {
+            return None;
+        }
+        let page = offset / self.page_size;
+        let file_page = self.file_pages.get(page).copied().unwrap_or(page);
+        Some((file_page * self.page_size + offset % self.page_size) as u64)
     }
 
     pub fn backing(&self) -> &Backing {
@@ -260,13 +284,14 @@ impl Region {
     }
 }
 
-/// Remap the huge pages in frame-number order and return the merged extents.
+/// Remap the huge pages in frame-number order; return the merged extents and the
+/// file page now shown at each region page.
 fn order_by_frame(
     map: &Mapping,
     ps: usize,
     phys: Vec<u64>,
     name: &'static str,
-) -> Result<Vec<Extent>, RegionError> {
+) -> Result<(Vec<Extent>, Vec<usize>), RegionError> {
     let mut order: Vec<usize> = (0..phys.len()).collect();
     order.sort_by_key(|&i| phys[i]);
     if order.iter().enumerate().any(|(pos, &i)| pos != i) {
@@ -278,7 +303,7 @@ fn order_by_frame(
         }
     }
     let sorted: Vec<u64> = order.iter().map(|&i| phys[i]).collect();
-    Ok(pagemap::merge_extents(ps, &sorted))
+    Ok((pagemap::merge_extents(ps, &sorted), order))
 }
 
 fn check_len(len: usize, page: usize, backing: &'static str) -> Result<(), RegionError> {
