@@ -195,13 +195,13 @@ pub(crate) fn thaw<W: Word>(word: &W, tag: Tag) {
 
 /// Freeze a FREE frame with a new tag: a migration destination that must not be
 /// pinned before its contents arrive. Only called under the map lock on frames the
-/// tree reports clean, so the frame cannot be pinned concurrently (pins need a
-/// non-free tag).
+/// tree reports clean, so the frame cannot be pinned concurrently: lock-free pins
+/// need an OCCUPIED tag, and locked pins an allocated frame and the map lock.
 pub(crate) fn freeze_as<W: Word>(word: &W, tag: Tag) {
     let _ = update::<_, ()>(word, |w| Ok(with_tag(w, tag) | FROZEN));
 }
 
-/// Set the tag, keeping pins (occupant placed, allocation released).
+/// Set the tag, keeping pins (an occupant placed on a clean frame).
 pub(crate) fn set_tag<W: Word>(word: &W, tag: Tag) {
     let _ = update::<_, ()>(word, |w| Ok(with_tag(w, tag)));
 }

@@ -1,7 +1,7 @@
 //! Deferred releases: how freeing stays non-blocking and allocation-free (seed 002).
 //!
-//! A release first marks its frames FREE in their atomic words (lock-free), then
-//! tries the map lock. If the lock is busy it pushes a node onto this lock-free
+//! Allocated frames carry no per-frame atomic state, so a release is one update of
+//! the free-run tree. It only tries the map lock: if the lock is busy, it pushes a node onto this lock-free
 //! stack instead of waiting; the node was allocated together with the allocation,
 //! so pushing allocates nothing. Every map-lock holder drains the stack before it
 //! looks at the tree, so a freed range is visible to the very next allocation,
