@@ -1,6 +1,7 @@
 //! Virtio devices and their MMIO transport.
 
 mod device;
+pub mod dma;
 pub mod mmio;
 pub mod rng;
 

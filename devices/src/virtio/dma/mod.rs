@@ -1,0 +1,8 @@
+//! virtio-dma: the guest asks for host-contiguous, pinned backing of ranges of its DMA window
+//! (docs/virtio-dma.md).
+
+pub mod core;
+pub mod protocol;
+
+pub use self::core::{DmaBackend, DmaCore, MapError, MapOptions, Placement};
+pub use protocol::{Config, Request, Response, Stat, Status, VIRTIO_ID_DMA};
