@@ -138,7 +138,7 @@ impl<B: DmaBackend> DmaCore<B> {
             return Err(Status::Range);
         }
         let g = u64::from(self.config.granule);
-        if len == 0 || gpa % g != 0 || len % g != 0 {
+        if len == 0 || !gpa.is_multiple_of(g) || !len.is_multiple_of(g) {
             return Err(Status::Unaligned);
         }
         Ok(())

@@ -2,7 +2,9 @@
 //! (docs/virtio-dma.md).
 
 pub mod core;
+mod device;
 pub mod protocol;
 
 pub use self::core::{DmaBackend, DmaCore, MapError, MapOptions, Placement};
+pub use device::{serve_chain, Dma};
 pub use protocol::{Config, Request, Response, Stat, Status, VIRTIO_ID_DMA};
