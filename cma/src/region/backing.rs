@@ -84,6 +84,21 @@ pub(crate) fn map(
     Ok(p.cast())
 }
 
+/// Give `len` bytes at `file_off` of a hugetlbfs memfd back to the host's pool.
+pub(crate) fn punch(
+    fd: RawFd,
+    file_off: usize,
+    len: usize,
+    backing: &'static str,
+) -> Result<(), RegionError> {
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: plain syscall on an fd we own; the range is no longer mapped by us.
+    if unsafe { libc::fallocate(fd, mode, file_off as libc::off_t, len as libc::off_t) } != 0 {
+        return Err(syscall_err("fallocate(PUNCH_HOLE)", backing, len));
+    }
+    Ok(())
+}
+
 /// Free huge pages of `page_size` the host has reserved.
 pub(crate) fn free_huge_pages(page_size: usize) -> usize {
     let path = format!(
@@ -176,6 +191,17 @@ impl Drop for Mapping {
 impl Mapping {
     pub(crate) fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// Unmap everything past the first `len` bytes.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        if len < self.len {
+            // SAFETY: the tail `ptr+len..ptr+self.len` belongs to this mapping, and
+            // no pointer into it has been handed out (the region is still being
+            // built); afterwards `self.len` no longer covers it.
+            unsafe { libc::munmap(self.ptr.add(len).cast(), self.len - len) };
+            self.len = len;
+        }
     }
 }
 

@@ -150,27 +150,45 @@ impl Region {
                 kib: ps / 1024,
             });
         }
-        let fd = backing::memfd(len, Some(ps), name)?;
+        // 2 MiB pages come back scattered. When the host has spare ones, reserve up
+        // to twice as many as needed, keep the pages that form the longest physical
+        // runs and give the rest back. 1 GiB pages are too precious to over-reserve.
+        let spare = if ps == HUGE_2M {
+            (free - needed).min(needed)
+        } else {
+            0
+        };
+        let total = needed + spare;
+        let fd = backing::memfd(total * ps, Some(ps), name)?;
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-        let ptr = backing::map(raw, len, 0, None, name)?;
-        let map = Mapping { ptr, len, fd };
+        let ptr = backing::map(raw, total * ps, 0, None, name)?;
+        let mut map = Mapping {
+            ptr,
+            len: total * ps,
+            fd,
+        };
         let mut file_pages = Vec::new();
-        let (extents, contiguity) = match pagemap::phys_addrs(ptr as usize, ps, needed) {
+        let (extents, contiguity) = match pagemap::phys_addrs(ptr as usize, ps, total) {
             Some(phys) => {
-                let (extents, order) = order_by_frame(&map, ps, phys, name)?;
+                let keep = longest_runs(&phys, ps, needed);
+                let order = remap_in_order(&mut map, ps, &keep, total, name)?;
+                let kept_phys: Vec<u64> = order.iter().map(|&i| phys[i]).collect();
                 file_pages = order;
-                (extents, Contiguity::Verified)
+                (pagemap::merge_extents(ps, &kept_phys), Contiguity::Verified)
             }
-            None => (
-                (0..needed)
+            None => {
+                // Frame numbers hidden: keep the first `needed` pages as they are.
+                let keep: Vec<usize> = (0..needed).collect();
+                remap_in_order(&mut map, ps, &keep, total, name)?;
+                let extents = (0..needed)
                     .map(|i| Extent {
                         offset: i * ps,
                         len: ps,
                         phys: None,
                     })
-                    .collect(),
-                Contiguity::Assumed,
-            ),
+                    .collect();
+                (extents, Contiguity::Assumed)
+            }
         };
         debug!(
             extents = extents.len(),
@@ -284,26 +302,56 @@ impl Region {
     }
 }
 
-/// Remap the huge pages in frame-number order; return the merged extents and the
-/// file page now shown at each region page.
-fn order_by_frame(
-    map: &Mapping,
+/// Choose `needed` of the pages (given by physical address, indexed by file page)
+/// so that they form the longest physical runs: whole runs, longest first, then a
+/// prefix of the next. Returns file pages sorted by physical address.
+fn longest_runs(phys: &[u64], ps: usize, needed: usize) -> Vec<usize> {
+    let ps = ps as u64;
+    let mut by_addr: Vec<usize> = (0..phys.len()).collect();
+    by_addr.sort_by_key(|&i| phys[i]);
+    let mut runs: Vec<Vec<usize>> = Vec::new();
+    for i in by_addr {
+        match runs.last_mut() {
+            Some(r) if phys[*r.last().unwrap_or(&i)] + ps == phys[i] => r.push(i),
+            _ => runs.push(vec![i]),
+        }
+    }
+    runs.sort_by_key(|r| std::cmp::Reverse(r.len()));
+    let mut keep = Vec::with_capacity(needed);
+    for r in runs {
+        let take = (needed - keep.len()).min(r.len());
+        keep.extend_from_slice(&r[..take]);
+        if keep.len() == needed {
+            break;
+        }
+    }
+    keep.sort_by_key(|&i| phys[i]);
+    keep
+}
+
+/// Make region page `pos` show file page `keep[pos]`, unmap the rest of the
+/// over-sized mapping and give unkept pages back to the host. Returns `keep`.
+fn remap_in_order(
+    map: &mut Mapping,
     ps: usize,
-    phys: Vec<u64>,
+    keep: &[usize],
+    total: usize,
     name: &'static str,
-) -> Result<(Vec<Extent>, Vec<usize>), RegionError> {
-    let mut order: Vec<usize> = (0..phys.len()).collect();
-    order.sort_by_key(|&i| phys[i]);
-    if order.iter().enumerate().any(|(pos, &i)| pos != i) {
-        for (pos, &file_page) in order.iter().enumerate() {
-            // Virtual page `pos` now shows file page `file_page`. The pages are already
-            // allocated in the memfd, so this reuses them rather than allocating.
+) -> Result<Vec<usize>, RegionError> {
+    for (pos, &file_page) in keep.iter().enumerate() {
+        if pos != file_page {
+            // The pages already exist in the memfd, so this reuses them.
             let at = map.ptr.wrapping_add(pos * ps);
             backing::map(map.raw_fd(), ps, file_page * ps, Some(at), name)?;
         }
     }
-    let sorted: Vec<u64> = order.iter().map(|&i| phys[i]).collect();
-    Ok((pagemap::merge_extents(ps, &sorted), order))
+    map.truncate(keep.len() * ps);
+    let mut kept = vec![false; total];
+    keep.iter().for_each(|&k| kept[k] = true);
+    for (page, _) in kept.iter().enumerate().filter(|(_, k)| !**k) {
+        backing::punch(map.raw_fd(), page * ps, ps, name)?;
+    }
+    Ok(keep.to_vec())
 }
 
 fn check_len(len: usize, page: usize, backing: &'static str) -> Result<(), RegionError> {
@@ -358,6 +406,16 @@ mod tests {
             *r.host_addr().as_ptr().add((1 << 20) - 1) = 7;
             assert_eq!(*r.host_addr().as_ptr().add((1 << 20) - 1), 7);
         }
+    }
+
+    #[test]
+    fn longest_runs_keeps_whole_runs_longest_first() {
+        let m = HUGE_2M as u64;
+        // File pages 0..6 at frames: run A = {2,0} (2 pages), run B = {5,1,4} (3), C = {3}.
+        let phys = [10 * m, 20 * m, 11 * m, 40 * m, 22 * m, 21 * m];
+        assert_eq!(longest_runs(&phys, HUGE_2M, 3), vec![1, 5, 4]);
+        assert_eq!(longest_runs(&phys, HUGE_2M, 4), vec![0, 1, 5, 4]);
+        assert_eq!(longest_runs(&phys, HUGE_2M, 6), vec![0, 2, 1, 5, 4, 3]);
     }
 
     #[test]
