@@ -310,18 +310,23 @@ impl Allocator {
     /// One attempt over the whole region.
     fn sweep(&self, n: usize, align: usize) -> Result<Allocation, SweepFail> {
         let s = &self.shared;
-        {
+        let clean = {
             let mut m = s.lock_map();
             let mut from = 0;
-            while let Some((a, x)) = s.find_fit(&m, Class::Clean, from, n, align) {
+            loop {
+                let Some((a, x)) = s.find_fit(&m, Class::Clean, from, n, align) else {
+                    break None;
+                };
                 match s.claim_clean(&mut m, a, n) {
-                    Ok(()) => {
-                        trace!(start = a, "clean fit");
-                        return Ok(self.handle(a, n, x, 0));
-                    }
+                    Ok(()) => break Some((a, x)),
                     Err(f) => from = f + 1,
                 }
             }
+        };
+        if let Some((a, x)) = clean {
+            // The handle (and its release node) is built after the lock is dropped.
+            trace!(start = a, "clean fit");
+            return Ok(self.handle(a, n, x, 0));
         }
         let mut fail = SweepFail::default();
         let mut pos = 0;
@@ -339,12 +344,15 @@ impl Allocator {
             let prepared = match s.prepare(&mut m, c.start, n) {
                 Ok(p) => p,
                 Err(f) => {
+                    // A pin arrived after evaluation. Resume right past it, so the
+                    // other candidates of this batch still get their one try.
                     fail.pinned += 1;
                     fail.first_pinned.get_or_insert(PinnedCandidate {
                         start: c.start,
                         frame: f,
                         revocable: false,
                     });
+                    pos = pos.min(f + 1);
                     continue;
                 }
             };

@@ -82,8 +82,9 @@ impl Shared {
     }
 
     /// First pinned (or frozen) frame in `[start, start+n)`, and whether all pins in
-    /// the range so far are revocable. Pageblocks with no pinned frame are skipped
-    /// without touching their frames.
+    /// the range so far are revocable. Pageblocks whose hint says "no pinned frame"
+    /// are skipped without touching their frames; a frozen frame in such a block
+    /// (an occupant in flight) is caught later by the freeze in `prepare`.
     fn first_pinned(&self, start: usize, n: usize) -> Option<(usize, bool)> {
         let end = start + n;
         let mut f = start;
