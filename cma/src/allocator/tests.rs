@@ -124,3 +124,25 @@ fn config_is_validated() {
         ConfigError::RegionNotGranular { .. }
     ));
 }
+
+#[test]
+fn migrated_allocations_never_straddle_extents_either() {
+    let a = three_extents();
+    // Every frame lent to an occupant: each allocation must migrate.
+    for p in 0..a.frames() as u64 {
+        a.place_occupant(crate::Occupant { owner: 1, page: p })
+            .unwrap();
+    }
+    let mut live = Vec::new();
+    while let Ok(x) = a.alloc(AllocRequest::new(24 * K4)) {
+        assert!(x.migrated_frames() > 0);
+        let e = a.region().extents()[x.extent()];
+        assert!(
+            x.offset() >= e.offset && x.offset() + x.len() <= e.end(),
+            "{x:?} straddles {e:?}"
+        );
+        live.push(x);
+    }
+    // 40 / 24 + 100 / 24 + 60 / 24 windows: 1 + 4 + 2.
+    assert_eq!(live.len(), 7);
+}
