@@ -18,18 +18,24 @@ const FRAMES: usize = 256;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Alloc { frames: usize, align_log: u32 },
+    Alloc {
+        frames: usize,
+        align_log: u32,
+    },
     Free(usize),
     Place(u8),
     Vacate(usize),
     Pin(usize),
     Unpin(usize),
     LongTerm(usize),
+    /// Pin a frame of a live allocation (I/O in flight), kept past its free.
+    PinAllocated(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (1usize..80, 0u32..6).prop_map(|(frames, align_log)| Op::Alloc { frames, align_log }),
+        1 => any::<usize>().prop_map(Op::PinAllocated),
         2 => any::<usize>().prop_map(Op::Free),
         3 => (1u8..60).prop_map(Op::Place),
         1 => any::<usize>().prop_map(Op::Vacate),
@@ -114,11 +120,15 @@ impl World {
                 let align = 1usize << align_log;
                 let must = self.window_exists(frames, align, true);
                 let any = self.window_exists(frames, align, false);
+                // Pins not on a live allocation: on occupants, or left over on frames
+                // freed while pinned. None of them may end up inside the new range.
+                let live: Vec<std::ops::Range<usize>> =
+                    self.live.iter().map(|a| a.frames()).collect();
                 let pinned_before: Vec<usize> = self
                     .pins
                     .iter()
-                    .filter(|p| p.pinned_as() == PinnedAs::Occupied)
                     .map(|p| p.frame())
+                    .filter(|f| !live.iter().any(|r| r.contains(f)))
                     .collect();
                 match a.alloc(AllocRequest::new(frames * K4).align(align * K4)) {
                     Ok(x) => {
@@ -187,6 +197,12 @@ impl World {
             Op::Unpin(i) if !self.pins.is_empty() => {
                 let i = i % self.pins.len();
                 self.pins.swap_remove(i);
+            }
+            Op::PinAllocated(i) if !self.live.is_empty() => {
+                let r = self.live[i % self.live.len()].frames();
+                let p = a.pin(r.start + i % r.len()).unwrap();
+                assert_eq!(p.pinned_as(), PinnedAs::Allocated);
+                self.pins.push(p);
             }
             Op::LongTerm(f) => {
                 let f = f % FRAMES;
