@@ -1,10 +1,12 @@
 //! virtio-dma: the guest asks for host-contiguous, pinned backing of ranges of its DMA window
 //! (docs/virtio-dma.md).
 
+mod backend;
 pub mod core;
 mod device;
 pub mod protocol;
 
 pub use self::core::{DmaBackend, DmaCore, MapError, MapOptions, Placement};
+pub use backend::{BackendError, CmaBackend, WindowMapping};
 pub use device::{serve_chain, Dma};
 pub use protocol::{Config, Request, Response, Stat, Status, VIRTIO_ID_DMA};
