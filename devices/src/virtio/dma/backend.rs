@@ -50,7 +50,7 @@ impl CmaBackend {
         if page > MAX_REMAP_PAGE {
             return Err(BackendError::PageTooLarge(page));
         }
-        if window.host_addr % page != 0 {
+        if !window.host_addr.is_multiple_of(page) {
             return Err(BackendError::Unaligned(window.host_addr, page));
         }
         Ok(Self {
@@ -149,7 +149,7 @@ impl DmaBackend for CmaBackend {
         len: u64,
         opts: MapOptions,
     ) -> Result<(Allocation, Placement), MapError> {
-        if len % self.page as u64 != 0 || gpa % self.page as u64 != 0 {
+        if !len.is_multiple_of(self.page as u64) || !gpa.is_multiple_of(self.page as u64) {
             return Err(MapError::Io(format!(
                 "MAP of {len:#x} at {gpa:#x} is not in whole {}-byte pages",
                 self.page
