@@ -160,7 +160,8 @@ impl Shared {
             Err(PinRefused::Free) if !allow_locked => Err(PinRefused::NotOccupant),
             Err(PinRefused::Free) => {
                 let m = self.lock_map();
-                if !m.tree.is_alloc(f) {
+                // A block in a small-block cache is free, though the tree holds it.
+                if !m.tree.is_alloc(f) || self.cached(&m, f) {
                     Err(PinRefused::Free)
                 } else {
                     let r = frame::pin_locked(&self.words[f], kind, revocable);
@@ -254,7 +255,7 @@ impl Allocator {
         let m = s.lock_map();
         let w = s.words[f].get();
         let occupant = match (frame::tag_of(w), m.occupants[f]) {
-            (Tag::Free, _) if m.tree.is_alloc(f) => {
+            (Tag::Free, _) if m.tree.is_alloc(f) && !s.cached(&m, f) => {
                 drop(m);
                 return s
                     .take_pin(f, PinKind::LongTerm, false)

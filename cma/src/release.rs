@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 pub(crate) struct ReleaseNode {
     pub(crate) start: usize,
     pub(crate) frames: usize,
+    /// Extent index of the range (used when the node sits in a small-block cache).
+    pub(crate) extent: usize,
     next: *mut ReleaseNode,
 }
 
@@ -32,6 +34,7 @@ impl ReleaseNode {
         Box::new(ReleaseNode {
             start,
             frames,
+            extent: 0,
             next: ptr::null_mut(),
         })
     }

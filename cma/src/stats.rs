@@ -70,7 +70,9 @@ macro_rules! counters {
         #[derive(Clone, Debug, Default, PartialEq, Eq)]
         pub struct StatsSnapshot {
             $(#[doc = $doc] pub $name: u64,)*
-            /// Allocation latency, successes and failures.
+            /// Allocation latency, successes and failures, of requests that took the
+            /// slow path (map lock and tree). Requests served from a small-block
+            /// cache read no clock and are counted in `allocs_cached` only.
             pub alloc_latency: HistogramSnapshot,
             /// Time spent in `Mover::move_frames`.
             pub migrate_latency: HistogramSnapshot,
@@ -89,6 +91,7 @@ macro_rules! counters {
 counters! {
     allocs: "Successful allocations.",
     allocs_clean: "Successful allocations that needed no migration.",
+    allocs_cached: "Successful allocations served from a per-shard small-block cache (no map lock, no tree update; also counted in `allocs` and `allocs_clean`, not in `alloc_latency`).",
     fail_invalid: "Failures: malformed request.",
     fail_too_large: "Failures: larger than the largest extent.",
     fail_no_room: "Failures: no candidate free of other allocations.",
@@ -105,6 +108,9 @@ counters! {
     move_failures: "Mover calls that returned an error.",
     frees: "Allocations released.",
     frees_deferred: "Releases queued because the map lock was busy.",
+    frees_cached: "Releases pushed into a per-shard small-block cache (also counted in `frees`).",
+    cache_refills: "Small-block cache refills (one map-lock hold claiming a batch of blocks).",
+    cache_drained_frames: "Frames given back from the small-block caches to the tree (before failing a request, for occupant placement, or for `usage`).",
     pins: "Pins taken.",
     pin_refusals: "Pins refused (free or migrating frame).",
     pin_waits: "Waits for a pin's release.",

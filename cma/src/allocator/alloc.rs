@@ -137,6 +137,10 @@ impl Allocation {
 
 impl Drop for Allocation {
     fn drop(&mut self) {
+        if self.try_cache() {
+            self.shared.notify_inner(true);
+            return;
+        }
         let s = &self.shared;
         // Nothing per frame: allocated frames carry no lock-free state (see
         // `crate::frame`), so a release is one tree update, or one queue push.
@@ -157,6 +161,37 @@ impl Drop for Allocation {
     }
 }
 
+impl Allocation {
+    /// Push a small block into the calling thread's cache: a `try_lock` of the shard
+    /// and a push into reserved capacity, so it neither blocks nor allocates. False
+    /// (nothing done) if the block is not cacheable, the shard is busy or its list
+    /// is full.
+    fn try_cache(&mut self) -> bool {
+        let s = &self.shared;
+        let n = self.frames;
+        let Some(k) = s.caches.order(n, n) else {
+            return false;
+        };
+        if !s.block_aligned(self.extent, self.start, n) {
+            return false;
+        }
+        let Some(mut sh) = s.caches.mine().try_lock() else {
+            return false;
+        };
+        let list = &mut sh.lists[k];
+        if list.len() >= list.capacity() {
+            return false;
+        }
+        let Some(mut node) = self.node.take() else {
+            return false;
+        };
+        node.extent = self.extent;
+        list.push(node);
+        sh.frees += 1;
+        true
+    }
+}
+
 /// Why one sweep found nothing.
 #[derive(Default)]
 struct SweepFail {
@@ -171,8 +206,14 @@ impl Allocator {
     /// Allocate a contiguous range. See [`Policy`] for what happens when the region
     /// is busy. Never panics on bad input; see [`AllocError`] for every reason.
     pub fn alloc(&self, req: AllocRequest) -> Result<Allocation, AllocError> {
-        let t0 = Instant::now();
         let s = &self.shared;
+        if let Some(k) = s.cache_order(&req) {
+            if let Some(a) = self.cache_pop(k) {
+                return Ok(a);
+            }
+        }
+        // The slow path: timed for the latency histogram, traced.
+        let t0 = Instant::now();
         let _span =
             debug_span!("cma.alloc", len = req.len, align = req.align, policy = ?req.policy)
                 .entered();
@@ -234,6 +275,7 @@ impl Allocator {
         // Revocable holders are asked once per request and range, not on every
         // sweep: the ask is a request to let go soon, repeating it adds nothing.
         let mut asked: Option<usize> = None;
+        let mut drained = false;
         loop {
             sweeps += 1;
             Stats::bump(&s.stats.c.sweeps, 1);
@@ -244,6 +286,18 @@ impl Allocator {
                 Ok(a) => return Ok(a),
                 Err(f) => f,
             };
+            // Frames held in small-block caches (this thread's or others') are free:
+            // give them all back and sweep again before the policy acts, so that
+            // cached frames never make a request fail. Once per policy step, so that
+            // threads refilling their caches cannot keep a request sweeping.
+            if !drained {
+                drained = true;
+                let mut m = s.lock_map();
+                if s.drain_caches(&mut m) > 0 {
+                    continue;
+                }
+            }
+            drained = false;
             let no_room = fail.candidates == 0;
             let requested = req.len;
             let busy = || {
@@ -310,10 +364,19 @@ impl Allocator {
     /// One attempt over the whole region.
     fn sweep(&self, n: usize, align: usize) -> Result<Allocation, SweepFail> {
         let s = &self.shared;
+        let order = s.caches.order(n, align);
+        // For a cacheable size, the nodes of a refill batch are allocated before the
+        // lock is taken.
+        let mut spare: Vec<Box<ReleaseNode>> = match order {
+            Some(k) => (1..s.caches.batch[k])
+                .map(|_| ReleaseNode::new(0, n))
+                .collect(),
+            None => Vec::new(),
+        };
         let clean = {
             let mut m = s.lock_map();
             let mut from = 0;
-            loop {
+            let first = loop {
                 let Some((a, x)) = s.find_fit(&m, Class::Clean, from, n, align) else {
                     break None;
                 };
@@ -321,8 +384,13 @@ impl Allocator {
                     Ok(()) => break Some((a, x)),
                     Err(f) => from = f + 1,
                 }
+            };
+            if let (Some(k), Some((a, _))) = (order, first) {
+                s.refill(&mut m, k, a + n, &mut spare);
             }
+            first
         };
+        drop(spare);
         if let Some((a, x)) = clean {
             // The handle (and its release node) is built after the lock is dropped.
             trace!(start = a, "clean fit");
@@ -376,6 +444,35 @@ impl Allocator {
             migrated,
             node: Some(ReleaseNode::new(start, frames)),
         }
+    }
+
+    /// The fast path: pop a block of order `k` from this thread's cache. `None` when
+    /// the shard is busy or empty, or the block turned out to hold a pin left over
+    /// from a release while pinned (it then goes back to the tree, which keeps it
+    /// until the pin is dropped).
+    fn cache_pop(&self, k: usize) -> Option<Allocation> {
+        let s = &self.shared;
+        let node = {
+            let mut sh = s.caches.mine().try_lock()?;
+            let node = sh.lists[k].pop()?;
+            // A pin taken before the pop is seen here (see `cache.rs`); the check
+            // reads only the pageblock hint unless the pageblock has pins.
+            if s.first_pinned(node.start, node.frames).is_some() {
+                drop(sh);
+                s.lock_map().tree.set_alloc(node.start, node.frames, false);
+                return None;
+            }
+            sh.hits += 1;
+            node
+        };
+        Some(Allocation {
+            shared: s.clone(),
+            start: node.start,
+            frames: node.frames,
+            extent: node.extent,
+            migrated: 0,
+            node: Some(node),
+        })
     }
 
     /// Wait until frame `f` has no pins, up to `timeout`. True when released.

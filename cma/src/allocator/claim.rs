@@ -85,7 +85,7 @@ impl Shared {
     /// the range so far are revocable. Pageblocks whose hint says "no pinned frame"
     /// are skipped without touching their frames; a frozen frame in such a block
     /// (an occupant in flight) is caught later by the freeze in `prepare`.
-    fn first_pinned(&self, start: usize, n: usize) -> Option<(usize, bool)> {
+    pub(super) fn first_pinned(&self, start: usize, n: usize) -> Option<(usize, bool)> {
         let end = start + n;
         let mut f = start;
         let mut found: Option<(usize, bool)> = None;

@@ -3,6 +3,7 @@
 //! pins in `crate::pin`.
 
 mod alloc;
+mod cache;
 mod claim;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
@@ -35,6 +36,13 @@ pub struct AllocatorConfig {
     /// the critical section; a sweep continues in further holds until it has covered
     /// the whole region.
     pub candidates_per_hold: usize,
+    /// Small-block caches (see `docs/cma.md`): blocks of 1, 2, 4, 8 or 16 frames
+    /// claimed per refill of a per-shard cache, so that small requests usually take
+    /// no map lock and update no tree. 0 disables the caches. Default 16. The
+    /// effective batch shrinks on small regions so that the caches never hold more
+    /// than about a tenth of the region, and every cache is drained back before a
+    /// request fails.
+    pub small_cache_batch: usize,
 }
 
 impl Default for AllocatorConfig {
@@ -43,6 +51,7 @@ impl Default for AllocatorConfig {
             granule: 4096,
             pageblock: 2 << 20,
             candidates_per_hold: 64,
+            small_cache_batch: 16,
         }
     }
 }
@@ -109,6 +118,8 @@ pub(crate) struct Shared {
     pub(crate) waiters: AtomicUsize,
     pub(crate) mover: Arc<dyn Mover>,
     pub(crate) stats: Stats,
+    /// Per-shard caches of small pre-claimed blocks (`cache.rs`).
+    pub(crate) caches: cache::Caches,
 }
 
 /// What a frame holds right now (a snapshot: it may change as soon as it is read).
@@ -219,6 +230,7 @@ impl Allocator {
             waiters: AtomicUsize::new(0),
             mover,
             stats: Stats::new(),
+            caches: cache::Caches::new(frames, config.small_cache_batch),
             region,
         };
         Ok(Allocator {
@@ -241,12 +253,25 @@ impl Allocator {
 
     /// A copy of the counters and histograms.
     pub fn stats(&self) -> StatsSnapshot {
-        self.shared.stats.snapshot()
+        let mut st = self.shared.stats.snapshot();
+        // Fast-path counts live in the shards (no shared cache line on that path).
+        for sh in self.shared.caches.shards.iter() {
+            let sh = sh.0.lock();
+            st.allocs_cached += sh.hits;
+            st.frees_cached += sh.frees;
+        }
+        st.allocs += st.allocs_cached;
+        st.allocs_clean += st.allocs_cached;
+        st.frees += st.frees_cached;
+        st
     }
 
-    /// Free frames that hold nothing, and frames holding occupants.
+    /// Free frames that hold nothing, and frames holding occupants. Gives the
+    /// small-block caches back to the tree first, so that cached frames count as
+    /// free.
     pub fn usage(&self) -> Usage {
-        let m = self.shared.lock_map();
+        let mut m = self.shared.lock_map();
+        self.shared.drain_caches(&mut m);
         let allocated = m.tree.allocated_total();
         let occupied = m.tree.occupied_total();
         Usage {
@@ -268,7 +293,7 @@ impl Allocator {
             FrameState::Migrating
         } else if frame::tag_of(w) == Tag::Occupied {
             m.occupants[frame].map_or(FrameState::Migrating, FrameState::Occupied)
-        } else if m.tree.is_alloc(frame) {
+        } else if m.tree.is_alloc(frame) && !self.shared.cached(&m, frame) {
             FrameState::Allocated
         } else {
             FrameState::Free
@@ -285,16 +310,24 @@ impl Allocator {
     /// so the two meet as late as possible and most requests need no migration.
     pub fn place_occupant(&self, occupant: Occupant) -> Result<usize, OccupyError> {
         let mut m = self.shared.lock_map();
+        let mut drained = false;
         let mut before = self.shared.frames;
-        while let Some(f) = m.tree.last_clean(before) {
-            // A frame freed while still pinned keeps its pins; skip it.
-            if frame::pins_of(frame::Word::get(&self.shared.words[f])) == 0 {
-                self.shared.occupy(&mut m, f, occupant);
-                return Ok(f);
+        loop {
+            while let Some(f) = m.tree.last_clean(before) {
+                // A frame freed while still pinned keeps its pins; skip it.
+                if frame::pins_of(frame::Word::get(&self.shared.words[f])) == 0 {
+                    self.shared.occupy(&mut m, f, occupant);
+                    return Ok(f);
+                }
+                before = f;
             }
-            before = f;
+            // Frames sitting in small-block caches are free: take them back once.
+            if drained || self.shared.drain_caches(&mut m) == 0 {
+                return Err(OccupyError::RegionFull { occupant });
+            }
+            drained = true;
+            before = self.shared.frames;
         }
-        Err(OccupyError::RegionFull { occupant })
     }
 
     /// Like [`Allocator::place_occupant`], and let `init` write the occupant's bytes
@@ -309,9 +342,15 @@ impl Allocator {
         let f = {
             let mut m = s.lock_map();
             let mut before = s.frames;
+            let mut drained = false;
             loop {
                 let Some(f) = m.tree.last_clean(before) else {
-                    return Err(OccupyError::RegionFull { occupant });
+                    if drained || s.drain_caches(&mut m) == 0 {
+                        return Err(OccupyError::RegionFull { occupant });
+                    }
+                    drained = true;
+                    before = s.frames;
+                    continue;
                 };
                 if frame::pins_of(frame::Word::get(&s.words[f])) == 0 {
                     s.occupy(&mut m, f, occupant);
@@ -343,6 +382,10 @@ impl Allocator {
             });
         }
         let mut m = s.lock_map();
+        if m.tree.is_alloc(frame) {
+            // A block in a small-block cache is free: take it back from the cache.
+            s.uncache(&mut m, frame);
+        }
         let w = frame::Word::get(&s.words[frame]);
         let found = if m.tree.is_alloc(frame) {
             "allocated"
