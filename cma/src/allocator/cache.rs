@@ -243,3 +243,211 @@ impl Shared {
         e.align_up(start, n) == start
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::{
+        AllocError, AllocRequest, Allocator, AllocatorConfig, Backing, FrameState, MemcpyMover,
+        Occupant, Policy, Region,
+    };
+
+    const K4: usize = 4096;
+
+    const FRAMES: usize = 4096;
+
+    /// 16 MiB: every cache order is enabled with a batch of at least 1.
+    fn small() -> Allocator {
+        let r = Arc::new(Region::reserve(FRAMES * K4, Backing::Memfd).unwrap());
+        let m = Arc::new(MemcpyMover::new(r.clone()));
+        let c = AllocatorConfig {
+            pageblock: 64 * K4,
+            ..Default::default()
+        };
+        Allocator::new(r, c, m).unwrap()
+    }
+
+    /// Blocks sitting in some cache (allocated in the tree, not handed out).
+    fn cached_frames(a: &Allocator) -> usize {
+        a.shared
+            .caches
+            .shards
+            .iter()
+            .map(|s| {
+                s.0.lock()
+                    .lists
+                    .iter()
+                    .flatten()
+                    .map(|n| n.frames)
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
+    #[test]
+    fn small_requests_hit_the_cache_after_one_refill() {
+        let a = small();
+        assert!(a.shared.caches.batch.iter().all(|b| *b >= 1));
+        let first = a.alloc(AllocRequest::new(K4)).unwrap();
+        let start = first.frames().start;
+        assert_eq!(start, 0, "the refill hands out the first fit itself");
+        drop(first);
+        for _ in 0..100 {
+            let x = a.alloc(AllocRequest::new(K4)).unwrap();
+            assert_eq!(
+                x.frames().start,
+                start,
+                "the cache gives back the hot block"
+            );
+        }
+        let st = a.stats();
+        assert_eq!(st.cache_refills, 1);
+        assert_eq!(st.allocs, 101);
+        assert_eq!(st.allocs_cached, 100);
+        assert_eq!(st.frees, 101);
+        assert_eq!(st.frees_cached, 101);
+        // The slow path alone is timed.
+        assert_eq!(st.alloc_latency.count(), 1);
+        // A 64 KiB block, aligned to 64 KiB, also comes from a cache.
+        let x = a.alloc(AllocRequest::new(16 * K4).align(16 * K4)).unwrap();
+        assert_eq!(x.frames().start % 16, 0);
+        drop(x);
+        let y = a.alloc(AllocRequest::new(16 * K4)).unwrap();
+        assert_eq!(y.frames().start % 16, 0);
+        assert_eq!(a.stats().allocs_cached, 101);
+    }
+
+    #[test]
+    fn cached_frames_are_free_to_everyone_else() {
+        let a = small();
+        drop(a.alloc(AllocRequest::new(K4)).unwrap());
+        let c = cached_frames(&a);
+        assert!(c >= 2, "{c} frames cached");
+        // Cached blocks look free: not pinnable, reported free, placeable.
+        let f = a
+            .shared
+            .caches
+            .shards
+            .iter()
+            .find_map(|s| s.0.lock().lists[0].last().map(|n| n.start));
+        let f = f.unwrap();
+        assert_eq!(a.frame_info(f).unwrap().state, FrameState::Free);
+        assert!(a.pin(f).is_err());
+        assert!(a.pin_longterm(f).is_err());
+        let o = Occupant { owner: 7, page: 1 };
+        a.place_occupant_at(f, o).unwrap();
+        assert_eq!(a.frame_info(f).unwrap().state, FrameState::Occupied(o));
+        a.vacate(f, o).unwrap();
+        // usage() gives the caches back, so everything is free again.
+        let u = a.usage();
+        assert_eq!((u.allocated, u.largest_clean_run), (0, FRAMES));
+        assert_eq!(cached_frames(&a), 0);
+    }
+
+    /// Frames cached by one thread are the only free frames; another thread's
+    /// request must drain the caches rather than fail with NoRoom.
+    #[test]
+    fn caches_are_drained_before_a_request_fails() {
+        let a = small();
+        // Fill the region with single frames (through cache refills).
+        let mut live = Vec::new();
+        while let Ok(x) = a.alloc(AllocRequest::new(K4)) {
+            live.push(x);
+        }
+        assert_eq!(live.len(), FRAMES, "every frame can be had one by one");
+        // Free a run of them on another thread: they land in that thread's cache.
+        let freed: Vec<_> = live.drain(100..140).collect();
+        std::thread::spawn(move || drop(freed)).join().unwrap();
+        assert!(cached_frames(&a) > 0);
+        // This thread: a 32-frame request needs those cached frames.
+        let x = a.alloc(AllocRequest::new(32 * K4)).unwrap();
+        assert!(x.frames().start >= 100 && x.frames().end <= 140);
+        assert!(a.stats().cache_drained_frames > 0);
+        // And a cached single frame is had by a thread whose own cache is empty.
+        let freed: Vec<_> = live.drain(0..1).collect();
+        std::thread::spawn(move || drop(freed)).join().unwrap();
+        let other = a.clone();
+        let got = std::thread::spawn(move || {
+            // Two fresh threads: whichever shard this one maps to, it must not see
+            // NoRoom while a frame sits in any cache.
+            other.alloc(AllocRequest::new(K4)).map(|x| x.frames())
+        })
+        .join()
+        .unwrap();
+        assert!(got.is_ok(), "{got:?}");
+        // Nothing left anywhere: a real NoRoom (with every cache drained). Free
+        // now: the 8 frames x left, the one `got` took and freed, and x's 32.
+        drop(x);
+        let mut hold = Vec::new();
+        let e = loop {
+            match a.alloc(AllocRequest::new(K4)) {
+                Ok(y) => hold.push(y),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(e, AllocError::NoRoom { .. }), "{e}");
+        assert_eq!(hold.len(), 41);
+        assert_eq!(cached_frames(&a), 0);
+    }
+
+    /// A frame freed while pinned may enter a cache but is not handed out again
+    /// until the pin is dropped; it is not lost either.
+    #[test]
+    fn a_block_freed_while_pinned_is_not_handed_out_from_the_cache() {
+        let a = small();
+        let x = a.alloc(AllocRequest::new(K4)).unwrap();
+        let f = x.frames().start;
+        let pin = a.pin(f).unwrap();
+        drop(x);
+        let mut live = Vec::new();
+        while let Ok(y) = a.alloc(AllocRequest::new(K4).policy(Policy::FailFast)) {
+            assert!(!y.frames().contains(&f), "pinned frame {f} handed out");
+            live.push(y);
+        }
+        assert_eq!(live.len(), FRAMES - 1);
+        drop(pin);
+        let y = a.alloc(AllocRequest::new(K4)).unwrap();
+        assert_eq!(y.frames().start, f);
+    }
+
+    #[test]
+    fn occupants_use_cached_frames_before_reporting_a_full_region() {
+        let a = small();
+        let mut live = Vec::new();
+        while let Ok(x) = a.alloc(AllocRequest::new(K4)) {
+            live.push(x);
+        }
+        drop(live); // up to the cache capacity stays cached, the rest goes back
+        let mut placed = 0;
+        while a
+            .place_occupant(Occupant {
+                owner: 1,
+                page: placed,
+            })
+            .is_ok()
+        {
+            placed += 1;
+        }
+        assert_eq!(placed, FRAMES as u64);
+    }
+
+    #[test]
+    fn caches_can_be_disabled() {
+        let r = Arc::new(Region::reserve(1024 * K4, Backing::Memfd).unwrap());
+        let m = Arc::new(MemcpyMover::new(r.clone()));
+        let c = AllocatorConfig {
+            small_cache_batch: 0,
+            ..Default::default()
+        };
+        let a = Allocator::new(r, c, m).unwrap();
+        for _ in 0..10 {
+            drop(a.alloc(AllocRequest::new(K4)).unwrap());
+        }
+        let st = a.stats();
+        assert_eq!(
+            (st.allocs_cached, st.frees_cached, st.cache_refills),
+            (0, 0, 0)
+        );
+    }
+}
