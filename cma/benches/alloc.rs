@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::Criterion;
-use support::{measure, memcpy_ns_per_page, Base, BenchAlloc, Cell, Ours, Scenario};
+use support::{measure, Base, BenchAlloc, Cell, Churn, MemcpyRef, Ours, Scenario};
 
 const SIZES: [(usize, &str); 4] = [
     (1, "4 KiB"),
@@ -56,10 +56,29 @@ fn run<A: BenchAlloc>(a: &A, frames: usize, n: u64) -> Duration {
     for _ in 0..n {
         let t = std::time::Instant::now();
         let (h, _) = a.alloc(frames).expect("allocation failed in bench");
-        let ta = t.elapsed();
-        total += ta + a.free(h);
+        a.free(h);
+        total += t.elapsed();
+        a.restore();
     }
     total
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Median cost of the timing itself: two clock reads around nothing.
+fn clock_overhead_ns() -> u64 {
+    let mut v: Vec<u64> = (0..10_001)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            t.elapsed().as_nanos() as u64
+        })
+        .collect();
+    v.sort_unstable();
+    v[v.len() / 2]
 }
 
 fn main() {
@@ -71,33 +90,64 @@ fn main() {
         criterion_part();
     }
     let dur = Duration::from_millis(ms);
-    let memcpy = memcpy_ns_per_page();
+    let churn = Churn::from_env();
+    let memcpy = MemcpyRef::measure();
+    println!("\nload average at start of tables: {}", loadavg());
     println!(
-        "\nmemcpy: {memcpy:.0} ns per 4 KiB page ({:.2} GB/s)",
-        4096.0 / memcpy
+        "memcpy reference (random cold 4 KiB pages, median): {}",
+        memcpy
+            .table
+            .iter()
+            .filter(|(k, _)| [1, 4, 16, 64, 256, 1024, 4096].contains(k))
+            .map(|(k, ns)| format!("{k} pages {}", fmt_ns(*ns as u64)))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    println!("cell time {ms} ms; latency = one alloc + one free; throughput = sum over threads of ops / time inside alloc+free\n");
-    println!("| region | size | threads | ours median | ours p99 | baseline median | baseline p99 | ours ops/s | baseline ops/s | throughput ratio | ours migrated/op | baseline migrated/op | ours p99 latency / memcpy(migrated) | fails ours/base |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "clock overhead (one clock read, included once in every latency): {} ns",
+        clock_overhead_ns()
+    );
+    println!(
+        "pin churn: {} pinner threads, each: pin a random occupied frame for 20..200 us, then pause {}..{} us",
+        churn.pinners,
+        churn.pause_us / 10,
+        churn.pause_us
+    );
+    println!("cell time {ms} ms; latency = one alloc + one free; throughput = sum over threads of successful pairs / time inside alloc+free (failed attempts' time included)\n");
+    println!("| region | size | threads | ours median | ours p99 | baseline median | baseline p99 | ours ops/s | baseline ops/s | throughput ratio | ours migrated/op | baseline migrated/op | ours latency / memcpy(migrated): median, p99 | baseline: median, p99 | fails ours/base |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    // Optional filters for experiments: CMA_BENCH_SCENARIOS=pin-churn,empty and
+    // CMA_BENCH_FRAMES=256,4096. The documented run uses neither.
+    let want = |var: &str, v: &str| {
+        std::env::var(var).map_or(true, |l| l.split(',').any(|x| x.trim() == v))
+    };
     for sc in [Scenario::Empty, Scenario::Fragmented, Scenario::PinChurn] {
+        if !want("CMA_BENCH_SCENARIOS", sc.name()) {
+            continue;
+        }
         let ours = Arc::new(Ours::new(sc));
         let base = Arc::new(Base::new(sc));
-        let churn = sc == Scenario::PinChurn;
+        let ch = (sc == Scenario::PinChurn).then_some(churn);
         for (frames, name) in SIZES {
+            if !want("CMA_BENCH_FRAMES", &frames.to_string()) {
+                continue;
+            }
             for threads in [1, 2] {
-                let o: Cell = measure(ours.clone(), frames, threads, churn, dur, memcpy);
-                let b: Cell = measure(base.clone(), frames, threads, churn, dur, memcpy);
+                let o: Cell = measure(ours.clone(), frames, threads, ch, dur, &memcpy);
+                let b: Cell = measure(base.clone(), frames, threads, ch, dur, &memcpy);
                 let ratio = o.ops_per_sec / b.ops_per_sec.max(1e-9);
-                let vs = if o.migrating > 0 {
-                    format!(
-                        "{:.2} ({} of {} migrated)",
-                        o.p99_vs_memcpy, o.migrating, o.ops
-                    )
-                } else {
-                    "no migration".into()
+                let vs = |c: &Cell| {
+                    if c.migrating > 0 {
+                        format!(
+                            "{:.2}, {:.2} ({} of {})",
+                            c.median_vs_memcpy, c.p99_vs_memcpy, c.migrating, c.ops
+                        )
+                    } else {
+                        "no migration".into()
+                    }
                 };
                 println!(
-                    "| {} | {name} | {threads} | {} | {} | {} | {} | {:.0} | {:.0} | {ratio:.1}x | {:.0} KiB | {:.0} KiB | {vs} | {}/{} |",
+                    "| {} | {name} | {threads} | {} | {} | {} | {} | {:.0} | {:.0} | {ratio:.1}x | {:.0} KiB | {:.0} KiB | {} | {} | {}/{} |",
                     sc.name(),
                     fmt_ns(o.median_ns),
                     fmt_ns(o.p99_ns),
@@ -107,6 +157,8 @@ fn main() {
                     b.ops_per_sec,
                     o.mean_migrated_bytes / 1024.0,
                     b.mean_migrated_bytes / 1024.0,
+                    vs(&o),
+                    vs(&b),
                     o.fails,
                     b.fails,
                 );
@@ -114,9 +166,10 @@ fn main() {
         }
         let st = ours.a.stats();
         eprintln!(
-            "[{}] ours: allocs {} (clean {}), pages migrated {}, candidates skipped for pins {}, claim races {}, retry sweeps {}, deferred frees {}, alloc p50/p99 from stats {:?}/{:?}",
-            sc.name(), st.allocs, st.allocs_clean, st.pages_migrated, st.candidates_pinned, st.claim_races, st.retries, st.frees_deferred,
+            "[{}] ours: allocs {} (clean {}, from small-block caches {}), pages migrated {}, candidates skipped for pins {}, claim races {}, retry sweeps {}, deferred frees {}, slow-path alloc p50/p99 from stats {:?}/{:?}",
+            sc.name(), st.allocs, st.allocs_clean, st.allocs_cached, st.pages_migrated, st.candidates_pinned, st.claim_races, st.retries, st.frees_deferred,
             st.alloc_latency.quantile(0.5), st.alloc_latency.quantile(0.99)
         );
     }
+    println!("\nload average at end: {}", loadavg());
 }

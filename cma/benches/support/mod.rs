@@ -111,12 +111,21 @@ pub fn layout(s: Scenario) -> Layout {
 pub trait BenchAlloc: Send + Sync {
     type Handle;
     fn alloc(&self, frames: usize) -> Option<(Self::Handle, usize)>;
-    /// Free, then put displaced occupants back so that every iteration sees the
-    /// same layout. Returns the time of the free alone: the restoring stands for
-    /// the page cache refilling the area and is not the allocator's cost.
-    fn free(&self, h: Self::Handle) -> Duration;
-    /// One transient pin on a random occupied frame, held for `hold`.
-    fn pin_random(&self, rng: &mut rand::rngs::SmallRng, hold: Duration);
+    /// Free, and nothing else (timed).
+    fn free(&self, h: Self::Handle);
+    /// Put displaced occupants back, so that every iteration sees the same layout
+    /// (untimed: it stands for the page cache refilling the area and is not the
+    /// allocator's cost).
+    fn restore(&self);
+    /// One transient pin on a random occupied frame, held for `hold`. False if the
+    /// frame picked was not occupied (or could not be pinned).
+    fn pin_random(&self, rng: &mut rand::rngs::SmallRng, hold: Duration) -> bool;
+}
+
+thread_local! {
+    /// The Retry deadline of this thread's requests (ours): set by the harness once
+    /// per cell, outside the timed region, as a caller serving a batch would.
+    pub static DEADLINE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
 }
 
 pub fn align_for(frames: usize) -> usize {
@@ -131,6 +140,8 @@ thread_local! {
     /// put them back; retried after every free so that the layout does not drift.
     static PENDING: RefCell<Vec<FrameMove>> = const { RefCell::new(Vec::new()) };
     static PENDING_BASE: RefCell<Vec<(usize, u64)>> = const { RefCell::new(Vec::new()) };
+    /// What the baseline's last free displaced, for `restore`.
+    static BASE_DISPLACED: RefCell<Vec<(usize, u64)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The memcpy mover, remembering (per thread) what it moved so the bench can undo it.
@@ -197,22 +208,27 @@ impl BenchAlloc for Ours {
     type Handle = Allocation;
 
     fn alloc(&self, frames: usize) -> Option<(Allocation, usize)> {
-        MOVED.with(|m| m.borrow_mut().clear());
+        let deadline = DEADLINE
+            .with(|d| d.get())
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         let req = AllocRequest::new(frames * 4096)
             .align(align_for(frames) * 4096)
-            .policy(Policy::Retry {
-                deadline: Instant::now() + Duration::from_secs(1),
-            });
+            .policy(Policy::Retry { deadline });
         let x = self.a.alloc(req).ok()?;
         let b = x.migrated_frames() * 4096;
         Some((x, b))
     }
 
-    fn free(&self, h: Allocation) -> Duration {
-        let t = Instant::now();
+    fn free(&self, h: Allocation) {
         drop(h);
-        let took = t.elapsed();
+    }
+
+    fn restore(&self) {
         let mut moved = MOVED.with(|m| std::mem::take(&mut *m.borrow_mut()));
+        let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+        if moved.is_empty() && pending.is_empty() {
+            return;
+        }
         // Undo each move: take the occupant off its destination, put it home.
         for mv in &moved {
             match mv.dst {
@@ -224,17 +240,20 @@ impl BenchAlloc for Ours {
                 }
             }
         }
-        moved.extend(PENDING.with(|p| std::mem::take(&mut *p.borrow_mut())));
+        moved.extend(pending);
         moved.retain(|mv| self.a.place_occupant_at(mv.src, mv.occupant).is_err());
         PENDING.with(|p| *p.borrow_mut() = moved);
-        took
     }
 
-    fn pin_random(&self, rng: &mut rand::rngs::SmallRng, hold: Duration) {
+    fn pin_random(&self, rng: &mut rand::rngs::SmallRng, hold: Duration) -> bool {
         // Guest I/O pins occupied frames only: the lock-free path, as the baseline
         // checks its occupant word before pinning.
-        if let Ok(_p) = self.a.pin_occupant(rng.gen_range(0..FRAMES)) {
-            spin_for(hold);
+        match self.a.pin_occupant(rng.gen_range(0..FRAMES)) {
+            Ok(_p) => {
+                hold_pin(hold);
+                true
+            }
+            Err(_) => false,
         }
     }
 }
@@ -266,12 +285,18 @@ impl BenchAlloc for Base {
         Some((c, b))
     }
 
-    fn free(&self, h: baseline::Chunk) -> Duration {
-        let t = Instant::now();
+    fn free(&self, h: baseline::Chunk) {
         self.0.free(&h);
-        let took = t.elapsed();
-        let mut back = h.displaced;
-        back.extend(PENDING_BASE.with(|p| std::mem::take(&mut *p.borrow_mut())));
+        BASE_DISPLACED.with(|d| d.borrow_mut().extend(h.displaced));
+    }
+
+    fn restore(&self) {
+        let mut back = BASE_DISPLACED.with(|d| std::mem::take(&mut *d.borrow_mut()));
+        let pending = PENDING_BASE.with(|p| std::mem::take(&mut *p.borrow_mut()));
+        if back.is_empty() && pending.is_empty() {
+            return;
+        }
+        back.extend(pending);
         back.retain(|(f, o)| {
             let home_free = !self.0.is_allocated(*f);
             if home_free {
@@ -280,60 +305,110 @@ impl BenchAlloc for Base {
             !home_free
         });
         PENDING_BASE.with(|p| *p.borrow_mut() = back);
-        took
     }
 
-    fn pin_random(&self, rng: &mut rand::rngs::SmallRng, hold: Duration) {
+    fn pin_random(&self, rng: &mut rand::rngs::SmallRng, hold: Duration) -> bool {
         let f = rng.gen_range(0..FRAMES);
-        if self.0.occupant[f].load(Ordering::Acquire) != 0 {
-            self.0.pins[f].fetch_add(1, Ordering::AcqRel);
-            spin_for(hold);
-            self.0.pins[f].fetch_sub(1, Ordering::AcqRel);
+        if self.0.occupant[f].load(Ordering::Acquire) == 0 {
+            return false;
         }
+        self.0.pins[f].fetch_add(1, Ordering::AcqRel);
+        hold_pin(hold);
+        self.0.pins[f].fetch_sub(1, Ordering::AcqRel);
+        true
     }
 }
 
-fn spin_for(d: Duration) {
-    // Sleeping would hand the core to the allocator threads; a pinner doing I/O
-    // holds its pin without using the CPU, so sleep.
+/// A pinner doing I/O holds its pin without using the CPU: sleep.
+fn hold_pin(d: Duration) {
     thread::sleep(d);
 }
 
 /// Per-cell results.
 #[derive(Clone, Debug, Default)]
 pub struct Cell {
+    /// Successful alloc+free pairs.
     pub ops: u64,
+    /// Requests that failed (the baseline has no retry; ours retries up to 1 s).
     pub fails: u64,
     pub median_ns: u64,
     pub p99_ns: u64,
-    /// Sum over threads of ops / time spent inside alloc+free.
+    /// Sum over threads of successful pairs / time spent in alloc+free (failed
+    /// attempts' time included).
     pub ops_per_sec: f64,
     /// Requests that migrated something.
     pub migrating: u64,
     /// p99 over migrating requests of latency / memcpy time of their bytes.
     pub p99_vs_memcpy: f64,
+    /// Median over migrating requests of the same ratio.
+    pub median_vs_memcpy: f64,
     pub mean_migrated_bytes: f64,
 }
 
-/// Run `threads` threads of alloc+restore+free for `dur`, with optional pin churn.
+/// The pin churn: `pinners` threads, each repeatedly pinning one random occupied
+/// frame for `hold` (uniform in 20..200 us) and then pausing for `pause` (uniform
+/// in pause_us/10..pause_us), so that at most `pinners` transient pins are held at
+/// a time (seed 001: short pins on random occupied frames).
+#[derive(Clone, Copy, Debug)]
+pub struct Churn {
+    pub pinners: usize,
+    pub pause_us: u64,
+    /// Control experiment (CMA_BENCH_PIN_DRY=1): pinners sleep and wake as usual
+    /// but take no pins, to tell CPU contention from pin effects.
+    pub dry: bool,
+}
+
+impl Churn {
+    pub fn from_env() -> Self {
+        let get = |k: &str, d: u64| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        Churn {
+            pinners: get("CMA_BENCH_PINNERS", 8) as usize,
+            pause_us: get("CMA_BENCH_PIN_PAUSE_US", 1000),
+            dry: get("CMA_BENCH_PIN_DRY", 0) != 0,
+        }
+    }
+}
+
+/// Run `threads` threads of alloc+free (+ untimed restore) for `dur`, with optional
+/// pin churn. Each pair is timed from a clock read just before the alloc to one just
+/// after the free: one clock read of overhead per pair, the same for both sides.
 pub fn measure<A: BenchAlloc + 'static>(
     a: Arc<A>,
     frames: usize,
     threads: usize,
-    churn: bool,
+    churn: Option<Churn>,
     dur: Duration,
-    memcpy_ns_per_page: f64,
+    memcpy: &MemcpyRef,
 ) -> Cell {
     let stop = Arc::new(AtomicBool::new(false));
-    // Eight pinners, each holding one transient pin at a time for 20..200 us.
-    let churners: Vec<_> = (0..if churn { 8 } else { 0 })
+    let pins_taken = Arc::new(AtomicU64::new(0));
+    let churners: Vec<_> = (0..churn.map_or(0, |c| c.pinners))
         .map(|i| {
-            let (a, stop) = (a.clone(), stop.clone());
+            let (a, stop, taken) = (a.clone(), stop.clone(), pins_taken.clone());
+            let c = churn.unwrap();
             thread::spawn(move || {
-                let mut rng = rand::rngs::SmallRng::seed_from_u64(5 + i);
+                let mut rng = rand::rngs::SmallRng::seed_from_u64(5 + i as u64);
                 while !stop.load(Ordering::Relaxed) {
                     let hold = Duration::from_micros(rng.gen_range(20..200));
-                    a.pin_random(&mut rng, hold);
+                    let pinned = if c.dry {
+                        // Control experiment: the same sleeps and wake-ups, no pins.
+                        thread::sleep(hold);
+                        true
+                    } else {
+                        a.pin_random(&mut rng, hold)
+                    };
+                    if pinned {
+                        taken.fetch_add(1, Ordering::Relaxed);
+                        if c.pause_us > 0 {
+                            let p = rng.gen_range(c.pause_us / 10..=c.pause_us);
+                            thread::sleep(Duration::from_micros(p));
+                        }
+                    }
                 }
             })
         })
@@ -343,21 +418,26 @@ pub fn measure<A: BenchAlloc + 'static>(
         .map(|_| {
             let (a, fails) = (a.clone(), fails.clone());
             thread::spawn(move || {
-                let mut samples: Vec<(u64, usize)> = Vec::new();
+                DEADLINE.with(|d| d.set(Some(Instant::now() + dur + Duration::from_secs(1))));
+                let mut samples: Vec<(u64, usize)> = Vec::with_capacity(1 << 20);
                 let mut busy = Duration::ZERO;
                 let t_end = Instant::now() + dur;
-                while Instant::now() < t_end || samples.len() < 5 {
-                    let t = Instant::now();
+                let mut t = Instant::now();
+                while t < t_end || samples.len() < 5 {
                     let r = a.alloc(frames);
                     let Some((h, bytes)) = r else {
                         fails.fetch_add(1, Ordering::Relaxed);
-                        busy += t.elapsed();
+                        let now = Instant::now();
+                        busy += now - t;
+                        t = now;
                         continue;
                     };
-                    let t_alloc = t.elapsed();
-                    let lat = t_alloc + a.free(h);
+                    a.free(h);
+                    let lat = t.elapsed();
                     busy += lat;
                     samples.push((lat.as_nanos() as u64, bytes));
+                    a.restore();
+                    t = Instant::now();
                 }
                 (samples, busy)
             })
@@ -382,9 +462,14 @@ pub fn measure<A: BenchAlloc + 'static>(
     let mut ratios: Vec<f64> = all
         .iter()
         .filter(|s| s.1 > 0)
-        .map(|s| s.0 as f64 / (s.1 as f64 / 4096.0 * memcpy_ns_per_page))
+        .map(|s| s.0 as f64 / memcpy.ns_for(s.1 / 4096))
         .collect();
     ratios.sort_by(|x, y| x.total_cmp(y));
+    let fpct = |v: &[f64], q: f64| {
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
     Cell {
         ops: all.len() as u64,
         fails: fails.load(Ordering::Relaxed),
@@ -392,28 +477,67 @@ pub fn measure<A: BenchAlloc + 'static>(
         p99_ns: pct(&lat, 0.99),
         ops_per_sec,
         migrating: ratios.len() as u64,
-        p99_vs_memcpy: ratios
-            .get(((ratios.len() as f64 - 1.0) * 0.99).round() as usize)
-            .copied()
-            .unwrap_or(0.0),
+        p99_vs_memcpy: fpct(&ratios, 0.99),
+        median_vs_memcpy: fpct(&ratios, 0.5),
         mean_migrated_bytes: all.iter().map(|s| s.1 as f64).sum::<f64>() / all.len().max(1) as f64,
     }
 }
 
-/// Nanoseconds to memcpy one 4 KiB page, page by page over 64 MiB (cold-ish cache,
-/// like a migration).
-pub fn memcpy_ns_per_page() -> f64 {
-    let n = 64 << 20;
-    let src = vec![1u8; n];
-    let mut dst = vec![0u8; n];
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        for (d, s) in dst.chunks_exact_mut(4096).zip(src.chunks_exact(4096)) {
-            d.copy_from_slice(s);
+/// The memcpy reference, measured in the same run: the median time to copy `k`
+/// 4 KiB pages from random pages of a 256 MiB buffer to random pages of another
+/// (larger than the last-level cache, so cold-ish, like a migration's scattered
+/// occupants), for k = 1, 2, 4, ... 4096. In between, linear interpolation.
+pub struct MemcpyRef {
+    pub table: Vec<(usize, f64)>,
+}
+
+impl MemcpyRef {
+    pub fn measure() -> Self {
+        let n = 256 << 20;
+        let pages = n / 4096;
+        let src = vec![1u8; n];
+        // Both buffers populated up front (a zeroed Vec would fault on first write).
+        let mut dst = vec![2u8; n];
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(99);
+        let mut table = Vec::new();
+        let mut k = 1;
+        while k <= 4096 {
+            let reps = (8192 / k).clamp(9, 201);
+            let mut t: Vec<f64> = (0..reps)
+                .map(|_| {
+                    let pick: Vec<(usize, usize)> = (0..k)
+                        .map(|_| (rng.gen_range(0..pages), rng.gen_range(0..pages)))
+                        .collect();
+                    let t0 = Instant::now();
+                    for (sp, dp) in &pick {
+                        dst[dp * 4096..dp * 4096 + 4096]
+                            .copy_from_slice(&src[sp * 4096..sp * 4096 + 4096]);
+                    }
+                    std::hint::black_box(&dst);
+                    t0.elapsed().as_nanos() as f64
+                })
+                .collect();
+            t.sort_by(|a, b| a.total_cmp(b));
+            table.push((k, t[t.len() / 2]));
+            k *= 2;
         }
-        std::hint::black_box(&dst);
-        best = best.min(t.elapsed().as_nanos() as f64 / (n / 4096) as f64);
+        MemcpyRef { table }
     }
-    best
+
+    /// Nanoseconds to copy `k` pages.
+    pub fn ns_for(&self, k: usize) -> f64 {
+        let k = k.max(1);
+        let mut prev = self.table[0];
+        if k <= prev.0 {
+            return prev.1 * k as f64 / prev.0 as f64;
+        }
+        for &(kk, ns) in &self.table[1..] {
+            if k <= kk {
+                let f = (k - prev.0) as f64 / (kk - prev.0) as f64;
+                return prev.1 + f * (ns - prev.1);
+            }
+            prev = (kk, ns);
+        }
+        prev.1 * k as f64 / prev.0 as f64
+    }
 }
