@@ -86,6 +86,8 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
+    // Ours' Retry deadline, read by `Ours::alloc` on this (criterion's) thread.
+    support::DEADLINE.with(|d| d.set(Some(std::time::Instant::now() + Duration::from_secs(3600))));
     if std::env::var_os("CMA_BENCH_TABLES_ONLY").is_none() {
         criterion_part();
     }
@@ -137,9 +139,19 @@ fn main() {
                 let b: Cell = measure(base.clone(), frames, threads, ch, dur, &memcpy);
                 let ratio = o.ops_per_sec / b.ops_per_sec.max(1e-9);
                 let vs = |c: &Cell| {
-                    if c.migrating > 0 {
+                    if c.migrating > 0 && c.preemptions_counted {
                         format!(
-                            "{:.2}, {:.2} ({} of {})",
+                            "{:.2}, {:.2}; not preempted: p99 {:.2} ({} of {} migrated, {} of those preempted)",
+                            c.median_vs_memcpy,
+                            c.p99_vs_memcpy,
+                            c.p99_vs_memcpy_on_cpu,
+                            c.migrating,
+                            c.ops,
+                            c.migrating_preempted
+                        )
+                    } else if c.migrating > 0 {
+                        format!(
+                            "{:.2}, {:.2} ({} of {} migrated)",
                             c.median_vs_memcpy, c.p99_vs_memcpy, c.migrating, c.ops
                         )
                     } else {

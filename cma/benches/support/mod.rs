@@ -342,6 +342,12 @@ pub struct Cell {
     pub p99_vs_memcpy: f64,
     /// Median over migrating requests of the same ratio.
     pub median_vs_memcpy: f64,
+    /// Whether preemptions were counted in this cell (pin churn, >= 1 MiB).
+    pub preemptions_counted: bool,
+    /// Migrating requests during which the thread was preempted.
+    pub migrating_preempted: u64,
+    /// p99 of the ratio over migrating requests that were not preempted.
+    pub p99_vs_memcpy_on_cpu: f64,
     pub mean_migrated_bytes: f64,
 }
 
@@ -414,14 +420,23 @@ pub fn measure<A: BenchAlloc + 'static>(
         })
         .collect();
     let fails = Arc::new(AtomicU64::new(0));
+    // Only where migration makes pairs microseconds long: the extra system calls
+    // (outside the timed interval) would dominate the loop for sub-microsecond
+    // pairs.
+    let count_preemptions = churn.is_some() && frames >= 256;
     let workers: Vec<_> = (0..threads)
         .map(|_| {
             let (a, fails) = (a.clone(), fails.clone());
             thread::spawn(move || {
                 DEADLINE.with(|d| d.set(Some(Instant::now() + dur + Duration::from_secs(1))));
-                let mut samples: Vec<(u64, usize)> = Vec::with_capacity(1 << 20);
+                let mut samples: Vec<Sample> = Vec::with_capacity(1 << 20);
                 let mut busy = Duration::ZERO;
                 let t_end = Instant::now() + dur;
+                let mut iv = if count_preemptions {
+                    involuntary_switches()
+                } else {
+                    0
+                };
                 let mut t = Instant::now();
                 while t < t_end || samples.len() < 5 {
                     let r = a.alloc(frames);
@@ -435,8 +450,25 @@ pub fn measure<A: BenchAlloc + 'static>(
                     a.free(h);
                     let lat = t.elapsed();
                     busy += lat;
-                    samples.push((lat.as_nanos() as u64, bytes));
+                    // Read outside the timed interval: was this thread preempted
+                    // (an involuntary context switch) during the pair? Voluntary
+                    // switches (a parked lock, a Retry back-off) are not excluded
+                    // anywhere: they are the allocator's own waiting.
+                    let preempted = count_preemptions && {
+                        let now_iv = involuntary_switches();
+                        let p = now_iv != iv;
+                        iv = now_iv;
+                        p
+                    };
+                    samples.push(Sample {
+                        ns: lat.as_nanos() as u64,
+                        bytes,
+                        preempted,
+                    });
                     a.restore();
+                    if count_preemptions {
+                        iv = involuntary_switches();
+                    }
                     t = Instant::now();
                 }
                 (samples, busy)
@@ -452,35 +484,59 @@ pub fn measure<A: BenchAlloc + 'static>(
     }
     stop.store(true, Ordering::Relaxed);
     churners.into_iter().for_each(|c| c.join().unwrap());
-    let mut lat: Vec<u64> = all.iter().map(|s| s.0).collect();
+    let mut lat: Vec<u64> = all.iter().map(|s| s.ns).collect();
     lat.sort_unstable();
     let pct = |v: &[u64], q: f64| {
         v.get(((v.len() as f64 - 1.0) * q).round() as usize)
             .copied()
             .unwrap_or(0)
     };
-    let mut ratios: Vec<f64> = all
-        .iter()
-        .filter(|s| s.1 > 0)
-        .map(|s| s.0 as f64 / memcpy.ns_for(s.1 / 4096))
-        .collect();
-    ratios.sort_by(|x, y| x.total_cmp(y));
+    let ratios = |on_cpu_only: bool| {
+        let mut r: Vec<f64> = all
+            .iter()
+            .filter(|s| s.bytes > 0 && !(on_cpu_only && s.preempted))
+            .map(|s| s.ns as f64 / memcpy.ns_for(s.bytes / 4096))
+            .collect();
+        r.sort_by(|x, y| x.total_cmp(y));
+        r
+    };
     let fpct = |v: &[f64], q: f64| {
         v.get(((v.len() as f64 - 1.0) * q).round() as usize)
             .copied()
             .unwrap_or(0.0)
     };
+    let (r_all, r_cpu) = (ratios(false), ratios(true));
     Cell {
         ops: all.len() as u64,
         fails: fails.load(Ordering::Relaxed),
         median_ns: pct(&lat, 0.5),
         p99_ns: pct(&lat, 0.99),
         ops_per_sec,
-        migrating: ratios.len() as u64,
-        p99_vs_memcpy: fpct(&ratios, 0.99),
-        median_vs_memcpy: fpct(&ratios, 0.5),
-        mean_migrated_bytes: all.iter().map(|s| s.1 as f64).sum::<f64>() / all.len().max(1) as f64,
+        migrating: r_all.len() as u64,
+        p99_vs_memcpy: fpct(&r_all, 0.99),
+        median_vs_memcpy: fpct(&r_all, 0.5),
+        preemptions_counted: count_preemptions,
+        migrating_preempted: (r_all.len() - r_cpu.len()) as u64,
+        p99_vs_memcpy_on_cpu: fpct(&r_cpu, 0.99),
+        mean_migrated_bytes: all.iter().map(|s| s.bytes as f64).sum::<f64>()
+            / all.len().max(1) as f64,
     }
+}
+
+struct Sample {
+    ns: u64,
+    bytes: usize,
+    preempted: bool,
+}
+
+/// This thread's involuntary context switches so far (`getrusage(RUSAGE_THREAD)`).
+fn involuntary_switches() -> i64 {
+    // SAFETY: `ru` is a plain-data struct that getrusage fills in; all-zero is a
+    // valid value for it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_THREAD with a valid, writable rusage pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    ru.ru_nivcsw
 }
 
 /// The memcpy reference, measured in the same run: the median time to copy `k`
