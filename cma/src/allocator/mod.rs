@@ -71,7 +71,9 @@ impl FrameExtent {
     pub(crate) fn align_up(&self, p: usize, align: usize) -> usize {
         let base = self.phys_frame.unwrap_or(self.start as u64);
         let addr = base + (p - self.start) as u64;
-        let rem = (addr % align as u64) as usize;
+        // `align` is a power of two (requests are validated): a mask, not a divide.
+        debug_assert!(align.is_power_of_two());
+        let rem = (addr & (align as u64 - 1)) as usize;
         if rem == 0 {
             p
         } else {
@@ -477,7 +479,8 @@ impl Shared {
     }
 
     pub(crate) fn block_of(&self, f: usize) -> usize {
-        f / self.block_frames
+        // block_frames is a power of two (checked in `new`): a shift, not a divide.
+        f >> self.block_frames.trailing_zeros()
     }
 
     /// Wake waiters (pin released, range freed). Never blocks: with `try` the event
