@@ -358,6 +358,30 @@ impl FreeTree {
             .or_else(|| self.last_in(2 * n, lo, mid, before))
     }
 
+    /// Call `f` on every occupied frame of `[start, end)` in order, a leaf word at a
+    /// time (words without occupants cost one load), until `f` returns false.
+    pub(crate) fn for_each_occ(&self, start: usize, end: usize, mut f: impl FnMut(usize) -> bool) {
+        let mut w = start / WORD;
+        while w * WORD < end {
+            let lo = w * WORD;
+            let mut m = self.occ[w];
+            if start > lo {
+                m &= u64::MAX << (start - lo);
+            }
+            if end < lo + WORD {
+                m &= (1u64 << (end - lo)) - 1;
+            }
+            while m != 0 {
+                let b = m.trailing_zeros() as usize;
+                m &= m - 1;
+                if !f(lo + b) {
+                    return;
+                }
+            }
+            w += 1;
+        }
+    }
+
     /// Occupied frames in `[start, end)`.
     pub(crate) fn occ_count(&self, start: usize, end: usize) -> usize {
         self.occ_in(1, 0, self.leaves * WORD, start, end)
@@ -454,6 +478,10 @@ mod tests {
                 let end = (from + need).min(frames);
                 let from = from.min(end);
                 prop_assert_eq!(t.occ_count(from, end), occ[from..end].iter().filter(|b| **b).count());
+                let mut seen = Vec::new();
+                t.for_each_occ(from, end, |f| { seen.push(f); true });
+                let want: Vec<usize> = (from..end).filter(|f| occ[*f]).collect();
+                prop_assert_eq!(seen, want);
                 let last = clean[..end].iter().rposition(|b| !*b);
                 prop_assert_eq!(t.last_clean(end), last);
             }

@@ -200,32 +200,39 @@ impl Shared {
         n: usize,
     ) -> Result<Prepared, usize> {
         m.tree.set_alloc(start, n, true);
+        // Occupied frames: freeze each (visiting only the occupied ones, a leaf word
+        // at a time, so that the hold does not grow with the range's length).
         let mut moves = Vec::new();
-        for f in start..start + n {
-            let ok = if m.tree.is_occ(f) {
-                let r = frame::try_freeze(&self.words[f], Tag::Occupied);
-                if r.is_ok() {
-                    if let Some(occupant) = m.occupants[f] {
-                        moves.push(FrameMove {
-                            occupant,
-                            src: f,
-                            dst: Destination::OutOfRegion,
-                        });
-                    }
-                }
-                r.is_ok()
-            } else {
-                // Pins on a non-occupied frame can only be leftovers (see claim_clean).
-                frame::pins_of(self.words[f].get()) == 0
-            };
-            if !ok {
-                for g in (start..f).filter(|g| m.tree.is_occ(*g)) {
-                    frame::thaw(&self.words[g], Tag::Occupied);
-                }
-                m.tree.set_alloc(start, n, false);
-                Stats::bump(&self.stats.c.claim_races, 1);
-                return Err(f);
+        let mut frozen = Vec::new();
+        let mut failed = None;
+        let (tree, occupants) = (&m.tree, &m.occupants);
+        tree.for_each_occ(start, start + n, |f| {
+            if frame::try_freeze(&self.words[f], Tag::Occupied).is_err() {
+                failed = Some(f);
+                return false;
             }
+            frozen.push(f);
+            if let Some(occupant) = occupants[f] {
+                moves.push(FrameMove {
+                    occupant,
+                    src: f,
+                    dst: Destination::OutOfRegion,
+                });
+            }
+            true
+        });
+        // Other frames: pins left over from an allocation freed while pinned (see
+        // claim_clean), found through the pageblock hints.
+        if failed.is_none() {
+            failed = self.leftover_pin(m, start, n);
+        }
+        if let Some(f) = failed {
+            for g in frozen {
+                frame::thaw(&self.words[g], Tag::Occupied);
+            }
+            m.tree.set_alloc(start, n, false);
+            Stats::bump(&self.stats.c.claim_races, 1);
+            return Err(f);
         }
         // Destinations: clean frames from the top of the region down, taken in one
         // batch; the range itself is excluded because it is now marked allocated.
@@ -251,6 +258,26 @@ impl Shared {
             frames: n,
             plan,
         })
+    }
+
+    /// First non-occupied frame of `[start, start+n)` that still carries a pin,
+    /// looking only inside pageblocks whose hint says they have pinned frames.
+    fn leftover_pin(&self, m: &MapState, start: usize, n: usize) -> Option<usize> {
+        let end = start + n;
+        let mut f = start;
+        while f < end {
+            let b = self.block_of(f);
+            let block_end = ((b + 1) * self.block_frames).min(end);
+            if self.block_pins[b].load(std::sync::atomic::Ordering::Acquire) != 0 {
+                for g in f..block_end {
+                    if !m.tree.is_occ(g) && frame::pins_of(self.words[g].get()) != 0 {
+                        return Some(g);
+                    }
+                }
+            }
+            f = block_end;
+        }
+        None
     }
 
     /// Run the plan through the mover (no lock held) and return how many moves took
