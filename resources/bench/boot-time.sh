@@ -17,21 +17,26 @@ gcc -static -O2 -Wall -o target/bench/firstline resources/bench/firstline.c
 kernel=$ROOT/target/guest/kernel
 initrd=$ROOT/target/guest/initramfs.cpio.gz
 qemu=$(command -v qemu-system-x86_64)
-# 512M of RAM for both; dmavisor's CMA area is its 96M DMA window, QEMU's is cma=96M in RAM,
-# so QEMU gets 512M + 96M. Mappings of 96M or more are guest memory.
+# The same guest for dmavisor and QEMU: 608M of RAM with cma=96M inside it. A third row runs
+# dmavisor as the product is meant to be run: 512M of RAM plus a 96M DMA window (the guest's CMA
+# area), which also reserves and populates a 96M host region while the guest boots.
+# Mappings of 96M or more are guest memory or the region, both left out of the VMM's overhead.
 cmdline="console=ttyS0 panic=-1 quiet dmavisor.scenario=info"
 inner=target/bench/boot-time-inner.sh
 cat >"$inner" <<INNER
 #!/bin/sh
 for i in \$(seq 1 $runs); do
   $ROOT/target/bench/firstline --label dmavisor --run \$i --marker DMAVISOR-INIT --timeout 60 --guest-min-kb 98304 -- \\
-    dmavisor run --kernel $kernel --initrd $initrd --memory size=512M --dma-window size=96M \\
-      --cmdline "$cmdline reboot=k"
+    dmavisor run --kernel $kernel --initrd $initrd --memory size=608M --dma-window size=0 \\
+      --cmdline "$cmdline reboot=k cma=96M"
   $ROOT/target/bench/firstline --label qemu-microvm --run \$i --marker DMAVISOR-INIT --timeout 60 --guest-min-kb 98304 -- \\
     $qemu -M microvm,x-option-roms=off,rtc=off -enable-kvm -cpu host -m 608M -smp 1 \\
       -nodefaults -no-user-config -display none -serial stdio -no-reboot \\
       -bios /usr/share/qemu/qboot.rom -kernel $kernel -initrd $initrd \\
       -append "$cmdline reboot=t cma=96M"
+  $ROOT/target/bench/firstline --label dmavisor-window --run \$i --marker DMAVISOR-INIT --timeout 60 --guest-min-kb 98304 -- \\
+    dmavisor run --kernel $kernel --initrd $initrd --memory size=512M --dma-window size=96M \\
+      --cmdline "$cmdline reboot=k"
 done
 INNER
 chmod +x "$inner"
@@ -52,7 +57,7 @@ echo "Boot to the guest init's first line, $runs runs each, $where ($(date -u +%
 echo
 echo "| VMM | median ms | p90 ms | min ms | max ms | failed | RSS outside guest memory, median KiB |"
 echo "|---|---|---|---|---|---|---|"
-for label in dmavisor qemu-microvm; do
+for label in dmavisor qemu-microvm dmavisor-window; do
   tr -d '\r' <"$log" | grep -o "BENCH label=$label .*" | awk 'BEGIN { n = 0; failed = 0 }
     { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
       if (v["first_line_ms"] < 0) { failed++; next }
@@ -64,11 +69,14 @@ for label in dmavisor qemu-microvm; do
 done
 # Runs are interleaved, so each dmavisor run has a QEMU run next to it under the same load:
 # the paired ratio is the least noisy comparison.
-tr -d '\r' <"$log" | grep -o "BENCH label=.*" | awk '
-  { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-    if (v["first_line_ms"] < 0) next
-    if (v["label"] == "dmavisor") d[v["run"]] = v["first_line_ms"]; else q[v["run"]] = v["first_line_ms"] }
-  END { n = 0; won = 0
-    for (r in d) if (r in q) { ratio[n++] = d[r] / q[r]; if (d[r] <= q[r]) won++ }
-    for (i = 1; i < n; i++) { x = ratio[i]; for (j = i - 1; j >= 0 && ratio[j] > x; j--) ratio[j + 1] = ratio[j]; ratio[j + 1] = x }
-    printf "\nPaired runs: dmavisor at or below QEMU in %d of %d; median dmavisor/QEMU ratio %.2f\n", won, n, ratio[int((n - 1) / 2)] }'
+for label in dmavisor dmavisor-window; do
+  tr -d '\r' <"$log" | grep -o "BENCH label=.*" | awk -v want="$label" '
+    { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+      if (v["first_line_ms"] < 0) next
+      if (v["label"] == want) d[v["run"]] = v["first_line_ms"]
+      else if (v["label"] == "qemu-microvm") q[v["run"]] = v["first_line_ms"] }
+    END { n = 0; won = 0
+      for (r in d) if (r in q) { ratio[n++] = d[r] / q[r]; if (d[r] <= q[r]) won++ }
+      for (i = 1; i < n; i++) { x = ratio[i]; for (j = i - 1; j >= 0 && ratio[j] > x; j--) ratio[j + 1] = ratio[j]; ratio[j + 1] = x }
+      printf "Paired runs, %s vs qemu-microvm: at or below QEMU in %d of %d; median ratio %.2f\n", want, won, n, ratio[int((n - 1) / 2)] }'
+done

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ByteSize, VmConfig};
+use crate::config::{ByteSize, RegionBacking, VmConfig};
 use crate::vm::Vm;
 
 #[derive(Parser, Debug)]
@@ -45,9 +45,36 @@ struct RunArgs {
     /// The guest's DMA window, its CMA area, e.g. size=64M (default 64M; size=0 disables).
     #[arg(long = "dma-window", value_name = "size=SIZE", value_parser = parse_size_option("--dma-window"))]
     dma_window: Option<ByteSize>,
+    /// The host contiguous region behind DMA mappings, e.g. size=128M,backing=hugetlb
+    /// (backing: auto, hugetlb, dma-heap, memfd; default: the window's size, auto).
+    #[arg(long, value_name = "size=SIZE,backing=KIND", value_parser = parse_region)]
+    region: Option<RegionArg>,
     /// A TOML or JSON file with the same settings; flags given as well override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+/// `--region` as given: only the keys present override the configuration.
+#[derive(Clone, Debug, Default)]
+struct RegionArg {
+    size: Option<ByteSize>,
+    backing: Option<RegionBacking>,
+}
+
+fn parse_region(s: &str) -> Result<RegionArg, String> {
+    let mut arg = RegionArg::default();
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("size", v)) => arg.size = Some(v.parse::<ByteSize>().map_err(|e| e.to_string())?),
+            Some(("backing", v)) => arg.backing = Some(v.parse()?),
+            _ => {
+                return Err(format!(
+                    "`{part}` in --region {s}: the accepted form is --region size=SIZE,backing=auto|hugetlb|dma-heap|memfd"
+                ))
+            }
+        }
+    }
+    Ok(arg)
 }
 
 /// Parses `size=SIZE` (or a bare `SIZE`) for the option `flag`.
@@ -119,6 +146,14 @@ impl RunArgs {
         if let Some(w) = self.dma_window {
             config.dma_window.size = w;
         }
+        if let Some(r) = self.region {
+            if let Some(size) = r.size {
+                config.region.size = Some(size);
+            }
+            if let Some(backing) = r.backing {
+                config.region.backing = backing;
+            }
+        }
         Ok(config)
     }
 }
@@ -138,6 +173,23 @@ mod tests {
             "{e}"
         );
         assert!(p("size=lots").unwrap_err().contains("\"lots\""));
+    }
+
+    #[test]
+    fn region_option_parses_and_names_mistakes() {
+        let r = parse_region("size=128M,backing=memfd").unwrap();
+        assert_eq!(
+            (r.size, r.backing),
+            (Some(ByteSize(128 << 20)), Some(RegionBacking::Memfd))
+        );
+        let r = parse_region("backing=dma-heap").unwrap();
+        assert_eq!((r.size, r.backing), (None, Some(RegionBacking::DmaHeap)));
+        assert!(parse_region("backing=gold")
+            .unwrap_err()
+            .contains("auto, hugetlb, dma-heap, memfd"));
+        assert!(parse_region("sise=1G")
+            .unwrap_err()
+            .contains("size=SIZE,backing="));
     }
 
     #[test]

@@ -124,6 +124,47 @@ impl Default for DmaWindowConfig {
     }
 }
 
+/// Where the host contiguous region comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RegionBacking {
+    /// 2 MiB huge pages where the host has them reserved, else a memfd (logged).
+    #[default]
+    Auto,
+    /// 2 MiB huge pages (hugetlbfs memfd); an error if the host has none free.
+    Hugetlb,
+    /// A buffer from the host's CMA or reserved dma-buf heap (`/dev/dma_heap`).
+    DmaHeap,
+    /// Plain memory: contiguous to the guest, not physically on the host (labelled so).
+    Memfd,
+}
+
+impl FromStr for RegionBacking {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "hugetlb" => Ok(Self::Hugetlb),
+            "dma-heap" => Ok(Self::DmaHeap),
+            "memfd" => Ok(Self::Memfd),
+            _ => Err(format!(
+                "unknown region backing `{s}`; use one of auto, hugetlb, dma-heap, memfd"
+            )),
+        }
+    }
+}
+
+/// The host contiguous region behind the guest's DMA mappings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    /// Bytes of host memory; default: the DMA window's size.
+    #[serde(default)]
+    pub size: Option<ByteSize>,
+    #[serde(default)]
+    pub backing: RegionBacking,
+}
+
 /// Everything needed to start a VM. `dmavisor run` flags and `--config FILE` both produce it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,6 +183,8 @@ pub struct VmConfig {
     pub cpus: u8,
     #[serde(default)]
     pub dma_window: DmaWindowConfig,
+    #[serde(default)]
+    pub region: RegionConfig,
 }
 
 fn default_cpus() -> u8 {
@@ -185,6 +228,8 @@ pub enum ConfigError {
     WindowTooLarge(ByteSize),
     #[error("--dma-window size={0} is not a multiple of 2M (the guest's CMA pageblock); try {1}")]
     WindowUnaligned(ByteSize, ByteSize),
+    #[error("--region size={0} must be a non-zero multiple of 2M, at most {max}", max = ByteSize(MAX_DMA_WINDOW))]
+    RegionSize(ByteSize),
 }
 
 impl VmConfig {
@@ -197,6 +242,7 @@ impl VmConfig {
             memory: MemoryConfig::default(),
             cpus: default_cpus(),
             dma_window: DmaWindowConfig::default(),
+            region: RegionConfig::default(),
         }
     }
 
@@ -250,6 +296,11 @@ impl VmConfig {
         if !win.0.is_multiple_of(DMA_WINDOW_ALIGN) {
             let up = ByteSize(win.0.div_ceil(DMA_WINDOW_ALIGN) * DMA_WINDOW_ALIGN);
             return Err(ConfigError::WindowUnaligned(win, up));
+        }
+        if let Some(size) = self.region.size {
+            if size.0 == 0 || size.0 > MAX_DMA_WINDOW || !size.0.is_multiple_of(DMA_WINDOW_ALIGN) {
+                return Err(ConfigError::RegionSize(size));
+            }
         }
         Ok(())
     }

@@ -4,6 +4,7 @@ mod arch;
 mod cli;
 mod config;
 mod devices;
+mod dma;
 mod hypervisor;
 mod memory;
 mod vcpu;

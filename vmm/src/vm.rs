@@ -22,6 +22,7 @@ use crate::arch::x86_64::layout::{
 use crate::arch::x86_64::{boot, mptable, regs};
 use crate::config::{ByteSize, VmConfig};
 use crate::devices::{DeviceError, DeviceManager};
+use crate::dma::{self, DmaError};
 use crate::hypervisor::{self, HypervisorError};
 use crate::memory::{self, MemoryError};
 use crate::vcpu::{ExitReason, ExitSignal, Vcpu, VcpuError};
@@ -39,6 +40,8 @@ pub enum VmError {
     Memory(#[from] MemoryError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error(transparent)]
+    Dma(#[from] DmaError),
     #[error(transparent)]
     Boot(#[from] boot::BootError),
     #[error(transparent)]
@@ -165,6 +168,16 @@ impl Vm {
         let transport = MmioTransport::new(rng, mem.clone(), irq).map_err(VmError::EventFd)?;
         devices.add_virtio_mmio(&vm, &mut cmdline, transport)?;
         events.add_subscriber(Arc::new(Mutex::new(rng_handler)));
+        if let Some(window) = layout.dma_window {
+            dma::attach_device(
+                &vm,
+                &mut devices,
+                &mut cmdline,
+                &mem,
+                window,
+                config.region.clone(),
+            )?;
+        }
 
         let entry = boot::load(
             &mem,

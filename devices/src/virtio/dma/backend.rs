@@ -193,6 +193,10 @@ impl DmaBackend for CmaBackend {
         Ok((alloc, placement))
     }
 
+    fn host_phys(&self) -> bool {
+        self.region.extents().iter().any(|e| e.phys.is_some())
+    }
+
     fn unmap(&self, gpa: u64, len: u64, mapping: Allocation) {
         if let Err(e) = self.back_with_ram(gpa, len) {
             // The range keeps the region's pages; leaking the allocation is the safe choice:

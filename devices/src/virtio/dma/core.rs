@@ -75,6 +75,10 @@ pub trait DmaBackend: Send + Sync {
     ) -> Result<(Self::Mapping, Placement), MapError>;
     /// Ends a mapping. Must not block.
     fn unmap(&self, gpa: u64, len: u64, mapping: Self::Mapping);
+    /// Whether placements carry host-physical addresses.
+    fn host_phys(&self) -> bool {
+        false
+    }
 }
 
 enum Entry<M> {

@@ -70,27 +70,61 @@ pub fn serve_chain<B: DmaBackend>(
     }
 }
 
+/// Where the device's core comes from: ready, or still being built on another thread (the
+/// host region is reserved while the guest boots; the guest first needs the device when its
+/// driver probes it).
+type CoreResult<B> = Result<Arc<DmaCore<B>>, String>;
+
 /// The device half that the transport drives.
 pub struct Dma<B: DmaBackend + 'static> {
-    core: Arc<DmaCore<B>>,
-    host_phys: bool,
+    pending: std::sync::Mutex<Option<JoinHandle<CoreResult<B>>>>,
+    core: std::sync::OnceLock<CoreResult<B>>,
     acked: u64,
     workers: Vec<(EventFd, JoinHandle<()>)>,
 }
 
 impl<B: DmaBackend + 'static> Dma<B> {
-    /// `host_phys`: the backend reveals host-physical addresses (offer F_HOST_PHYS).
-    pub fn new(core: Arc<DmaCore<B>>, host_phys: bool) -> Self {
+    pub fn new(core: Arc<DmaCore<B>>) -> Self {
+        let ready = std::sync::OnceLock::new();
+        let _ = ready.set(Ok(core));
         Self {
-            core,
-            host_phys,
+            pending: std::sync::Mutex::new(None),
+            core: ready,
             acked: 0,
             workers: Vec::new(),
         }
     }
 
-    pub fn core(&self) -> &Arc<DmaCore<B>> {
-        &self.core
+    /// A device whose core `build` is still making.
+    pub fn deferred(build: JoinHandle<CoreResult<B>>) -> Self {
+        Self {
+            pending: std::sync::Mutex::new(Some(build)),
+            core: std::sync::OnceLock::new(),
+            acked: 0,
+            workers: Vec::new(),
+        }
+    }
+
+    /// The core, waiting for it if it is still being built.
+    pub fn core(&self) -> Result<&Arc<DmaCore<B>>, &str> {
+        self.core
+            .get_or_init(|| {
+                let handle = self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                match handle.map(JoinHandle::join) {
+                    Some(Ok(result)) => result,
+                    Some(Err(_)) => Err("building the device panicked".into()),
+                    None => Err("the device was never built".into()),
+                }
+            })
+            .as_ref()
+            .map_err(|e| {
+                tracing::error!("virtio-dma: {e}");
+                e.as_str()
+            })
     }
 
     fn stop_workers(&mut self) {
@@ -170,14 +204,21 @@ impl<B: DmaBackend + 'static> VirtioDevice for Dma<B> {
         QUEUE_SIZES
     }
     fn device_features(&self) -> u64 {
-        let phys = if self.host_phys { F_HOST_PHYS } else { 0 };
+        let phys = match self.core() {
+            Ok(core) if core.backend().host_phys() => F_HOST_PHYS,
+            _ => 0,
+        };
         VIRTIO_F_VERSION_1 | F_DEADLINE | F_DISCARD | phys
     }
     fn set_acked_features(&mut self, acked: u64) {
         self.acked = acked;
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.core.config().encode();
+        let Ok(core) = self.core() else {
+            data.fill(0);
+            return;
+        };
+        let config = core.config().encode();
         let start = offset as usize;
         match start
             .checked_add(data.len())
@@ -203,6 +244,10 @@ impl<B: DmaBackend + 'static> VirtioDevice for Dma<B> {
                 "virtio-dma needs mapq and ctrlq".into(),
             ));
         }
+        let core = self
+            .core()
+            .map_err(|e| ActivateError::Device(e.to_string()))?
+            .clone();
         self.stop_workers();
         for (index, (mut queue, kick)) in queues.into_iter().zip(queue_evts).enumerate() {
             let name = if index == MAPQ {
@@ -216,7 +261,7 @@ impl<B: DmaBackend + 'static> VirtioDevice for Dma<B> {
             let stop_worker = stop
                 .try_clone()
                 .map_err(|e| ActivateError::Device(format!("eventfd: {e}")))?;
-            let (core, mem, interrupt) = (self.core.clone(), mem.clone(), interrupt.clone());
+            let (core, mem, interrupt) = (core.clone(), mem.clone(), interrupt.clone());
             let handle = std::thread::Builder::new()
                 .name(name.into())
                 .spawn(move || run_queue(&core, &mem, &mut queue, &kick, &stop_worker, &interrupt))
@@ -229,7 +274,9 @@ impl<B: DmaBackend + 'static> VirtioDevice for Dma<B> {
     fn reset(&mut self) {
         self.stop_workers();
         // A reset driver has forgotten its mappings; so does the device.
-        self.core.unmap_all();
+        if let Ok(core) = self.core() {
+            core.unmap_all();
+        }
     }
 }
 

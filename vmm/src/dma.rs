@@ -1,0 +1,193 @@
+//! The guest's DMA path on the host: the contiguous region, the allocator over it and the
+//! virtio-dma device that serves the guest's MAP/UNMAP requests from it.
+
+use std::sync::Arc;
+
+use cma::{
+    Allocator, AllocatorConfig, Backing, HugePageSize, MigrationPlan, MoveError, Mover, Region,
+};
+use devices::virtio::dma::{CmaBackend, Config, Dma, DmaCore, WindowMapping};
+use devices::virtio::MmioTransport;
+use kvm_ioctls::VmFd;
+use linux_loader::loader::Cmdline;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{ByteSize, RegionBacking, RegionConfig};
+use crate::devices::{DeviceError, DeviceManager};
+
+/// Most mappings a guest may hold at once.
+const MAX_MAPPINGS: u32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DmaError {
+    #[error("reserving the {size} host region ({backing:?}): {source}")]
+    Region {
+        size: ByteSize,
+        backing: RegionBacking,
+        source: cma::RegionError,
+    },
+    #[error("setting up the allocator: {0}")]
+    Allocator(#[from] cma::ConfigError),
+    #[error("the region cannot back the window: {0}")]
+    Backend(#[from] devices::virtio::dma::BackendError),
+    #[error("--region backing=hugetlb needs {need} free 2M huge pages for {size}, the host has {free}; reserve them with `echo {need} > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages` or use backing=auto")]
+    HugePages {
+        size: ByteSize,
+        need: u64,
+        free: u64,
+    },
+    #[error("the DMA window at {0:#x} has no host mapping")]
+    Window(u64),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("creating the device: {0}")]
+    Io(std::io::Error),
+}
+
+/// This version lends no region frames to guest memory, so there is never anything to move.
+struct NothingLent;
+
+impl Mover for NothingLent {
+    fn move_frames(&self, plan: &MigrationPlan) -> Result<(), MoveError> {
+        Err(MoveError {
+            completed: 0,
+            total: plan.len(),
+            frame: 0,
+            reason: "no region frames are lent out, so none can need moving".into(),
+        })
+    }
+}
+
+/// Reserves the region as configured; `auto` falls back from huge pages to a memfd, saying so.
+pub fn reserve_region(config: &RegionConfig, window_size: u64) -> Result<Region, DmaError> {
+    let size = config.size.unwrap_or(ByteSize(window_size));
+    let reserve = |backing: RegionBacking, b: Backing| {
+        Region::reserve(size.0 as usize, b).map_err(|source| DmaError::Region {
+            size,
+            backing,
+            source,
+        })
+    };
+    // 2 MiB pages: a 1 GiB page cannot be remapped into the window in pieces.
+    let huge = || Backing::Hugetlb(HugePageSize::Size2M);
+    let region = match config.backing {
+        RegionBacking::Auto => match reserve(RegionBacking::Hugetlb, huge()) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("{e}; using a plain memfd region (not physically contiguous)");
+                reserve(RegionBacking::Memfd, Backing::Memfd)?
+            }
+        },
+        RegionBacking::Hugetlb => reserve(RegionBacking::Hugetlb, huge())?,
+        RegionBacking::DmaHeap => reserve(
+            RegionBacking::DmaHeap,
+            Backing::DmaHeap {
+                name: String::new(),
+            },
+        )?,
+        RegionBacking::Memfd => reserve(RegionBacking::Memfd, Backing::Memfd)?,
+    };
+    tracing::info!(
+        size = %size,
+        backing = ?region.backing(),
+        contiguity = ?region.contiguity(),
+        extents = region.extents().len(),
+        largest_extent = region.largest_extent(),
+        "host region reserved"
+    );
+    Ok(region)
+}
+
+/// Creates the virtio-dma device for the window `(base, size)` and attaches it. The region is
+/// reserved on its own thread while the guest boots (populating it is the slowest part of
+/// starting a VM); the device waits for it only if the guest's driver asks first.
+pub fn attach_device(
+    vm: &VmFd,
+    devices: &mut DeviceManager,
+    cmdline: &mut Cmdline,
+    mem: &GuestMemoryMmap,
+    window: (u64, u64),
+    region_config: RegionConfig,
+) -> Result<(), DmaError> {
+    let (base, size) = window;
+    let host_addr = mem
+        .get_host_address(GuestAddress(base))
+        .map_err(|_| DmaError::Window(base))? as usize;
+    precheck(&region_config, size)?;
+    let build = std::thread::Builder::new()
+        .name("region".into())
+        .spawn(move || {
+            lower_priority();
+            build_core(
+                &region_config,
+                WindowMapping {
+                    base,
+                    len: size,
+                    host_addr,
+                },
+            )
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+        })
+        .map_err(DmaError::Io)?;
+    let device = Dma::deferred(build);
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DmaError::Io)?;
+    let transport = MmioTransport::new(device, mem.clone(), irq).map_err(DmaError::Io)?;
+    let (mmio, gsi) = devices.add_virtio_mmio(vm, cmdline, transport)?;
+    tracing::info!(mmio = format_args!("{mmio:#x}"), gsi, "virtio-dma attached");
+    Ok(())
+}
+
+/// The region thread populates memory while the guest boots; it must not take CPU time from
+/// the vCPUs, so it runs only when a CPU would otherwise idle.
+fn lower_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: changes only the calling thread's scheduling policy; `param` is a valid struct.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        tracing::debug!(
+            "SCHED_IDLE for the region thread: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Catches at start-up what would otherwise fail on the region thread: asking for huge pages
+/// the host does not have.
+fn precheck(config: &RegionConfig, window_size: u64) -> Result<(), DmaError> {
+    if config.backing != RegionBacking::Hugetlb {
+        return Ok(());
+    }
+    let size = config.size.unwrap_or(ByteSize(window_size));
+    let need = size.0.div_ceil(2 << 20);
+    let free: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+    if free < need {
+        return Err(DmaError::HugePages { size, need, free });
+    }
+    Ok(())
+}
+
+fn build_core(
+    config: &RegionConfig,
+    window: WindowMapping,
+) -> Result<DmaCore<CmaBackend>, DmaError> {
+    let region = Arc::new(reserve_region(config, window.len)?);
+    let largest_extent = region.largest_extent() as u64;
+    let region_size = region.len() as u64;
+    let allocator = Allocator::new(region, AllocatorConfig::default(), Arc::new(NothingLent))?;
+    let backend = CmaBackend::new(allocator, window)?;
+    let config = Config {
+        window_base: window.base,
+        window_size: window.len,
+        granule: backend.granule() as u32,
+        max_mappings: MAX_MAPPINGS,
+        max_map_len: largest_extent,
+        region_size,
+    };
+    tracing::info!(?config, "virtio-dma ready");
+    Ok(DmaCore::new(config, backend))
+}
