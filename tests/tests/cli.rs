@@ -76,6 +76,15 @@ fn window_larger_than_allowed_or_misaligned() {
 }
 
 #[test]
+fn bad_region_option() {
+    let k = guest_kernel();
+    let k = k.to_str().unwrap();
+    fails_saying(&["run", "--kernel", k, "--region", "backing=gold"], &["`gold`", "auto, hugetlb, dma-heap, memfd"]);
+    fails_saying(&["run", "--kernel", k, "--region", "size=3M"], &["--region size=3M", "multiple of 2M"]);
+    fails_saying(&["run", "--kernel", k, "--region", "colour=red"], &["colour=red", "size=SIZE,backing="]);
+}
+
+#[test]
 fn bad_cpu_count_and_config_file() {
     let k = guest_kernel();
     let k = k.to_str().unwrap();
