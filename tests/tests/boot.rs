@@ -108,6 +108,17 @@ fn guest_gets_entropy_from_the_virtio_rng_device() {
 }
 
 #[test]
+fn guest_finds_the_virtio_dma_device_with_a_window() {
+    let g = info_guest();
+    let ids = g.result("virtio_ids").unwrap_or_default();
+    assert!(
+        ids.contains("0x0004") && ids.contains("0x00c8"),
+        "virtio IDs {ids:?}; console:\n{}",
+        g.console
+    );
+}
+
+#[test]
 fn guest_allocates_and_frees_through_its_own_cma() {
     let g = Boot::scenario("cma-alloc").run();
     assert_eq!(g.exit_code, Some(0), "console:\n{}", g.console);

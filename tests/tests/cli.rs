@@ -79,9 +79,18 @@ fn window_larger_than_allowed_or_misaligned() {
 fn bad_region_option() {
     let k = guest_kernel();
     let k = k.to_str().unwrap();
-    fails_saying(&["run", "--kernel", k, "--region", "backing=gold"], &["`gold`", "auto, hugetlb, dma-heap, memfd"]);
-    fails_saying(&["run", "--kernel", k, "--region", "size=3M"], &["--region size=3M", "multiple of 2M"]);
-    fails_saying(&["run", "--kernel", k, "--region", "colour=red"], &["colour=red", "size=SIZE,backing="]);
+    fails_saying(
+        &["run", "--kernel", k, "--region", "backing=gold"],
+        &["`gold`", "auto, hugetlb, dma-heap, memfd"],
+    );
+    fails_saying(
+        &["run", "--kernel", k, "--region", "size=3M"],
+        &["--region size=3M", "multiple of 2M"],
+    );
+    fails_saying(
+        &["run", "--kernel", k, "--region", "colour=red"],
+        &["colour=red", "size=SIZE,backing="],
+    );
 }
 
 #[test]
