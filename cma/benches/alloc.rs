@@ -141,13 +141,15 @@ fn main() {
                 let vs = |c: &Cell| {
                     if c.migrating > 0 && c.preemptions_counted {
                         format!(
-                            "{:.2}, {:.2}; not preempted: p99 {:.2} ({} of {} migrated, {} of those preempted)",
+                            "{:.2}, {:.2}; not preempted: p99 {:.2}; no switch: p99 {:.2} ({} of {} migrated; {} preempted, {} slept)",
                             c.median_vs_memcpy,
                             c.p99_vs_memcpy,
                             c.p99_vs_memcpy_on_cpu,
+                            c.p99_vs_memcpy_no_switch,
                             c.migrating,
                             c.ops,
-                            c.migrating_preempted
+                            c.migrating_preempted,
+                            c.migrating_slept
                         )
                     } else if c.migrating > 0 {
                         format!(

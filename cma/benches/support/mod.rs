@@ -165,7 +165,15 @@ impl Ours {
     pub fn new(s: Scenario) -> Self {
         let region = Arc::new(Region::reserve(GIB, Backing::Memfd).unwrap());
         let mover = Arc::new(RecordingMover(MemcpyMover::new(region.clone())));
-        let a = Allocator::new(region, AllocatorConfig::default(), mover.clone()).unwrap();
+        // CMA_BENCH_CPH: candidates per map-lock hold (experiments only).
+        let mut config = AllocatorConfig::default();
+        if let Some(c) = std::env::var("CMA_BENCH_CPH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            config.candidates_per_hold = c;
+        }
+        let a = Allocator::new(region, config, mover.clone()).unwrap();
         let l = layout(s);
         // Standing allocations at chosen places: allocate every frame singly and keep
         // the ones inside standing ranges (the tree state is the same as if each
@@ -348,6 +356,10 @@ pub struct Cell {
     pub migrating_preempted: u64,
     /// p99 of the ratio over migrating requests that were not preempted.
     pub p99_vs_memcpy_on_cpu: f64,
+    /// Migrating requests not preempted but during which the thread slept.
+    pub migrating_slept: u64,
+    /// p99 of the ratio over migrating requests with no context switch at all.
+    pub p99_vs_memcpy_no_switch: f64,
     pub mean_migrated_bytes: f64,
 }
 
@@ -433,9 +445,9 @@ pub fn measure<A: BenchAlloc + 'static>(
                 let mut busy = Duration::ZERO;
                 let t_end = Instant::now() + dur;
                 let mut iv = if count_preemptions {
-                    involuntary_switches()
+                    switches()
                 } else {
-                    0
+                    (0, 0)
                 };
                 let mut t = Instant::now();
                 while t < t_end || samples.len() < 5 {
@@ -454,20 +466,23 @@ pub fn measure<A: BenchAlloc + 'static>(
                     // (an involuntary context switch) during the pair? Voluntary
                     // switches (a parked lock, a Retry back-off) are not excluded
                     // anywhere: they are the allocator's own waiting.
-                    let preempted = count_preemptions && {
-                        let now_iv = involuntary_switches();
-                        let p = now_iv != iv;
+                    let (preempted, slept) = if count_preemptions {
+                        let now_iv = switches();
+                        let p = (now_iv.0 != iv.0, now_iv.1 != iv.1);
                         iv = now_iv;
                         p
+                    } else {
+                        (false, false)
                     };
                     samples.push(Sample {
                         ns: lat.as_nanos() as u64,
                         bytes,
                         preempted,
+                        slept,
                     });
                     a.restore();
                     if count_preemptions {
-                        iv = involuntary_switches();
+                        iv = switches();
                     }
                     t = Instant::now();
                 }
@@ -491,10 +506,13 @@ pub fn measure<A: BenchAlloc + 'static>(
             .copied()
             .unwrap_or(0)
     };
-    let ratios = |on_cpu_only: bool| {
+    // 0: every migrating pair; 1: not preempted; 2: no context switch at all.
+    let ratios = |filter: u8| {
         let mut r: Vec<f64> = all
             .iter()
-            .filter(|s| s.bytes > 0 && !(on_cpu_only && s.preempted))
+            .filter(|s| s.bytes > 0)
+            .filter(|s| filter < 1 || !s.preempted)
+            .filter(|s| filter < 2 || !s.slept)
             .map(|s| s.ns as f64 / memcpy.ns_for(s.bytes / 4096))
             .collect();
         r.sort_by(|x, y| x.total_cmp(y));
@@ -505,7 +523,7 @@ pub fn measure<A: BenchAlloc + 'static>(
             .copied()
             .unwrap_or(0.0)
     };
-    let (r_all, r_cpu) = (ratios(false), ratios(true));
+    let (r_all, r_cpu, r_none) = (ratios(0), ratios(1), ratios(2));
     Cell {
         ops: all.len() as u64,
         fails: fails.load(Ordering::Relaxed),
@@ -518,6 +536,8 @@ pub fn measure<A: BenchAlloc + 'static>(
         preemptions_counted: count_preemptions,
         migrating_preempted: (r_all.len() - r_cpu.len()) as u64,
         p99_vs_memcpy_on_cpu: fpct(&r_cpu, 0.99),
+        migrating_slept: (r_cpu.len() - r_none.len()) as u64,
+        p99_vs_memcpy_no_switch: fpct(&r_none, 0.99),
         mean_migrated_bytes: all.iter().map(|s| s.bytes as f64).sum::<f64>()
             / all.len().max(1) as f64,
     }
@@ -526,17 +546,21 @@ pub fn measure<A: BenchAlloc + 'static>(
 struct Sample {
     ns: u64,
     bytes: usize,
+    /// An involuntary context switch happened during the pair.
     preempted: bool,
+    /// A voluntary one did (the thread slept: a parked lock, a Retry back-off).
+    slept: bool,
 }
 
-/// This thread's involuntary context switches so far (`getrusage(RUSAGE_THREAD)`).
-fn involuntary_switches() -> i64 {
+/// This thread's (involuntary, voluntary) context switches so far
+/// (`getrusage(RUSAGE_THREAD)`).
+fn switches() -> (i64, i64) {
     // SAFETY: `ru` is a plain-data struct that getrusage fills in; all-zero is a
     // valid value for it.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: RUSAGE_THREAD with a valid, writable rusage pointer.
     unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
-    ru.ru_nivcsw
+    (ru.ru_nivcsw, ru.ru_nvcsw)
 }
 
 /// The memcpy reference, measured in the same run: the median time to copy `k`
