@@ -12,8 +12,15 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, debug_span, trace};
 
+use super::cache::ShardRef;
 use super::claim::{Batch, PinnedCandidate};
 use super::{Allocator, Shared};
+
+/// The calling thread's shard number.
+#[inline]
+fn s_index(s: &Shared) -> usize {
+    s.caches.index()
+}
 use crate::error::AllocError;
 use crate::frame::{self, Word};
 use crate::freetree::Class;
@@ -68,7 +75,8 @@ impl AllocRequest {
 /// A contiguous range handed out by [`Allocator::alloc`]. Dropping it (or calling
 /// [`Allocation::free`]) releases the range without blocking or allocating.
 pub struct Allocation {
-    shared: Arc<Shared>,
+    /// Keeps the allocator alive; per shard, see `cache::ShardRef`.
+    owner: Arc<ShardRef>,
     start: usize,
     frames: usize,
     extent: usize,
@@ -90,12 +98,12 @@ impl std::fmt::Debug for Allocation {
 impl Allocation {
     /// Byte offset in the region.
     pub fn offset(&self) -> usize {
-        self.start * self.shared.config.granule
+        self.start * self.owner.shared.config.granule
     }
 
     /// Length in bytes (the request rounded up to whole frames).
     pub fn len(&self) -> usize {
-        self.frames * self.shared.config.granule
+        self.frames * self.owner.shared.config.granule
     }
 
     /// Never true: zero-length requests are rejected.
@@ -110,15 +118,16 @@ impl Allocation {
 
     /// Host virtual address of the first byte.
     pub fn host_addr(&self) -> NonNull<u8> {
-        let base = self.shared.region.host_addr().as_ptr();
+        let base = self.owner.shared.region.host_addr().as_ptr();
         NonNull::new(base.wrapping_add(self.offset())).unwrap_or(NonNull::dangling())
     }
 
     /// Host physical address of the first byte, when the region knows it.
     pub fn phys_addr(&self) -> Option<u64> {
-        let e = self.shared.extents[self.extent];
-        e.phys_frame
-            .map(|pf| (pf + (self.start - e.start) as u64) * self.shared.config.granule as u64)
+        let e = self.owner.shared.extents[self.extent];
+        e.phys_frame.map(|pf| {
+            (pf + (self.start - e.start) as u64) * self.owner.shared.config.granule as u64
+        })
     }
 
     /// Index of the extent (see [`crate::Region::extents`]) holding the allocation.
@@ -138,10 +147,10 @@ impl Allocation {
 impl Drop for Allocation {
     fn drop(&mut self) {
         if self.try_cache() {
-            self.shared.notify_inner(true);
+            self.owner.shared.notify_inner(true);
             return;
         }
-        let s = &self.shared;
+        let s = &self.owner.shared;
         // Nothing per frame: allocated frames carry no lock-free state (see
         // `crate::frame`), so a release is one tree update, or one queue push.
         match s.map.try_lock() {
@@ -167,7 +176,7 @@ impl Allocation {
     /// (nothing done) if the block is not cacheable, the shard is busy or its list
     /// is full.
     fn try_cache(&mut self) -> bool {
-        let s = &self.shared;
+        let s = &self.owner.shared;
         let n = self.frames;
         let Some(k) = s.caches.order(n, n) else {
             return false;
@@ -437,7 +446,7 @@ impl Allocator {
 
     fn handle(&self, start: usize, frames: usize, extent: usize, migrated: usize) -> Allocation {
         Allocation {
-            shared: self.shared.clone(),
+            owner: self.owners[s_index(&self.shared)].clone(),
             start,
             frames,
             extent,
@@ -466,7 +475,7 @@ impl Allocator {
             node
         };
         Some(Allocation {
-            shared: s.clone(),
+            owner: self.owners[s_index(s)].clone(),
             start: node.start,
             frames: node.frames,
             extent: node.extent,

@@ -142,6 +142,17 @@ pub(crate) struct Caches {
     mask: usize,
 }
 
+/// What an `Allocation` holds to keep the allocator alive: one per shard, each on
+/// its own cache lines. Every handle taking a reference on the same `Arc<Shared>`
+/// would make two threads' allocations and frees bounce that one reference count
+/// (and the fields next to it) between their cores; with one owner per shard, a
+/// thread only touches its shard's count. The allocator handle holds the owners;
+/// an owner holds the shared state, so there is no cycle.
+#[repr(align(128))]
+pub(crate) struct ShardRef {
+    pub(crate) shared: std::sync::Arc<Shared>,
+}
+
 thread_local! {
     /// This thread's shard number (taken round-robin at first use).
     static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
@@ -190,9 +201,16 @@ impl Caches {
         }
     }
 
+    /// The calling thread's shard number.
+    #[inline]
+    pub(crate) fn index(&self) -> usize {
+        thread_shard() & self.mask
+    }
+
     /// The calling thread's shard.
+    #[inline]
     pub(crate) fn mine(&self) -> &ShardLock<Shard> {
-        &self.shards[thread_shard() & self.mask].0
+        &self.shards[self.index()].0
     }
 
     /// The cache order serving `n` frames aligned to `align` frames, if any.

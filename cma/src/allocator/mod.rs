@@ -147,6 +147,8 @@ pub struct FrameInfo {
 #[derive(Clone)]
 pub struct Allocator {
     pub(crate) shared: Arc<Shared>,
+    /// One owner per shard, handed to the allocations made on that shard.
+    pub(crate) owners: Arc<[Arc<cache::ShardRef>]>,
 }
 
 impl std::fmt::Debug for Allocator {
@@ -235,9 +237,15 @@ impl Allocator {
             caches: cache::Caches::new(frames, config.small_cache_batch),
             region,
         };
-        Ok(Allocator {
-            shared: Arc::new(shared),
-        })
+        let shared = Arc::new(shared);
+        let owners = (0..shared.caches.shards.len())
+            .map(|_| {
+                Arc::new(cache::ShardRef {
+                    shared: shared.clone(),
+                })
+            })
+            .collect();
+        Ok(Allocator { shared, owners })
     }
 
     pub fn region(&self) -> &Arc<Region> {
