@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PKGS=(
-  build-essential flex bison bc libelf-dev cpio xz-utils zstd kmod
+  build-essential flex bison bc libelf-dev cpio xz-utils zstd kmod python3
   linux-source-6.12
   busybox-static
   qemu-system-x86

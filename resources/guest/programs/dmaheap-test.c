@@ -1,7 +1,8 @@
 // Allocates buffers from a dma-buf heap with the standard DMA_HEAP_IOCTL_ALLOC, maps them,
 // checks they come zeroed, writes and reads back a pattern, frees them, and reports latency.
 //
-// usage: dmaheap-test HEAP_PATH SIZE COUNT
+// usage: dmaheap-test HEAP_PATH SIZE COUNT [hold]
+// With "hold", every buffer is kept until all COUNT were tried (to exhaust a heap).
 // prints: DMAVISOR-RESULT heap=... size=... count=... ok=N failed=N errno=E verify=ok|bad
 //         alloc_us_p50=... alloc_us_p99=... alloc_us_max=...
 #include <errno.h>
@@ -34,8 +35,8 @@ static int sync_buf(int fd, uint64_t flags) {
 }
 
 int main(int argc, char **argv) {
-  if (argc != 4) {
-    fprintf(stderr, "usage: %s HEAP_PATH SIZE COUNT\n", argv[0]);
+  if (argc != 4 && argc != 5) {
+    fprintf(stderr, "usage: %s HEAP_PATH SIZE COUNT [hold]\n", argv[0]);
     return 2;
   }
   const char *heap = argv[1];
@@ -50,6 +51,9 @@ int main(int argc, char **argv) {
     printf("DMAVISOR-RESULT heap=%s open=failed errno=%d\n", heap, errno);
     return 1;
   }
+  int hold = argc == 5 && strcmp(argv[4], "hold") == 0;
+  int *held = calloc((size_t)count, sizeof(int));
+  int nheld = 0;
   uint64_t *lat = calloc((size_t)count, sizeof(uint64_t));
   int ok = 0, failed = 0, last_errno = 0, verify_bad = 0;
   for (int i = 0; i < count; i++) {
@@ -86,8 +90,13 @@ int main(int argc, char **argv) {
       }
     sync_buf(buf_fd, DMA_BUF_SYNC_END | DMA_BUF_SYNC_RW);
     munmap(p, size);
-    close(buf_fd);
+    if (hold)
+      held[nheld++] = buf_fd;
+    else
+      close(buf_fd);
   }
+  for (int k = 0; k < nheld; k++) close(held[k]);
+  free(held);
   qsort(lat, (size_t)ok, sizeof(uint64_t), cmp_u64);
   uint64_t p50 = ok ? lat[ok / 2] : 0;
   uint64_t p99 = ok ? lat[(ok * 99) / 100 < ok ? (ok * 99) / 100 : ok - 1] : 0;

@@ -74,31 +74,44 @@ impl CmaBackend {
         (self.window.host_addr + (gpa - self.window.base) as usize) as *mut libc::c_void
     }
 
-    /// Points the window's `[gpa, gpa + len)` at the region's pages under `alloc`.
+    /// Points the window's `[gpa, gpa + len)` at the region's pages under `alloc`, one `mmap`
+    /// per run of pages that are consecutive in the region's file.
     fn back_with(&self, gpa: u64, alloc: &Allocation) -> std::io::Result<()> {
-        for off in (0..alloc.len()).step_by(self.page) {
-            let file_off = self
-                .region
+        let file_offset = |off: usize| {
+            self.region
                 .file_offset(alloc.offset() + off)
-                .ok_or_else(|| std::io::Error::other("allocation outside the region"))?;
-            let at = self.host_ptr(gpa + off as u64);
-            // SAFETY: `at` is page aligned inside the window's own mapping, which the VMM
-            // created for exactly this and never hands out as anything else; MAP_FIXED only
-            // replaces those pages. The region fd outlives the mapping (the allocator holds
-            // the region).
+                .ok_or_else(|| std::io::Error::other("allocation outside the region"))
+        };
+        let mut run_start = 0;
+        while run_start < alloc.len() {
+            let first = file_offset(run_start)?;
+            let mut run_len = self.page;
+            while run_start + run_len < alloc.len()
+                && file_offset(run_start + run_len)? == first + run_len as u64
+            {
+                run_len += self.page;
+            }
+            let at = self.host_ptr(gpa + run_start as u64);
+            // SAFETY: `at..at + run_len` is page aligned inside the window's own mapping, which
+            // the VMM created for exactly this and never hands out as anything else; MAP_FIXED
+            // only replaces those pages. The region fd outlives the mapping (the allocator
+            // holds the region).
             let rc = unsafe {
                 libc::mmap(
                     at,
-                    self.page,
+                    run_len,
                     libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    // The region's pages exist already: fill the page tables now rather than
+                    // fault them in one by one when the guest first touches the buffer.
+                    libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE,
                     self.region.fd(),
-                    file_off as libc::off_t,
+                    first as libc::off_t,
                 )
             };
             if rc == libc::MAP_FAILED {
                 return Err(std::io::Error::last_os_error());
             }
+            run_start += run_len;
         }
         Ok(())
     }
