@@ -140,3 +140,37 @@ fn malformed_requests_get_their_status_and_others_keep_working() {
     assert_eq!(g.number("buffers_left"), 0);
     assert_eq!(g.exit_code, Some(0), "the VMM survived it all");
 }
+
+#[test]
+fn held_buffers_sit_at_distinct_host_contiguous_places() {
+    let g = guest();
+    // The first listing is of the four 2 MiB buffers held together (later ones list the
+    // exhaustion test's buffers).
+    let buffers: Vec<HashMap<String, String>> = g
+        .results()
+        .into_iter()
+        .filter(|m| m.contains_key("host_addr"))
+        .take(4)
+        .collect();
+    assert!(buffers.iter().all(|b| b["len"] == "2097152"), "{buffers:?}");
+    assert_eq!(
+        buffers.len(),
+        4,
+        "four held 2 MiB buffers listed; console:\n{}",
+        g.console
+    );
+    let mut addrs: Vec<u64> = buffers
+        .iter()
+        .map(|b| u64::from_str_radix(b["host_addr"].trim_start_matches("0x"), 16).unwrap())
+        .collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 4, "distinct host placements: {buffers:?}");
+    for b in &buffers {
+        if b["host"] == "phys" {
+            // A host-physical address: the region's extents hold whole 2 MiB-aligned pages.
+            let a = u64::from_str_radix(b["host_addr"].trim_start_matches("0x"), 16).unwrap();
+            assert_eq!(a % (2 << 20), 0, "{b:?}");
+        }
+    }
+}

@@ -95,6 +95,13 @@ int main(int argc, char **argv) {
     else
       close(buf_fd);
   }
+  if (hold && strstr(heap, "virtio-dma")) {
+    // While every buffer is held: where the host put them (the driver's debugfs list).
+    FILE *f = fopen("/sys/kernel/debug/virtio-dma/buffers", "r");
+    char line[256];
+    while (f && fgets(line, sizeof line, f)) printf("DMAVISOR-RESULT buffer %s", line);
+    if (f) fclose(f);
+  }
   for (int k = 0; k < nheld; k++) close(held[k]);
   free(held);
   qsort(lat, (size_t)ok, sizeof(uint64_t), cmp_u64);
