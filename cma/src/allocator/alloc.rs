@@ -15,12 +15,6 @@ use tracing::{debug, debug_span, trace};
 use super::cache::ShardRef;
 use super::claim::{Batch, PinnedCandidate};
 use super::{Allocator, Shared};
-
-/// The calling thread's shard number.
-#[inline]
-fn s_index(s: &Shared) -> usize {
-    s.caches.index()
-}
 use crate::error::AllocError;
 use crate::frame::{self, Word};
 use crate::freetree::Class;
@@ -446,7 +440,7 @@ impl Allocator {
 
     fn handle(&self, start: usize, frames: usize, extent: usize, migrated: usize) -> Allocation {
         Allocation {
-            owner: self.owners[s_index(&self.shared)].clone(),
+            owner: self.owners[self.shared.caches.index()].clone(),
             start,
             frames,
             extent,
@@ -475,7 +469,7 @@ impl Allocator {
             node
         };
         Some(Allocation {
-            owner: self.owners[s_index(s)].clone(),
+            owner: self.owners[s.caches.index()].clone(),
             start: node.start,
             frames: node.frames,
             extent: node.extent,
