@@ -14,7 +14,7 @@ use tracing::{debug, debug_span, trace};
 
 use super::cache::ShardRef;
 use super::claim::{Batch, PinnedCandidate};
-use super::{Allocator, Shared};
+use super::Allocator;
 use crate::error::AllocError;
 use crate::frame::{self, Word};
 use crate::freetree::Class;
