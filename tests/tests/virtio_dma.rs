@@ -174,3 +174,24 @@ fn held_buffers_sit_at_distinct_host_contiguous_places() {
         }
     }
 }
+
+#[test]
+fn larger_than_any_extent_is_toobig_on_the_host_and_enomem_in_the_guest() {
+    // A 32M region behind a 64M window: its largest extent is at most 32M.
+    let mut boot = Boot::scenario("virtio-dma-toobig");
+    boot.extra = vec!["--region".into(), "size=32M".into()];
+    let g = boot.run();
+    let r = g
+        .line_with("raw_case", "map_larger_than_extent")
+        .unwrap_or_else(|| panic!("no TOOBIG case; console:\n{}", g.console));
+    assert_eq!(r["status"], "4", "TOOBIG");
+    let big = heap_result(&g, "/dev/dma_heap/virtio-dma", 48 * MIB, 1);
+    assert_eq!(
+        (big["ok"].as_str(), big["errno"].as_str()),
+        ("0", "12"),
+        "ENOMEM: {big:?}"
+    );
+    let small = heap_result(&g, "/dev/dma_heap/virtio-dma", MIB, 4);
+    assert_eq!(small["ok"], "4", "smaller buffers still fine: {small:?}");
+    assert_eq!(g.exit_code, Some(0));
+}

@@ -45,8 +45,10 @@ int main(void) {
   if (!fgets(line, sizeof line, f)) line[0] = 0;
   fclose(f);
   char *b = strstr(line, "window_base="), *s = strstr(line, "window_size="), *g = strstr(line, "granule=");
-  if (!b || !s || !g) return 1;
+  char *m = strstr(line, "max_map_len=");
+  if (!b || !s || !g || !m) return 1;
   uint64_t base = strtoull(b + 12, NULL, 0), size = strtoull(s + 12, NULL, 0), gran = strtoull(g + 8, NULL, 0);
+  uint64_t max_map = strtoull(m + 12, NULL, 0);
   uint64_t top = base + size - gran;  // the window's last granule: CMA hands it out last
 
   report("unknown_type", (struct req){.type = 9});
@@ -64,5 +66,8 @@ int main(void) {
   report("unmap_wrong_len", (struct req){.type = 2, .gpa = top - gran, .len = 2 * gran});
   report("unmap_ok", (struct req){.type = 2, .gpa = top, .len = gran});
   report("unmap_double", (struct req){.type = 2, .gpa = top, .len = gran});
+  // Larger than any host-contiguous extent (only possible when the window is larger).
+  if (max_map + gran <= size)
+    report("map_larger_than_extent", (struct req){.type = 1, .flags = 3, .gpa = base, .len = max_map + gran});
   return 0;
 }

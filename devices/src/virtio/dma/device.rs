@@ -396,6 +396,23 @@ mod tests {
     }
 
     #[test]
+    fn a_looping_chain_terminates_without_effect() {
+        let mem = mem_with(0x8000, &Request::encode(REQ_MAP, 0, 0x10_0000, 0x1000, 0));
+        let vq = MockSplitQueue::new(&mem, 16);
+        // desc 0 -> desc 1 -> desc 0 -> ...
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(0x8000, 32, F_NEXT, 1)),
+            RawDescriptor::from(SplitDescriptor::new(0x9000, 24, F_WRITE | F_NEXT, 0)),
+        ];
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        let core = core();
+        serve_chain(&core, &mem, chain);
+        assert_eq!(core.stat().mappings, 0, "a looping chain maps nothing");
+    }
+
+    #[test]
     fn no_room_for_a_response_writes_nothing() {
         let mem = mem_with(0x8000, &Request::encode(REQ_MAP, 0, 0x10_0000, 0x1000, 0));
         assert_eq!(
