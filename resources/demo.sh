@@ -6,9 +6,10 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+. resources/host-kvm.sh
 ./resources/setup.sh
 config=resources/demo.toml
-if [ -e /dev/kvm ] && [ ! -e /sys/module/kvm_pvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; then
+if host_runs_stock_guests; then
   echo "==> booting the demo guest: target/release/dmavisor run --config $config"
   exec target/release/dmavisor run --config "$config"
 else

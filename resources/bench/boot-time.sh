@@ -9,6 +9,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
+. resources/host-kvm.sh
 runs=${1:-7}
 ./resources/setup.sh >/dev/null
 mkdir -p target/bench
@@ -42,7 +43,7 @@ INNER
 chmod +x "$inner"
 
 log=target/bench/boot-time.log
-if [ -e /dev/kvm ] && [ ! -e /sys/module/kvm_pvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; then
+if host_runs_stock_guests; then
   where="directly on this host"
   PATH="$ROOT/target/release:$PATH" sh "$inner" | tee "$log"
 else

@@ -8,12 +8,13 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
+. resources/host-kvm.sh
 ./resources/setup.sh >/dev/null
 mkdir -p target/bench
 log=target/bench/dma-heap.log
 args=(run --kernel target/guest/kernel --initrd target/guest/initramfs.cpio.gz
   --cmdline "console=ttyS0 reboot=k panic=-1 quiet dmavisor.scenario=dma-bench")
-if [ -e /dev/kvm ] && [ ! -e /sys/module/kvm_pvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; then
+if host_runs_stock_guests; then
   where="directly on this host"
   target/release/dmavisor "${args[@]}" </dev/null | tee "$log" | grep --line-buffered RESULT
 else

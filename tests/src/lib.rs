@@ -145,6 +145,18 @@ pub fn run_dmavisor(args: &[String], timeout: Duration) -> GuestRun {
     run_dmavisor_with_input(args, None, timeout)
 }
 
+/// `resources/sandbox/run.sh` with the guest kernel and initramfs copied in (guests may be named
+/// in a config file rather than on the command line); the caller adds `-- COMMAND`.
+fn sandbox_command(timeout: Duration, bin: &Path) -> Command {
+    let mut c = Command::new(root().join("resources/sandbox/run.sh"));
+    c.arg("--timeout")
+        .arg(timeout.as_secs().to_string())
+        .args(["--with".as_ref(), guest_kernel().as_os_str()])
+        .args(["--with".as_ref(), guest_initramfs().as_os_str()])
+        .env("DMAVISOR_BIN", bin);
+    c
+}
+
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
@@ -186,29 +198,14 @@ pub fn run_dmavisor_with_input(
                 quoted.join(" "),
                 input_file.display()
             );
-            let mut c = Command::new(root().join("resources/sandbox/run.sh"));
-            c.arg("--timeout")
-                .arg(timeout.as_secs().to_string())
-                .args(["--with".as_ref(), guest_kernel().as_os_str()])
-                .args(["--with".as_ref(), guest_initramfs().as_os_str()])
-                .args(["--with".as_ref(), input_file.as_os_str()])
-                .args(["--", "sh", "-c", &line])
-                .env("DMAVISOR_BIN", &bin);
+            let mut c = sandbox_command(timeout, &bin);
+            c.args(["--with".as_ref(), input_file.as_os_str()])
+                .args(["--", "sh", "-c", &line]);
             c
         }
         Mode::Sandbox => {
-            let mut c = Command::new(root().join("resources/sandbox/run.sh"));
-            c.arg("--timeout")
-                .arg(timeout.as_secs().to_string())
-                // Guests named in a config file rather than on the command line.
-                .arg("--with")
-                .arg(guest_kernel())
-                .arg("--with")
-                .arg(guest_initramfs())
-                .arg("--")
-                .arg("dmavisor")
-                .args(args)
-                .env("DMAVISOR_BIN", &bin);
+            let mut c = sandbox_command(timeout, &bin);
+            c.arg("--").arg("dmavisor").args(args);
             c
         }
     };
