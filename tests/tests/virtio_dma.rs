@@ -80,7 +80,8 @@ fn heap_allocations_from_4k_to_16m_succeed_and_read_back() {
 fn window_exhaustion_is_a_clean_enomem() {
     let g = guest();
     let s = stats(g);
-    let per_buffer = MIB.max(s["granule"]);
+    // 1 MiB buffers share MAPped 2 MiB chunks, so the whole window holds them.
+    let per_buffer = MIB;
     let r = heap_result(g, "/dev/dma_heap/virtio-dma", MIB, 80);
     let fit = s["window_size"] / per_buffer;
     assert_eq!(
@@ -133,10 +134,12 @@ fn malformed_requests_get_their_status_and_others_keep_working() {
     // The well-behaved workload right after the hostile one.
     let r = heap_result(g, "/dev/dma_heap/virtio-dma", MIB, 16);
     assert_eq!((r["ok"].as_str(), r["verify"].as_str()), ("16", "ok"));
-    // Nothing left mapped, and the device agrees with the driver.
+    // Nothing left mapped but at most the one empty 2 MiB chunk the driver keeps for the next
+    // small buffer, and the device's books agree with the driver's.
     let s = stats(g);
-    assert_eq!((s["mappings"], s["mapped_bytes"]), (0, 0), "{s:?}");
-    assert_eq!(s["maps_ok"], s["unmaps"], "{s:?}");
+    assert!(s["mappings"] <= 1, "{s:?}");
+    assert_eq!(s["mapped_bytes"], s["mappings"] * 2 * MIB, "{s:?}");
+    assert_eq!(s["maps_ok"] - s["unmaps"], s["mappings"], "{s:?}");
     assert_eq!(g.number("buffers_left"), 0);
     assert_eq!(g.exit_code, Some(0), "the VMM survived it all");
 }

@@ -5,8 +5,9 @@
  * Buffers come from the guest kernel's own CMA area (cma_alloc() on the area that is the
  * VMM's DMA window); the device is then asked to MAP them, which makes them host-contiguous
  * and pinned on the host. They are exported as the dma-buf heaps "virtio-dma" (MAP retries
- * within a deadline) and "virtio-dma-failfast" (MAP never waits). Releasing a buffer sends
- * UNMAP without waiting; the pages return to CMA once the device has answered.
+ * within a deadline) and "virtio-dma-failfast" (MAP never waits). Buffers smaller than 2 MiB
+ * share MAPped 2 MiB chunks. Ending a mapping sends UNMAP without waiting; the pages return to
+ * CMA once the device has answered.
  *
  * debugfs (virtio-dma/): buffers (gpa, length, host address of every live buffer), stats
  * (the device's counters), raw (send one request header verbatim and read its status: for
@@ -81,7 +82,9 @@ MODULE_PARM_DESC(deadline_ms, "How long a (non-failfast) MAP may retry on the ho
 struct vdma;
 struct vdma_buffer;
 
-/* One request in flight. Either waited for (done) or finished by a work item (work_fn). */
+struct vdma_chunk;
+
+/* One request in flight. Either waited for (done) or finished by a work item (work). */
 struct vdma_request {
 	struct virtio_dma_req req;
 	struct virtio_dma_resp resp;
@@ -89,7 +92,30 @@ struct vdma_request {
 	struct completion done;
 	struct work_struct work;
 	bool async;
-	struct vdma_buffer *buffer;
+	struct vdma_chunk *chunk;
+};
+
+/*
+ * Buffers smaller than a chunk share 2 MiB chunks: one cma_alloc() and one MAP per chunk, and
+ * a buffer is a run of pages in it (seed 004's "chunk heap"). Larger buffers get a chunk of
+ * their own. At most one empty chunk is kept mapped for the next small buffer.
+ */
+#define POOL_CHUNK_ORDER 9
+#define POOL_CHUNK_PAGES (1UL << POOL_CHUNK_ORDER)
+
+/* A host mapping: guest pages from cma_alloc() that the device has MAPped. */
+struct vdma_chunk {
+	struct vdma *v;
+	struct list_head node; /* in v->pool, for pooled chunks */
+	struct page *pages;
+	unsigned long pagecount;
+	u64 host_addr;
+	u32 resp_flags;
+	u64 extent;
+	bool pooled;
+	unsigned long used; /* pages handed out, for pooled chunks; under v->pool_lock */
+	DECLARE_BITMAP(map, POOL_CHUNK_PAGES);
+	struct vdma_request *unmap; /* preallocated: ending a mapping never allocates */
 };
 
 struct vdma {
@@ -101,6 +127,8 @@ struct vdma {
 	struct dma_heap *heap, *heap_failfast;
 	spinlock_t buffers_lock; /* protects buffers */
 	struct list_head buffers;
+	spinlock_t pool_lock; /* protects pool and every pooled chunk's map and used */
+	struct list_head pool;
 	struct dentry *debugfs;
 	struct mutex raw_lock; /* one raw request at a time */
 	u32 raw_status;
@@ -122,14 +150,12 @@ struct vdma_buffer {
 	struct list_head node; /* in v->buffers */
 	struct list_head attachments;
 	struct mutex lock; /* protects attachments */
+	struct vdma_chunk *chunk;
+	unsigned long first; /* page index in the chunk */
 	struct page *pages;
 	unsigned long pagecount;
 	size_t size;
-	u64 host_addr;
-	u32 resp_flags;
-	u64 extent;
 	bool failfast;
-	struct vdma_request *unmap; /* preallocated: release never allocates */
 };
 
 struct vdma_attachment {
@@ -333,40 +359,140 @@ static void vdma_vunmap(struct dma_buf *dmabuf, struct iosys_map *map)
 static void vdma_unmap_done(struct work_struct *work)
 {
 	struct vdma_request *r = container_of(work, struct vdma_request, work);
-	struct vdma_buffer *buffer = r->buffer;
-	struct vdma *v = buffer->v;
+	struct vdma_chunk *c = r->chunk;
+	struct vdma *v = c->v;
 	int status = r->resp_len >= offsetof(struct virtio_dma_resp, stat) ?
 		le32_to_cpu(r->resp.status) : -EIO;
 
 	if (status != VDMA_OK)
-		dev_warn(&v->vdev->dev, "UNMAP of %zu bytes at %pa: status %d\n", buffer->size,
-			 &(phys_addr_t){ page_to_phys(buffer->pages) }, status);
-	cma_release(v->cma, buffer->pages, buffer->pagecount);
+		dev_warn(&v->vdev->dev, "UNMAP of %lu pages at %pa: status %d\n", c->pagecount,
+			 &(phys_addr_t){ page_to_phys(c->pages) }, status);
+	cma_release(v->cma, c->pages, c->pagecount);
 	kfree(r);
-	kfree(buffer);
+	kfree(c);
 }
 
-/* Never blocks and never allocates: the UNMAP request was allocated with the buffer. */
+/* Ends a chunk's mapping without waiting; the pages go back to CMA once the device answers. */
+static void vdma_chunk_destroy(struct vdma_chunk *c)
+{
+	struct vdma *v = c->v;
+	struct vdma_request *r = c->unmap;
+
+	vdma_fill(&r->req, REQ_UNMAP, 0, page_to_phys(c->pages), c->pagecount << PAGE_SHIFT, 0);
+	r->async = true;
+	r->chunk = c;
+	INIT_WORK(&r->work, vdma_unmap_done);
+	atomic64_inc(&v->unmaps_sent);
+	if (vdma_send(v, r, GFP_ATOMIC)) {
+		/* The ring is full: the pages stay mapped on the host, so they must not go back. */
+		dev_err(&v->vdev->dev, "cannot queue UNMAP; %lu pages leaked\n", c->pagecount);
+	}
+}
+
+static int vdma_status_errno(struct vdma *v, int status);
+
+/* cma_alloc() + MAP: a new host-contiguous chunk of pagecount pages. */
+static struct vdma_chunk *vdma_chunk_create(struct vdma *v, unsigned long pagecount, bool failfast)
+{
+	struct vdma_request *r = kzalloc(sizeof(*r), GFP_KERNEL);
+	struct vdma_chunk *c = kzalloc(sizeof(*c), GFP_KERNEL);
+	unsigned int align;
+	int ret = -ENOMEM;
+
+	if (!r || !c)
+		goto free;
+	c->unmap = kzalloc(sizeof(*c->unmap), GFP_KERNEL);
+	if (!c->unmap)
+		goto free;
+	c->v = v;
+	c->pagecount = pagecount;
+	INIT_LIST_HEAD(&c->node);
+	align = max_t(unsigned int, get_order(pagecount << PAGE_SHIFT), get_order(v->granule));
+	if (align > CONFIG_CMA_ALIGNMENT)
+		align = max_t(unsigned int, CONFIG_CMA_ALIGNMENT, get_order(v->granule));
+	c->pages = cma_alloc(v->cma, pagecount, align, false);
+	if (!c->pages)
+		goto free;
+	/* DISCARD: buffers are zeroed through the new host-contiguous backing. */
+	vdma_fill(&r->req, REQ_MAP, MAP_DISCARD | (failfast ? MAP_FAILFAST : 0),
+		  page_to_phys(c->pages), pagecount << PAGE_SHIFT, failfast ? 0 : deadline_ms);
+	ret = vdma_status_errno(v, vdma_request_sync(v, r));
+	if (ret) {
+		cma_release(v->cma, c->pages, pagecount);
+		goto free;
+	}
+	c->host_addr = le64_to_cpu(r->resp.host_addr);
+	c->resp_flags = le32_to_cpu(r->resp.flags);
+	c->extent = le64_to_cpu(r->resp.extent);
+	kfree(r);
+	return c;
+free:
+	if (c)
+		kfree(c->unmap);
+	kfree(c);
+	kfree(r);
+	return ERR_PTR(ret);
+}
+
+/* A run of n pages, aligned to align_mask + 1, in a pooled chunk; NULL if none has room. */
+static struct vdma_chunk *vdma_pool_take(struct vdma *v, unsigned long n, unsigned long align_mask,
+					 unsigned long *first)
+{
+	struct vdma_chunk *c;
+	unsigned long i;
+
+	spin_lock_irq(&v->pool_lock);
+	list_for_each_entry(c, &v->pool, node) {
+		i = bitmap_find_next_zero_area(c->map, POOL_CHUNK_PAGES, 0, n, align_mask);
+		if (i < POOL_CHUNK_PAGES) {
+			bitmap_set(c->map, i, n);
+			c->used += n;
+			*first = i;
+			spin_unlock_irq(&v->pool_lock);
+			return c;
+		}
+	}
+	spin_unlock_irq(&v->pool_lock);
+	return NULL;
+}
+
+/* Gives a pooled buffer's pages back to its chunk; a second empty chunk is unmapped. */
+static void vdma_pool_put(struct vdma *v, struct vdma_chunk *c, unsigned long first, unsigned long n)
+{
+	struct vdma_chunk *other, *drop = NULL;
+	unsigned long flags;
+
+	spin_lock_irqsave(&v->pool_lock, flags);
+	bitmap_clear(c->map, first, n);
+	c->used -= n;
+	if (!c->used) {
+		list_for_each_entry(other, &v->pool, node)
+			if (other != c && !other->used) {
+				drop = c;
+				list_del(&c->node);
+				break;
+			}
+	}
+	spin_unlock_irqrestore(&v->pool_lock, flags);
+	if (drop)
+		vdma_chunk_destroy(drop);
+}
+
+/* Never blocks and never allocates. */
 static void vdma_release(struct dma_buf *dmabuf)
 {
 	struct vdma_buffer *buffer = dmabuf->priv;
 	struct vdma *v = buffer->v;
-	struct vdma_request *r = buffer->unmap;
 	unsigned long flags;
 
 	spin_lock_irqsave(&v->buffers_lock, flags);
 	list_del(&buffer->node);
 	spin_unlock_irqrestore(&v->buffers_lock, flags);
-
-	vdma_fill(&r->req, REQ_UNMAP, 0, page_to_phys(buffer->pages), buffer->size, 0);
-	r->async = true;
-	r->buffer = buffer;
-	INIT_WORK(&r->work, vdma_unmap_done);
-	atomic64_inc(&v->unmaps_sent);
-	if (vdma_send(v, r, GFP_ATOMIC)) {
-		/* The ring is full: the pages stay mapped on the host, so they must not go back. */
-		dev_err(&v->vdev->dev, "cannot queue UNMAP; %zu bytes leaked\n", buffer->size);
-	}
+	if (buffer->chunk->pooled)
+		vdma_pool_put(v, buffer->chunk, buffer->first, buffer->pagecount);
+	else
+		vdma_chunk_destroy(buffer->chunk);
+	kfree(buffer);
 }
 
 static const struct dma_buf_ops vdma_buf_ops = {
@@ -406,50 +532,61 @@ static struct dma_buf *vdma_allocate(struct dma_heap *heap, unsigned long len, u
 	struct vdma *v = hp->v;
 	DEFINE_DMA_BUF_EXPORT_INFO(exp_info);
 	struct vdma_buffer *buffer;
-	struct vdma_request *r;
+	struct vdma_chunk *c;
 	struct dma_buf *dmabuf;
-	unsigned int align;
+	unsigned long n, first = 0;
 	size_t size;
-	int ret;
+	bool pooled;
+	int tries;
 
-	size = ALIGN(PAGE_ALIGN(len), v->granule);
+	size = PAGE_ALIGN(len);
+	n = size >> PAGE_SHIFT;
+	pooled = v->granule <= (POOL_CHUNK_PAGES << PAGE_SHIFT) && n < POOL_CHUNK_PAGES;
+	if (!pooled)
+		size = ALIGN(size, v->granule);
 	if (!len || size > v->max_map_len)
 		return ERR_PTR(-ENOMEM);
 	buffer = kzalloc(sizeof(*buffer), GFP_KERNEL);
-	r = kzalloc(sizeof(*r), GFP_KERNEL);
-	if (!buffer || !r) {
-		ret = -ENOMEM;
-		goto free;
-	}
-	buffer->unmap = kzalloc(sizeof(*buffer->unmap), GFP_KERNEL);
-	if (!buffer->unmap) {
-		ret = -ENOMEM;
-		goto free;
-	}
+	if (!buffer)
+		return ERR_PTR(-ENOMEM);
 	INIT_LIST_HEAD(&buffer->attachments);
 	mutex_init(&buffer->lock);
 	buffer->v = v;
 	buffer->size = size;
 	buffer->pagecount = size >> PAGE_SHIFT;
 	buffer->failfast = hp->failfast;
-	align = max(get_order(size), get_order(v->granule));
-	if (align > CONFIG_CMA_ALIGNMENT)
-		align = max_t(unsigned int, CONFIG_CMA_ALIGNMENT, get_order(v->granule));
 
-	buffer->pages = cma_alloc(v->cma, buffer->pagecount, align, false);
-	if (!buffer->pages) {
-		ret = -ENOMEM;
-		goto free;
+	if (pooled) {
+		/* Naturally aligned within the chunk, as cma_alloc() would align it. */
+		unsigned long align_mask = (1UL << get_order(size)) - 1;
+
+		for (tries = 0; !(c = vdma_pool_take(v, n, align_mask, &first)); tries++) {
+			struct vdma_chunk *fresh;
+
+			if (tries == 3) {
+				kfree(buffer);
+				return ERR_PTR(-ENOMEM);
+			}
+			fresh = vdma_chunk_create(v, POOL_CHUNK_PAGES, hp->failfast);
+			if (IS_ERR(fresh)) {
+				kfree(buffer);
+				return ERR_CAST(fresh);
+			}
+			fresh->pooled = true;
+			spin_lock_irq(&v->pool_lock);
+			list_add_tail(&fresh->node, &v->pool);
+			spin_unlock_irq(&v->pool_lock);
+		}
+	} else {
+		c = vdma_chunk_create(v, buffer->pagecount, hp->failfast);
+		if (IS_ERR(c)) {
+			kfree(buffer);
+			return ERR_CAST(c);
+		}
 	}
-	/* DISCARD: the buffer is zeroed below, through the new host-contiguous backing. */
-	vdma_fill(&r->req, REQ_MAP, MAP_DISCARD | (hp->failfast ? MAP_FAILFAST : 0),
-		  page_to_phys(buffer->pages), size, hp->failfast ? 0 : deadline_ms);
-	ret = vdma_status_errno(v, vdma_request_sync(v, r));
-	if (ret)
-		goto release;
-	buffer->host_addr = le64_to_cpu(r->resp.host_addr);
-	buffer->resp_flags = le32_to_cpu(r->resp.flags);
-	buffer->extent = le64_to_cpu(r->resp.extent);
+	buffer->chunk = c;
+	buffer->first = first;
+	buffer->pages = c->pages + first;
 	memset(page_address(buffer->pages), 0, size);
 
 	exp_info.exp_name = dma_heap_get_name(heap);
@@ -459,32 +596,17 @@ static struct dma_buf *vdma_allocate(struct dma_heap *heap, unsigned long len, u
 	exp_info.priv = buffer;
 	dmabuf = dma_buf_export(&exp_info);
 	if (IS_ERR(dmabuf)) {
-		ret = PTR_ERR(dmabuf);
-		/* Undo the MAP before the pages go back to CMA. */
-		vdma_fill(&r->req, REQ_UNMAP, 0, page_to_phys(buffer->pages), size, 0);
-		if (vdma_request_sync(v, r) != VDMA_OK) {
-			dev_err(&v->vdev->dev, "UNMAP after a failed export failed; %zu bytes leaked\n", size);
-			kfree(buffer->unmap);
-			kfree(buffer);
-			kfree(r);
-			return ERR_PTR(ret);
-		}
-		goto release;
+		if (c->pooled)
+			vdma_pool_put(v, c, first, n);
+		else
+			vdma_chunk_destroy(c);
+		kfree(buffer);
+		return dmabuf;
 	}
 	spin_lock_irq(&v->buffers_lock);
 	list_add(&buffer->node, &v->buffers);
 	spin_unlock_irq(&v->buffers_lock);
-	kfree(r);
 	return dmabuf;
-
-release:
-	cma_release(v->cma, buffer->pages, buffer->pagecount);
-free:
-	if (buffer)
-		kfree(buffer->unmap);
-	kfree(buffer);
-	kfree(r);
-	return ERR_PTR(ret);
 }
 
 static const struct dma_heap_ops vdma_heap_ops = {
@@ -500,10 +622,11 @@ static int vdma_buffers_show(struct seq_file *s, void *unused)
 
 	spin_lock_irq(&v->buffers_lock);
 	list_for_each_entry(b, &v->buffers, node)
-		seq_printf(s, "gpa=%#llx len=%zu host_addr=%#llx host=%s extent=%llu failfast=%d\n",
-			   (u64)page_to_phys(b->pages), b->size, b->host_addr,
-			   b->resp_flags & RESP_HOST_PHYS ? "phys" : "region-offset", b->extent,
-			   b->failfast);
+		seq_printf(s, "gpa=%#llx len=%zu host_addr=%#llx host=%s extent=%llu failfast=%d pooled=%d\n",
+			   (u64)page_to_phys(b->pages), b->size,
+			   b->chunk->host_addr + (b->first << PAGE_SHIFT),
+			   b->chunk->resp_flags & RESP_HOST_PHYS ? "phys" : "region-offset",
+			   b->chunk->extent, b->failfast, b->chunk->pooled);
 	spin_unlock_irq(&v->buffers_lock);
 	return 0;
 }
@@ -643,6 +766,8 @@ static int vdma_probe(struct virtio_device *vdev)
 	spin_lock_init(&v->ctrlq_lock);
 	spin_lock_init(&v->buffers_lock);
 	INIT_LIST_HEAD(&v->buffers);
+	spin_lock_init(&v->pool_lock);
+	INIT_LIST_HEAD(&v->pool);
 	mutex_init(&v->raw_lock);
 
 	v->window_base = virtio_cread64(vdev, offsetof(struct virtio_dma_config, window_base));

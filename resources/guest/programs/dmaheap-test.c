@@ -95,7 +95,7 @@ int main(int argc, char **argv) {
     else
       close(buf_fd);
   }
-  if (hold && strstr(heap, "virtio-dma")) {
+  if (hold && count <= 8 && strstr(heap, "virtio-dma")) {
     // While every buffer is held: where the host put them (the driver's debugfs list).
     FILE *f = fopen("/sys/kernel/debug/virtio-dma/buffers", "r");
     char line[256];
