@@ -180,7 +180,7 @@ pub fn run_dmavisor_with_input(
     let bin = require(&dmavisor_bin());
     let input_file = tempfile("stdin");
     std::fs::write(&input_file, input.map_or("", |i| i.text)).expect("writing dmavisor's input");
-    let mut cmd = match mode() {
+    let cmd = match mode() {
         Mode::Direct => {
             let mut c = Command::new(&bin);
             c.args(args);
@@ -209,13 +209,62 @@ pub fn run_dmavisor_with_input(
             c
         }
     };
+    let label = format!("dmavisor {args:?}");
+    let run = execute(
+        cmd,
+        timeout,
+        &label,
+        input.filter(|_| mode() == Mode::Direct),
+    );
+    let _ = std::fs::remove_file(&input_file);
+    run
+}
+
+/// Runs a shell script where guests run (here, or inside the sandbox host) with `dmavisor` on
+/// its PATH, e.g. to start a VM in the background and query its control API.
+pub fn run_shell(script: &str, timeout: Duration) -> GuestRun {
+    let _one = ONE_GUEST_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let bin = require(&dmavisor_bin());
+    let cmd = match mode() {
+        Mode::Direct => {
+            let dir = bin
+                .parent()
+                .expect("the binary is in a directory")
+                .to_path_buf();
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let mut dirs = vec![dir];
+            dirs.extend(std::env::split_paths(&path));
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(script)
+                .env("PATH", std::env::join_paths(dirs).expect("PATH"));
+            c
+        }
+        Mode::Sandbox => {
+            let mut c = sandbox_command(timeout, &bin);
+            c.args(["--", "sh", "-c", script]);
+            c
+        }
+    };
+    execute(cmd, timeout, &format!("sh -c {script:?}"), None)
+}
+
+/// Runs `cmd` with a time limit, typing `input` once its output shows the marker; collects
+/// everything it printed.
+fn execute(
+    mut cmd: Command,
+    timeout: Duration,
+    label: &str,
+    input: Option<ConsoleInput>,
+) -> GuestRun {
     let stdout_path = tempfile("stdout");
     let out = File::create(&stdout_path).expect("creating a temp file");
     let err = out.try_clone().expect("dup");
     let started = Instant::now();
-    let direct_input = input.filter(|_| mode() == Mode::Direct);
     let mut child = cmd
-        .stdin(if direct_input.is_some() {
+        .stdin(if input.is_some() {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -223,8 +272,8 @@ pub fn run_dmavisor_with_input(
         .stdout(out)
         .stderr(err)
         .spawn()
-        .expect("spawning dmavisor");
-    if let (Some(i), Some(mut stdin)) = (direct_input, child.stdin.take()) {
+        .expect("spawning the command");
+    if let (Some(i), Some(mut stdin)) = (input, child.stdin.take()) {
         let (after, text, watch) = (i.after.to_string(), i.text.to_string(), stdout_path.clone());
         std::thread::spawn(move || {
             use std::io::Write;
@@ -241,7 +290,7 @@ pub fn run_dmavisor_with_input(
     // The sandbox enforces its own limit; this one is a backstop for both modes.
     let limit = timeout + Duration::from_secs(30);
     let status = loop {
-        if let Some(s) = child.try_wait().expect("waiting for dmavisor") {
+        if let Some(s) = child.try_wait().expect("waiting for the command") {
             break Some(s);
         }
         if started.elapsed() > limit {
@@ -254,15 +303,12 @@ pub fn run_dmavisor_with_input(
     // In the sandbox, run.sh streams the sandbox console (and so dmavisor's output) to stdout.
     let console = std::fs::read_to_string(&stdout_path).unwrap_or_default();
     let _ = std::fs::remove_file(&stdout_path);
-    let _ = std::fs::remove_file(&input_file);
     let exit_code = status.and_then(|s| s.code()).filter(|&c| {
         // 124/125: the sandbox timed out or never reported dmavisor's status.
         !(mode() == Mode::Sandbox && (c == 124 || c == 125))
     });
     eprintln!(
-        "[harness] dmavisor {:?} -> {:?} in {:.1}s",
-        args,
-        exit_code,
+        "[harness] {label} -> {exit_code:?} in {:.1}s",
         started.elapsed().as_secs_f64()
     );
     GuestRun { console, exit_code }

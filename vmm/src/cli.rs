@@ -23,6 +23,18 @@ pub struct Cli {
 enum Command {
     /// Boot a guest; the VMM exits when the guest reboots (0), panics (3) or fails.
     Run(RunArgs),
+    /// Print a running VMM's region, allocator and virtio-dma state (from its --api-sock).
+    Stat(StatArgs),
+}
+
+#[derive(Args, Debug)]
+struct StatArgs {
+    /// The control socket of a `dmavisor run --api-sock PATH`.
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// Print the raw JSON reply instead of the summary.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -52,6 +64,9 @@ struct RunArgs {
     /// A TOML or JSON file with the same settings; flags given as well override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Serve the control API (JSON over this Unix socket; see `dmavisor stat`).
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
 }
 
 /// `--region` as given: only the keys present override the configuration.
@@ -98,16 +113,26 @@ impl Cli {
     pub fn execute(self) -> anyhow::Result<i32> {
         match self.command {
             Command::Run(args) => run(args),
+            Command::Stat(args) => {
+                let reply = crate::api::request(&args.api_sock, "stat")?;
+                if args.json {
+                    println!("{reply}");
+                } else {
+                    print!("{}", crate::api::summary(&reply));
+                }
+                Ok(0)
+            }
         }
     }
 }
 
 fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let api_sock = args.api_sock.clone();
     let config = args.into_config()?;
     config.validate()?;
     tracing::info!(?config, "starting VM");
     let vm = Vm::build(&config).context("cannot start the VM")?;
-    let outcome = vm.run()?;
+    let outcome = vm.run(api_sock.as_deref())?;
     if outcome.guest_panicked {
         eprintln!("dmavisor: the guest kernel panicked");
     } else if outcome.exit_code() != 0 {
@@ -207,7 +232,9 @@ mod tests {
             "3",
         ])
         .unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("parsed as run");
+        };
         let c = args.into_config().unwrap();
         assert_eq!((c.cpus, c.memory.size), (3, ByteSize(1 << 30)));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -13,6 +13,7 @@ use linux_loader::loader::Cmdline;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::DmaSlot;
 use crate::config::{ByteSize, RegionBacking, RegionConfig};
 use crate::devices::{DeviceError, DeviceManager};
 
@@ -109,26 +110,29 @@ pub fn attach_device(
     mem: &GuestMemoryMmap,
     window: (u64, u64),
     region_config: RegionConfig,
-) -> Result<(), DmaError> {
+) -> Result<DmaSlot, DmaError> {
     let (base, size) = window;
     let host_addr = mem
         .get_host_address(GuestAddress(base))
         .map_err(|_| DmaError::Window(base))? as usize;
     precheck(&region_config, size)?;
+    let slot = DmaSlot::default();
+    let published = slot.clone();
     let build = std::thread::Builder::new()
         .name("region".into())
         .spawn(move || {
             lower_priority();
-            build_core(
-                &region_config,
-                WindowMapping {
-                    base,
-                    len: size,
-                    host_addr,
-                },
-            )
-            .map(Arc::new)
-            .map_err(|e| e.to_string())
+            let window = WindowMapping {
+                base,
+                len: size,
+                host_addr,
+            };
+            let core = build_core(&region_config, window)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())?;
+            // The control API reads the DMA path from here once it exists.
+            let _ = published.set(core.clone());
+            Ok(core)
         })
         .map_err(DmaError::Io)?;
     let device = Dma::deferred(build);
@@ -136,7 +140,7 @@ pub fn attach_device(
     let transport = MmioTransport::new(device, mem.clone(), irq).map_err(DmaError::Io)?;
     let (mmio, gsi) = devices.add_virtio_mmio(vm, cmdline, transport)?;
     tracing::info!(mmio = format_args!("{mmio:#x}"), gsi, "virtio-dma attached");
-    Ok(())
+    Ok(slot)
 }
 
 /// The region thread populates memory while the guest boots; it must not take CPU time from

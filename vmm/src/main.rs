@@ -1,5 +1,6 @@
 //! `dmavisor`: a VMM whose core is a hypervisor memory manager for guest DMA.
 
+mod api;
 mod arch;
 mod cli;
 mod config;

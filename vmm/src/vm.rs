@@ -16,6 +16,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{ApiError, ApiServer, DmaSlot};
 use crate::arch::x86_64::layout::{
     GuestLayout, CMDLINE_MAX_SIZE, COM1_IRQ, COM1_PORT, KVM_TSS_ADDRESS,
 };
@@ -42,6 +43,8 @@ pub enum VmError {
     Device(#[from] DeviceError),
     #[error(transparent)]
     Dma(#[from] DmaError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
     #[error(transparent)]
     Boot(#[from] boot::BootError),
     #[error(transparent)]
@@ -99,6 +102,7 @@ pub struct Vm {
     console: Arc<Mutex<Console>>,
     exit: Arc<ExitSignal>,
     panicked: Arc<AtomicBool>,
+    dma: DmaSlot,
 }
 
 impl Vm {
@@ -168,16 +172,17 @@ impl Vm {
         let transport = MmioTransport::new(rng, mem.clone(), irq).map_err(VmError::EventFd)?;
         devices.add_virtio_mmio(&vm, &mut cmdline, transport)?;
         events.add_subscriber(Arc::new(Mutex::new(rng_handler)));
-        if let Some(window) = layout.dma_window {
-            dma::attach_device(
+        let dma_slot = match layout.dma_window {
+            Some(window) => dma::attach_device(
                 &vm,
                 &mut devices,
                 &mut cmdline,
                 &mem,
                 window,
                 config.region.clone(),
-            )?;
-        }
+            )?,
+            None => DmaSlot::default(),
+        };
 
         let entry = boot::load(
             &mem,
@@ -208,15 +213,23 @@ impl Vm {
             console,
             exit,
             panicked,
+            dma: dma_slot,
         })
     }
 
-    /// Starts the vCPUs and serves the console until the guest stops.
-    pub fn run(self) -> Result<VmOutcome, VmError> {
+    /// Starts the vCPUs and serves the console (and the control API on `api_sock`) until the
+    /// guest stops.
+    pub fn run(self, api_sock: Option<&std::path::Path>) -> Result<VmOutcome, VmError> {
         let _vm = self.vm;
         let pio = Arc::new(self.devices.pio);
         let mmio = Arc::new(self.devices.mmio);
         let mut manager = self.events;
+        if let Some(path) = api_sock {
+            manager.add_subscriber(Arc::new(Mutex::new(ApiServer::bind(
+                path,
+                self.dma.clone(),
+            )?)));
+        }
         let stop = Arc::new(Mutex::new(ExitWatcher {
             evt: self.exit.eventfd().try_clone().map_err(VmError::EventFd)?,
             fired: false,

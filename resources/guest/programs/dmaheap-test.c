@@ -95,6 +95,13 @@ int main(int argc, char **argv) {
     else
       close(buf_fd);
   }
+  const char *hold_seconds = getenv("HOLD_SECONDS");
+  if (hold && hold_seconds) {
+    // Keep the buffers while something outside looks at them (the VMM's control API).
+    printf("DMAVISOR-RESULT holding=%d\n", nheld);
+    fflush(stdout);
+    sleep((unsigned)atoi(hold_seconds));
+  }
   if (hold && count <= 8 && strstr(heap, "virtio-dma")) {
     // While every buffer is held: where the host put them (the driver's debugfs list).
     FILE *f = fopen("/sys/kernel/debug/virtio-dma/buffers", "r");

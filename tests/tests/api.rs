@@ -1,0 +1,44 @@
+//! The control API: a running VMM answers `dmavisor stat` with its region, allocator and
+//! virtio-dma state, while the guest holds buffers.
+
+use std::time::Duration;
+
+use integration_tests::{guest_initramfs, guest_kernel, run_shell};
+
+#[test]
+fn stat_reports_the_buffers_a_guest_holds() {
+    let script = format!(
+        "out=/tmp/dmavisor-api-test.out; sock=/tmp/dmavisor-api-test.sock; rm -f $out $sock; \
+         dmavisor run --api-sock $sock --kernel {k} --initrd {i} \
+           --cmdline 'console=ttyS0 reboot=k panic=-1 quiet dmavisor.scenario=api-probe' >$out 2>&1 & \
+         vmm=$!; n=0; until grep -q holding= $out || [ $n -gt 1200 ]; do sleep 0.1; n=$((n+1)); done; \
+         dmavisor stat --api-sock $sock; echo \"STAT-JSON $(dmavisor stat --api-sock $sock --json)\"; \
+         wait $vmm; rc=$?; cat $out; exit $rc",
+        k = guest_kernel().display(),
+        i = guest_initramfs().display(),
+    );
+    let g = run_shell(&script, Duration::from_secs(240));
+    assert!(g.console.contains("holding=3"), "console:\n{}", g.console);
+    let json_line = g
+        .console
+        .lines()
+        .find_map(|l| l.split_once("STAT-JSON ").map(|(_, j)| j.to_string()))
+        .unwrap_or_else(|| panic!("no stat reply; console:\n{}", g.console));
+    let v: serde_json::Value = serde_json::from_str(&json_line).expect("stat --json is JSON");
+    let mib = 1u64 << 20;
+    assert_eq!(v["device"]["mappings"], 3, "{v}");
+    assert_eq!(v["device"]["mapped_bytes"], 12 * mib, "{v}");
+    assert_eq!(v["region"]["size"], 64 * mib, "{v}");
+    assert_eq!(v["allocator"]["allocated_frames"], 12 * mib / 4096, "{v}");
+    assert!(
+        g.console.contains("virtio-dma: window 0x20000000"),
+        "summary:\n{}",
+        g.console
+    );
+    assert!(
+        g.console.contains("3 mapping(s), 12.0 MiB"),
+        "summary:\n{}",
+        g.console
+    );
+    assert_eq!(g.exit_code, Some(0), "console:\n{}", g.console);
+}

@@ -1,0 +1,299 @@
+//! The control API: a Unix socket (`--api-sock PATH`) that answers one JSON request per
+//! connection, and the `dmavisor stat` client that prints a readable summary.
+//!
+//! Request: `{"cmd": "stat"}` followed by a newline. Reply: one JSON object and a newline, or
+//! `{"error": "..."}`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use devices::virtio::dma::{CmaBackend, DmaCore};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use serde_json::{json, Value};
+use vmm_sys_util::epoll::EventSet;
+
+/// Where the API finds the DMA path once the region thread has built it.
+pub type DmaSlot = Arc<OnceLock<Arc<DmaCore<CmaBackend>>>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("--api-sock {0}: another dmavisor is listening there; pick another path")]
+    InUse(PathBuf),
+    #[error("--api-sock {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot reach the API at {path}: {source}; is `dmavisor run --api-sock {path}` running?"
+    )]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("talking to the API at {path}: {message}")]
+    Protocol { path: PathBuf, message: String },
+}
+
+/// The listening socket, served from the VMM's event loop.
+pub struct ApiServer {
+    listener: UnixListener,
+    path: PathBuf,
+    dma: DmaSlot,
+    started: Instant,
+}
+
+impl ApiServer {
+    pub fn bind(path: &Path, dma: DmaSlot) -> Result<Self, ApiError> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ApiError::InUse(path.to_path_buf()));
+            }
+            // A socket left behind by a VMM that is gone.
+            let _ = std::fs::remove_file(path);
+        }
+        let bind_err = |source| ApiError::Bind {
+            path: path.to_path_buf(),
+            source,
+        };
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        Ok(Self {
+            listener,
+            path: path.to_path_buf(),
+            dma,
+            started: Instant::now(),
+        })
+    }
+
+    fn serve(&self, stream: UnixStream) {
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+        let mut line = String::new();
+        let reply = match BufReader::new(&stream).take(64 * 1024).read_line(&mut line) {
+            Ok(_) => self.answer(&line),
+            Err(e) => json!({ "error": format!("reading the request: {e}") }),
+        };
+        let mut stream = stream;
+        let _ = writeln!(stream, "{reply}");
+    }
+
+    fn answer(&self, line: &str) -> Value {
+        let request: Value = match serde_json::from_str(line.trim()) {
+            Ok(v) => v,
+            Err(e) => {
+                return json!({ "error": format!("not a JSON request: {e}; send {{\"cmd\": \"stat\"}}") })
+            }
+        };
+        match request.get("cmd").and_then(Value::as_str) {
+            Some("stat") => self.stat(),
+            Some(other) => json!({ "error": format!("unknown command `{other}`; known: stat") }),
+            None => json!({ "error": "the request has no \"cmd\"; send {\"cmd\": \"stat\"}" }),
+        }
+    }
+
+    fn stat(&self) -> Value {
+        let mut v = json!({ "uptime_ms": self.started.elapsed().as_millis() as u64 });
+        let Some(core) = self.dma.get() else {
+            v["dma"] = json!(null);
+            return v;
+        };
+        let allocator = core.backend().allocator();
+        let region = allocator.region();
+        let usage = allocator.usage();
+        let s = allocator.stats();
+        let extents: Vec<Value> = region
+            .extents()
+            .iter()
+            .map(|e| json!({ "offset": e.offset, "len": e.len, "phys": e.phys }))
+            .collect();
+        let dev = core.stat();
+        let cfg = core.config();
+        v["region"] = json!({
+            "backing": format!("{:?}", region.backing()),
+            "size": region.len(),
+            "page_size": region.page_size(),
+            "contiguity": format!("{:?}", region.contiguity()),
+            "largest_extent": region.largest_extent(),
+            "extents": extents,
+        });
+        let granule = allocator.config().granule as u64;
+        v["allocator"] = json!({
+            "frames": usage.frames,
+            "allocated_frames": usage.allocated,
+            "occupied_frames": usage.occupied,
+            "granule": granule,
+            "allocs": s.allocs,
+            "allocs_clean": s.allocs_clean,
+            "fail_too_large": s.fail_too_large,
+            "fail_no_room": s.fail_no_room,
+            "fail_all_pinned": s.fail_all_pinned,
+            "fail_deadline": s.fail_deadline,
+            "retries": s.retries,
+            "pages_migrated": s.pages_migrated,
+            "bytes_migrated": s.bytes_migrated,
+            "frees": s.frees,
+            "alloc_latency_p50_ns": s.alloc_latency.quantile(0.5).as_nanos() as u64,
+            "alloc_latency_p99_ns": s.alloc_latency.quantile(0.99).as_nanos() as u64,
+        });
+        v["device"] = json!({
+            "window_base": cfg.window_base,
+            "window_size": cfg.window_size,
+            "granule": cfg.granule,
+            "mappings": dev.mappings,
+            "mapped_bytes": dev.mapped_bytes,
+            "maps_ok": dev.maps_ok,
+            "maps_failed": dev.maps_failed,
+            "maps_busy": dev.maps_busy,
+            "maps_timeout": dev.maps_timeout,
+            "unmaps": dev.unmaps,
+        });
+        v
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl MutEventSubscriber for ApiServer {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            self.serve(stream);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+            tracing::error!("watching the API socket: {e:?}");
+        }
+    }
+}
+
+/// Sends one request and returns the reply.
+pub fn request(path: &Path, cmd: &str) -> Result<Value, ApiError> {
+    let protocol = |message: String| ApiError::Protocol {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut stream = UnixStream::connect(path).map_err(|source| ApiError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| protocol(e.to_string()))?;
+    writeln!(stream, "{}", json!({ "cmd": cmd })).map_err(|e| protocol(e.to_string()))?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .map_err(|e| protocol(e.to_string()))?;
+    let v: Value =
+        serde_json::from_str(&line).map_err(|e| protocol(format!("bad reply {line:?}: {e}")))?;
+    if let Some(e) = v.get("error") {
+        return Err(protocol(e.to_string()));
+    }
+    Ok(v)
+}
+
+fn mib(v: &Value) -> String {
+    let b = v.as_u64().unwrap_or(0);
+    format!("{:.1} MiB", b as f64 / f64::from(1 << 20))
+}
+
+/// A readable summary of a `stat` reply.
+pub fn summary(v: &Value) -> String {
+    let mut out = format!("uptime: {} ms\n", v["uptime_ms"]);
+    if v["region"].is_null() {
+        out.push_str(
+            "DMA path: not set up (no DMA window, or the region is still being reserved)\n",
+        );
+        return out;
+    }
+    let (r, a, d) = (&v["region"], &v["allocator"], &v["device"]);
+    out += &format!(
+        "region: {} {}, {} pages of {} bytes, contiguity {}, {} extent(s), largest {}\n",
+        mib(&r["size"]),
+        r["backing"].as_str().unwrap_or("?"),
+        r["size"].as_u64().unwrap_or(0) / r["page_size"].as_u64().unwrap_or(1).max(1),
+        r["page_size"],
+        r["contiguity"].as_str().unwrap_or("?"),
+        r["extents"].as_array().map_or(0, Vec::len),
+        mib(&r["largest_extent"]),
+    );
+    out += &format!(
+        "allocator: {} of {} frames allocated, {} occupied; {} allocations, {} frees; failures: {} too large, {} no room, {} pinned, {} deadline; {} migrated; alloc latency p50 {} ns, p99 {} ns\n",
+        a["allocated_frames"], a["frames"], a["occupied_frames"], a["allocs"], a["frees"],
+        a["fail_too_large"], a["fail_no_room"], a["fail_all_pinned"], a["fail_deadline"],
+        mib(&a["bytes_migrated"]), a["alloc_latency_p50_ns"], a["alloc_latency_p99_ns"],
+    );
+    out += &format!(
+        "virtio-dma: window {:#x} + {}, granule {}; {} mapping(s), {}; MAP ok {}, failed {} (busy {}, timeout {}); UNMAP {}\n",
+        d["window_base"].as_u64().unwrap_or(0), mib(&d["window_size"]), d["granule"],
+        d["mappings"], mib(&d["mapped_bytes"]), d["maps_ok"], d["maps_failed"], d["maps_busy"],
+        d["maps_timeout"], d["unmaps"],
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sock(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("dmavisor-api-{}-{name}.sock", std::process::id()))
+    }
+
+    #[test]
+    fn stat_without_dma_path_and_bad_requests() {
+        let path = sock("a");
+        let server = ApiServer::bind(&path, DmaSlot::default()).unwrap();
+        let answer = server.answer("{\"cmd\":\"stat\"}");
+        assert!(
+            answer["region"].is_null() && answer["uptime_ms"].is_u64(),
+            "{answer}"
+        );
+        assert!(summary(&answer).contains("not set up"));
+        let e = server.answer("{\"cmd\":\"reboot\"}")["error"].to_string();
+        assert!(e.contains("unknown command `reboot`"), "{e}");
+        let e = server.answer("stat please")["error"].to_string();
+        assert!(e.contains("not a JSON request"), "{e}");
+        // A second VMM on the same path is refused; the socket goes away with the server.
+        assert!(matches!(
+            ApiServer::bind(&path, DmaSlot::default()),
+            Err(ApiError::InUse(_))
+        ));
+        drop(server);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn client_round_trip_over_the_socket() {
+        let path = sock("b");
+        let server = ApiServer::bind(&path, DmaSlot::default()).unwrap();
+        let client = {
+            let path = path.clone();
+            std::thread::spawn(move || request(&path, "stat"))
+        };
+        // Serve the one connection as the event loop would.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok((stream, _)) = server.listener.accept() {
+                server.serve(stream);
+                break;
+            }
+            assert!(Instant::now() < deadline, "the client never connected");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let v = client.join().unwrap().unwrap();
+        assert!(v["uptime_ms"].is_u64());
+        let e = request(&sock("nobody"), "stat").unwrap_err().to_string();
+        assert!(e.contains("is `dmavisor run --api-sock"), "{e}");
+    }
+}
