@@ -17,7 +17,7 @@ fn stat_reports_the_buffers_a_guest_holds() {
         k = guest_kernel().display(),
         i = guest_initramfs().display(),
     );
-    let g = run_shell(&script, Duration::from_secs(240));
+    let g = run_shell(&script, Duration::from_secs(150));
     assert!(g.console.contains("holding=3"), "console:\n{}", g.console);
     let json_line = g
         .console
@@ -41,4 +41,30 @@ fn stat_reports_the_buffers_a_guest_holds() {
         g.console
     );
     assert_eq!(g.exit_code, Some(0), "console:\n{}", g.console);
+}
+
+#[test]
+fn sigterm_stops_the_vmm_cleanly() {
+    let script = format!(
+        "out=/tmp/dmavisor-sig-test.out; sock=/tmp/dmavisor-sig-test.sock; rm -f $out $sock; \
+         dmavisor run --api-sock $sock --kernel {k} --initrd {i} \
+           --cmdline 'console=ttyS0 reboot=k panic=-1 quiet dmavisor.scenario=api-probe' >$out 2>&1 & \
+         vmm=$!; n=0; until grep -q holding= $out || [ $n -gt 1200 ]; do sleep 0.1; n=$((n+1)); done; \
+         kill -TERM $vmm; wait $vmm; echo \"VMM-RC=$?\"; \
+         if [ -e $sock ]; then echo SOCKET-LEFT; else echo SOCKET-REMOVED; fi; cat $out",
+        k = guest_kernel().display(),
+        i = guest_initramfs().display(),
+    );
+    let g = run_shell(&script, Duration::from_secs(150));
+    assert!(g.console.contains("holding=3"), "console:\n{}", g.console);
+    assert!(
+        g.console.contains("VMM-RC=143"),
+        "128 + SIGTERM; console:\n{}",
+        g.console
+    );
+    assert!(
+        g.console.contains("SOCKET-REMOVED"),
+        "console:\n{}",
+        g.console
+    );
 }

@@ -21,6 +21,8 @@ pub enum ExitReason {
     TripleFault { vcpu: u8 },
     /// KVM could not run the vCPU.
     VcpuError { vcpu: u8, message: String },
+    /// The VMM was asked to stop (SIGTERM, SIGINT or SIGHUP).
+    Signal(i32),
 }
 
 /// How vCPUs and devices tell the VMM's main thread that the VM is over. The first reason

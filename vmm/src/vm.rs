@@ -75,10 +75,11 @@ pub struct VmOutcome {
 
 impl VmOutcome {
     /// The process exit status: 0 for a clean guest reboot/power-off, 3 for a guest kernel
-    /// panic, 4 for a triple fault, 5 for a vCPU that KVM could not run. (1 is a VMM error
-    /// and 2 a command-line usage error.)
+    /// panic, 4 for a triple fault, 5 for a vCPU that KVM could not run, 128 + N when stopped
+    /// by signal N. (1 is a VMM error and 2 a command-line usage error.)
     pub fn exit_code(&self) -> i32 {
         match (&self.reason, self.guest_panicked) {
+            (ExitReason::Signal(n), _) => 128 + n,
             (_, true) => 3,
             (ExitReason::Reset, false) => 0,
             (ExitReason::TripleFault { .. }, false) => 4,
@@ -103,11 +104,17 @@ pub struct Vm {
     exit: Arc<ExitSignal>,
     panicked: Arc<AtomicBool>,
     dma: DmaSlot,
+    stop_signals: Option<StopSignals>,
 }
 
 impl Vm {
     pub fn build(config: &VmConfig) -> Result<Self, VmError> {
         let started = std::time::Instant::now();
+        // Stop signals become an orderly exit (terminal restored, API socket removed). They are
+        // blocked before any other thread exists, so only the signalfd sees them.
+        let stop_signals = StopSignals::new()
+            .inspect_err(|e| tracing::warn!("stop signals will end dmavisor abruptly: {e}"))
+            .ok();
         let kvm = hypervisor::open()?;
         tracing::debug!(elapsed = ?started.elapsed(), "KVM opened");
         let vm = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
@@ -214,6 +221,7 @@ impl Vm {
             exit,
             panicked,
             dma: dma_slot,
+            stop_signals,
         })
     }
 
@@ -235,6 +243,9 @@ impl Vm {
             fired: false,
         }));
         manager.add_subscriber(stop.clone());
+        if let Some(signals) = self.stop_signals {
+            manager.add_subscriber(Arc::new(Mutex::new(signals.with_exit(self.exit.clone()))));
+        }
         let _raw = RawTerminal::enter();
         manager.add_subscriber(Arc::new(Mutex::new(StdinToConsole {
             console: self.console.clone(),
@@ -254,6 +265,65 @@ impl Vm {
         };
         tracing::info!(?outcome, "VM stopped");
         Ok(outcome)
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP, read from a signalfd in the event loop.
+struct StopSignals {
+    fd: std::fs::File,
+    exit: Option<Arc<ExitSignal>>,
+}
+
+const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+impl StopSignals {
+    fn new() -> io::Result<Self> {
+        // SAFETY: an all-zero sigset_t is a valid value to hand to sigemptyset.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t owned by this frame; the calls only write into it and
+        // change this thread's mask, which threads spawned later inherit.
+        let fd = unsafe {
+            libc::sigemptyset(&mut set);
+            for sig in STOP_SIGNALS {
+                libc::sigaddset(&mut set, sig);
+            }
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        let fd = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Ok(Self { fd, exit: None })
+    }
+
+    fn with_exit(mut self, exit: Arc<ExitSignal>) -> Self {
+        self.exit = Some(exit);
+        self
+    }
+}
+
+impl MutEventSubscriber for StopSignals {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+        if let Ok(n) = (&self.fd).read(&mut info) {
+            if n == info.len() {
+                let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]) as i32;
+                tracing::info!("stopping on signal {signo}");
+                if let Some(exit) = &self.exit {
+                    exit.signal(ExitReason::Signal(signo));
+                }
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            tracing::error!("watching stop signals: {e:?}");
+        }
     }
 }
 
@@ -338,5 +408,30 @@ impl Drop for RawTerminal {
         if self.0 {
             let _ = io::stdin().lock().set_canon_mode();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_tell_outcomes_apart() {
+        let code = |reason, guest_panicked| {
+            VmOutcome {
+                reason,
+                guest_panicked,
+            }
+            .exit_code()
+        };
+        assert_eq!(code(ExitReason::Reset, false), 0);
+        assert_eq!(code(ExitReason::Reset, true), 3);
+        assert_eq!(code(ExitReason::TripleFault { vcpu: 0 }, false), 4);
+        let err = ExitReason::VcpuError {
+            vcpu: 1,
+            message: "x".into(),
+        };
+        assert_eq!(code(err, false), 5);
+        assert_eq!(code(ExitReason::Signal(libc::SIGTERM), false), 143);
     }
 }
