@@ -32,7 +32,7 @@ impl DmaBackend for Backend {
             _ => Ok((len, Placement { host_addr: *n << 12, host_phys: false, extent: 0, bytes_migrated: 0 })),
         }
     }
-    fn unmap(&self, _gpa: u64, _len: u64, _m: u64) {}
+    fn unmap(&self, _gpa: u64, _len: u64, _m: u64, _discard: bool) {}
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -118,6 +118,7 @@ fn malformed_requests_get_their_status_and_others_keep_working() {
         ("map_unaligned", 3),
         ("map_zero_len", 3),
         ("unmap_never_mapped", 9),
+        ("unmap_bad_flags", 1),
         ("stat_with_args", 1),
         ("map_ok", 0),
         ("map_overlap", 8),

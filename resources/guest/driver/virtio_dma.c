@@ -378,7 +378,8 @@ static void vdma_chunk_destroy(struct vdma_chunk *c)
 	struct vdma *v = c->v;
 	struct vdma_request *r = c->unmap;
 
-	vdma_fill(&r->req, REQ_UNMAP, 0, page_to_phys(c->pages), c->pagecount << PAGE_SHIFT, 0);
+	/* DISCARD: the pages go back to CMA; nobody needs what is in them. */
+	vdma_fill(&r->req, REQ_UNMAP, MAP_DISCARD, page_to_phys(c->pages), c->pagecount << PAGE_SHIFT, 0);
 	r->async = true;
 	r->chunk = c;
 	INIT_WORK(&r->work, vdma_unmap_done);

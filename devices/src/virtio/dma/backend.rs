@@ -116,6 +116,34 @@ impl CmaBackend {
         Ok(())
     }
 
+    /// Never hand the guest a range that is not host-contiguous: the allocation must lie inside
+    /// one of the region's extents, at the physical address that extent implies.
+    fn check_contiguous(&self, alloc: &Allocation) -> Result<(), MapError> {
+        let (start, end) = (alloc.offset(), alloc.offset() + alloc.len());
+        let extent = self
+            .region
+            .extents()
+            .get(alloc.extent())
+            .filter(|e| e.offset <= start && end <= e.end());
+        let phys_ok = match (extent.and_then(|e| e.phys), alloc.phys_addr()) {
+            (Some(base), Some(phys)) => {
+                phys == base + (start - extent.map_or(0, |e| e.offset)) as u64
+            }
+            (None, None) => true,
+            _ => false,
+        };
+        if extent.is_none() || !phys_ok {
+            tracing::error!(
+                ?alloc,
+                "virtio-dma: allocation is not inside one extent; refused"
+            );
+            return Err(MapError::Io(
+                "allocation straddles host-contiguous extents".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Gives the window's `[gpa, gpa + len)` fresh anonymous memory again.
     fn back_with_ram(&self, gpa: u64, len: u64) -> std::io::Result<()> {
         // SAFETY: as in `back_with`: page-aligned pages of the window's own mapping.
@@ -179,6 +207,7 @@ impl DmaBackend for CmaBackend {
             .align(natural_align(len).max(self.page))
             .policy(policy);
         let alloc = self.allocator.alloc(request).map_err(map_error)?;
+        self.check_contiguous(&alloc)?;
         if !opts.discard {
             // SAFETY: both ranges are `len` bytes of live mappings: the window's (inside it, as
             // the device checked) and the allocation's, which is ours alone until we return it.
@@ -210,13 +239,25 @@ impl DmaBackend for CmaBackend {
         self.region.extents().iter().any(|e| e.phys.is_some())
     }
 
-    fn unmap(&self, gpa: u64, len: u64, mapping: Allocation) {
+    fn unmap(&self, gpa: u64, len: u64, mapping: Allocation, discard: bool) {
         if let Err(e) = self.back_with_ram(gpa, len) {
             // The range keeps the region's pages; leaking the allocation is the safe choice:
             // the guest may still use them.
             tracing::error!("virtio-dma: unmapping {len:#x} at {gpa:#x}: {e}; region pages leaked");
             std::mem::forget(mapping);
             return;
+        }
+        if !discard {
+            // SAFETY: the window range is fresh anonymous memory of `len` bytes inside the
+            // window's mapping; the allocation is still ours (dropped below) and is a separate
+            // mapping, so the two cannot overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    mapping.host_addr().as_ptr(),
+                    self.host_ptr(gpa) as *mut u8,
+                    len as usize,
+                );
+            }
         }
         drop(mapping);
     }
@@ -292,9 +333,19 @@ mod tests {
             byte(&b, gpa + 200).write(0x5a);
             assert_eq!(alloc.host_addr().as_ptr().add(200).read(), 0x5a);
         }
-        b.unmap(gpa, MIB, alloc);
+        b.unmap(gpa, MIB, alloc, false);
         // SAFETY: inside the test window.
-        unsafe { assert_eq!(byte(&b, gpa + 200).read(), 0, "fresh RAM after UNMAP") };
+        unsafe { assert_eq!(byte(&b, gpa + 200).read(), 0x5a, "contents kept by UNMAP") };
+        let (alloc, _) = b.map(gpa, MIB, OPTS).unwrap();
+        b.unmap(gpa, MIB, alloc, true);
+        // SAFETY: inside the test window.
+        unsafe {
+            assert_eq!(
+                byte(&b, gpa + 200).read(),
+                0,
+                "fresh RAM after a DISCARD UNMAP"
+            )
+        };
         assert_eq!(b.allocator().usage().allocated, 0);
     }
 
@@ -331,8 +382,8 @@ mod tests {
             b.map(gpa + 8 * MIB, MIB, OPTS).unwrap_err(),
             MapError::NoMem
         );
-        b.unmap(gpa, MIB, a);
-        b.unmap(gpa + 4 * MIB, MIB, c);
+        b.unmap(gpa, MIB, a, true);
+        b.unmap(gpa + 4 * MIB, MIB, c, true);
     }
 
     #[test]

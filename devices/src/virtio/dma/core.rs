@@ -73,8 +73,9 @@ pub trait DmaBackend: Send + Sync {
         len: u64,
         opts: MapOptions,
     ) -> Result<(Self::Mapping, Placement), MapError>;
-    /// Ends a mapping. Must not block.
-    fn unmap(&self, gpa: u64, len: u64, mapping: Self::Mapping);
+    /// Ends a mapping, copying its contents back to ordinary memory unless `discard`. Must not
+    /// block on anything but that copy.
+    fn unmap(&self, gpa: u64, len: u64, mapping: Self::Mapping, discard: bool);
     /// Whether placements carry host-physical addresses.
     fn host_phys(&self) -> bool {
         false
@@ -165,7 +166,7 @@ impl<B: DmaBackend> DmaCore<B> {
                 };
                 (self.map(gpa, len, opts), None)
             }
-            Request::Unmap { gpa, len } => (self.unmap(gpa, len), None),
+            Request::Unmap { gpa, len, discard } => (self.unmap(gpa, len, discard), None),
             Request::Stat => (Response::status(Status::Ok), Some(self.stat())),
         }
     }
@@ -230,7 +231,7 @@ impl<B: DmaBackend> DmaCore<B> {
         }
     }
 
-    fn unmap(&self, gpa: u64, len: u64) -> Response {
+    fn unmap(&self, gpa: u64, len: u64, discard: bool) -> Response {
         let mapping = {
             let mut books = self.books();
             if let Err(status) = self.check_range(gpa, len) {
@@ -248,7 +249,7 @@ impl<B: DmaBackend> DmaCore<B> {
             books.stat.mapped_bytes -= len;
             mapping
         };
-        self.backend.unmap(gpa, len, mapping);
+        self.backend.unmap(gpa, len, mapping, discard);
         Response::status(Status::Ok)
     }
 
@@ -257,7 +258,8 @@ impl<B: DmaBackend> DmaCore<B> {
         let entries = std::mem::take(&mut self.books().entries);
         for (gpa, entry) in entries {
             if let Entry::Mapped { len, mapping } = entry {
-                self.backend.unmap(gpa, len, mapping);
+                // The driver that held these is gone: nobody needs the contents.
+                self.backend.unmap(gpa, len, mapping, true);
             }
         }
         let mut books = self.books();
@@ -303,7 +305,7 @@ mod tests {
                 },
             ))
         }
-        fn unmap(&self, gpa: u64, len: u64, _m: u64) {
+        fn unmap(&self, gpa: u64, len: u64, _m: u64, _discard: bool) {
             self.unmapped.lock().unwrap().push((gpa, len));
         }
     }

@@ -306,7 +306,7 @@ mod tests {
                 },
             ))
         }
-        fn unmap(&self, _g: u64, _l: u64, _m: ()) {}
+        fn unmap(&self, _g: u64, _l: u64, _m: (), _d: bool) {}
     }
 
     fn core() -> DmaCore<Always> {

@@ -57,6 +57,7 @@ pub enum Request {
     Unmap {
         gpa: u64,
         len: u64,
+        discard: bool,
     },
     Stat,
 }
@@ -90,7 +91,11 @@ impl Request {
                 discard: flags & MAP_DISCARD != 0,
                 deadline_ms,
             }),
-            REQ_UNMAP if flags == 0 && deadline_ms == 0 => Ok(Request::Unmap { gpa, len }),
+            REQ_UNMAP if flags & !MAP_DISCARD == 0 && deadline_ms == 0 => Ok(Request::Unmap {
+                gpa,
+                len,
+                discard: flags & MAP_DISCARD != 0,
+            }),
             REQ_STAT if flags == 0 && gpa == 0 && len == 0 && deadline_ms == 0 => Ok(Request::Stat),
             _ => Err(Status::Inval),
         }
