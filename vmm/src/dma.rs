@@ -61,7 +61,7 @@ impl Mover for NothingLent {
 }
 
 /// Reserves the region as configured; `auto` falls back from huge pages to a memfd, saying so.
-pub fn reserve_region(config: &RegionConfig, window_size: u64) -> Result<Region, DmaError> {
+fn reserve_region(config: &RegionConfig, window_size: u64) -> Result<Region, DmaError> {
     let size = config.size.unwrap_or(ByteSize(window_size));
     let reserve = |backing: RegionBacking, b: Backing| {
         Region::reserve(size.0 as usize, b).map_err(|source| DmaError::Region {

@@ -381,16 +381,19 @@ impl Allocator {
         Ok(f)
     }
 
+    fn check_frame(&self, frame: usize) -> Result<(), OccupyError> {
+        let frames = self.shared.frames;
+        if frame >= frames {
+            return Err(OccupyError::OutOfRange { frame, frames });
+        }
+        Ok(())
+    }
+
     /// Place an occupant on a specific clean frame (tests, benchmarks, and a VMM
     /// restoring a layout).
     pub fn place_occupant_at(&self, frame: usize, occupant: Occupant) -> Result<(), OccupyError> {
         let s = &self.shared;
-        if frame >= s.frames {
-            return Err(OccupyError::OutOfRange {
-                frame,
-                frames: s.frames,
-            });
-        }
+        self.check_frame(frame)?;
         let mut m = s.lock_map();
         if m.tree.is_alloc(frame) {
             // A block in a small-block cache is free: take it back from the cache.
@@ -414,12 +417,7 @@ impl Allocator {
     /// being migrated: the caller retries, as the occupant may have moved.
     pub fn vacate(&self, frame: usize, occupant: Occupant) -> Result<(), OccupyError> {
         let s = &self.shared;
-        if frame >= s.frames {
-            return Err(OccupyError::OutOfRange {
-                frame,
-                frames: s.frames,
-            });
-        }
+        self.check_frame(frame)?;
         let mut m = s.lock_map();
         if m.occupants[frame] != Some(occupant) || m.tree.is_alloc(frame) {
             let found = if m.tree.is_alloc(frame) {

@@ -84,17 +84,6 @@ pub struct Dma<B: DmaBackend + 'static> {
 }
 
 impl<B: DmaBackend + 'static> Dma<B> {
-    pub fn new(core: Arc<DmaCore<B>>) -> Self {
-        let ready = std::sync::OnceLock::new();
-        let _ = ready.set(Ok(core));
-        Self {
-            pending: std::sync::Mutex::new(None),
-            core: ready,
-            acked: 0,
-            workers: Vec::new(),
-        }
-    }
-
     /// A device whose core `build` is still making.
     pub fn deferred(build: JoinHandle<CoreResult<B>>) -> Self {
         Self {
