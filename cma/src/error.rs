@@ -163,6 +163,8 @@ pub enum OccupyError {
     Migrating { frame: usize },
     #[error("frame {frame} is pinned ({pins} pins); unpin before vacating")]
     Pinned { frame: usize, pins: u32 },
+    #[error("frames {start}..{end} are not inside one host-contiguous extent")]
+    Straddles { start: usize, end: usize },
 }
 
 /// A [`crate::Mover`] failure. Moves are carried out in plan order; `completed` says

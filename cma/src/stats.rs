@@ -119,6 +119,8 @@ counters! {
     longterm_moved_out: "Occupants moved out of the region for a long-term pin.",
     occupants_placed: "Occupants placed in the region.",
     occupants_vacated: "Occupants removed from the region.",
+    claimed_in_place: "Allocations made from occupied frames whose owner gave them up in place (no copy).",
+    returned_as_occupants: "Allocations handed back as occupants in place (no copy).",
 }
 
 pub(crate) struct Stats {

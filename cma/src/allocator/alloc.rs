@@ -71,8 +71,9 @@ impl AllocRequest {
 pub struct Allocation {
     /// Keeps the allocator alive; per shard, see `cache::ShardRef`.
     owner: Arc<ShardRef>,
-    start: usize,
-    frames: usize,
+    pub(super) start: usize,
+    /// 0 once the frames were handed back some other way (`into_occupants`).
+    pub(super) frames: usize,
     extent: usize,
     migrated: usize,
     node: Option<Box<ReleaseNode>>,
@@ -140,6 +141,9 @@ impl Allocation {
 
 impl Drop for Allocation {
     fn drop(&mut self) {
+        if self.frames == 0 {
+            return;
+        }
         if self.try_cache() {
             self.owner.shared.notify_inner(true);
             return;
@@ -438,7 +442,7 @@ impl Allocator {
         Err(fail)
     }
 
-    fn handle(&self, start: usize, frames: usize, extent: usize, migrated: usize) -> Allocation {
+    pub(super) fn handle(&self, start: usize, frames: usize, extent: usize, migrated: usize) -> Allocation {
         Allocation {
             owner: self.owners[self.shared.caches.index()].clone(),
             start,

@@ -49,7 +49,7 @@ pub(super) struct Prepared {
 }
 
 impl Shared {
-    fn extent_of(&self, f: usize) -> usize {
+    pub(super) fn extent_of(&self, f: usize) -> usize {
         self.extents.partition_point(|e| e.end <= f)
     }
 

@@ -5,6 +5,7 @@
 mod alloc;
 mod cache;
 mod claim;
+mod lend;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
