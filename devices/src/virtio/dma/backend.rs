@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use cma::{AllocError, AllocRequest, Allocation, Allocator, Policy, Region};
 
 use super::core::{DmaBackend, MapError, MapOptions, Placement};
+use super::lending::{occupant, pin_wait_slice, protect, Lending, PageBacking};
 
 /// The DMA window as the VMM maps it: `len` bytes of guest-physical space from `base`, at
 /// `host_addr` in the VMM, 2 MiB aligned.
@@ -36,6 +37,7 @@ pub enum BackendError {
 pub struct CmaBackend {
     allocator: Allocator,
     region: Arc<Region>,
+    lending: Arc<Lending>,
     window: WindowMapping,
     page: usize,
 }
@@ -43,19 +45,32 @@ pub struct CmaBackend {
 /// Pages larger than this cannot be remapped piecewise at a useful granule.
 const MAX_REMAP_PAGE: usize = 2 << 20;
 
+/// Checks that `region` can back `window` page by page.
+pub fn check_window(region: &Region, window: &WindowMapping) -> Result<(), BackendError> {
+    let page = region.page_size();
+    if page > MAX_REMAP_PAGE {
+        return Err(BackendError::PageTooLarge(page));
+    }
+    if !window.host_addr.is_multiple_of(page) {
+        return Err(BackendError::Unaligned(window.host_addr, page));
+    }
+    Ok(())
+}
+
 impl CmaBackend {
-    pub fn new(allocator: Allocator, window: WindowMapping) -> Result<Self, BackendError> {
+    /// `allocator` must use `lending` as its mover and the region's page as its granule.
+    pub fn new(
+        allocator: Allocator,
+        lending: Arc<Lending>,
+        window: WindowMapping,
+    ) -> Result<Self, BackendError> {
         let region = allocator.region().clone();
+        check_window(&region, &window)?;
         let page = region.page_size();
-        if page > MAX_REMAP_PAGE {
-            return Err(BackendError::PageTooLarge(page));
-        }
-        if !window.host_addr.is_multiple_of(page) {
-            return Err(BackendError::Unaligned(window.host_addr, page));
-        }
         Ok(Self {
             allocator,
             region,
+            lending,
             window,
             page,
         })
@@ -70,8 +85,20 @@ impl CmaBackend {
         &self.allocator
     }
 
+    pub fn lending(&self) -> &Arc<Lending> {
+        &self.lending
+    }
+
+    pub fn window(&self) -> WindowMapping {
+        self.window
+    }
+
     fn host_ptr(&self, gpa: u64) -> *mut libc::c_void {
         (self.window.host_addr + (gpa - self.window.base) as usize) as *mut libc::c_void
+    }
+
+    fn page_of(&self, gpa: u64) -> usize {
+        ((gpa - self.window.base) / self.page as u64) as usize
     }
 
     /// Points the window's `[gpa, gpa + len)` at the region's pages under `alloc`, one `mmap`
@@ -144,21 +171,74 @@ impl CmaBackend {
         Ok(())
     }
 
-    /// Gives the window's `[gpa, gpa + len)` fresh anonymous memory again.
-    fn back_with_ram(&self, gpa: u64, len: u64) -> std::io::Result<()> {
-        // SAFETY: as in `back_with`: page-aligned pages of the window's own mapping.
-        let rc = unsafe {
-            libc::mmap(
-                self.host_ptr(gpa),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
+    /// The address the guest is told for frame `f` (physical where known), for alignment.
+    fn frame_addr(&self, f: usize) -> u64 {
+        let off = f * self.page;
+        self.region
+            .extents()
+            .iter()
+            .find(|e| e.offset <= off && off < e.end())
+            .and_then(|e| e.phys.map(|p| p + (off - e.offset) as u64))
+            .unwrap_or(off as u64)
+    }
+
+    /// The MAP's fast path: the range's pages are lent on a suitably aligned run of frames, so
+    /// the frames just change hands. No copy, no remap.
+    fn claim_in_place(&self, first: usize, n: usize, align: usize) -> Option<Allocation> {
+        let mut pages = self.lending.lock_pages();
+        let f0 = match pages[first] {
+            PageBacking::Lent(f) => f,
+            _ => return None,
         };
-        if rc == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
+        let run = (0..n).all(|i| pages[first + i] == PageBacking::Lent(f0 + i));
+        if !run || !self.frame_addr(f0).is_multiple_of(align as u64) {
+            return None;
+        }
+        let occupants: Vec<_> = (first..first + n).map(occupant).collect();
+        let alloc = self.allocator.claim_occupied(f0, &occupants).ok()?;
+        for i in 0..n {
+            pages[first + i] = PageBacking::Mapped(f0 + i);
+        }
+        Some(alloc)
+    }
+
+    /// Frees the frames the range's pages were lent on. Without DISCARD the contents still
+    /// matter, so a pinned frame (someone may be writing it) is waited for, within the
+    /// request's policy; with DISCARD it is left to be freed when unpinned.
+    fn release_lent(
+        &self,
+        lent: &[(usize, usize)],
+        opts: &MapOptions,
+        deadline: Instant,
+    ) -> Result<(), MapError> {
+        let mut freed = Vec::new();
+        for &(p, f) in lent {
+            loop {
+                match self.allocator.vacate(f, occupant(p)) {
+                    Ok(()) => {
+                        freed.push((p, f));
+                        break;
+                    }
+                    Err(_) if opts.discard => {
+                        self.lending.orphan(f, occupant(p));
+                        break;
+                    }
+                    Err(e) if opts.failfast || Instant::now() >= deadline => {
+                        // Give back what was already freed: nobody took it (MAPs hold the
+                        // layout lock, and lending places no occupants meanwhile).
+                        for &(p, f) in &freed {
+                            let _ = self.allocator.place_occupant_at(f, occupant(p));
+                        }
+                        tracing::debug!("virtio-dma: page {p} of the range: {e}");
+                        return Err(if opts.failfast {
+                            MapError::Busy
+                        } else {
+                            MapError::Timeout
+                        });
+                    }
+                    Err(_) => std::thread::sleep(pin_wait_slice()),
+                }
+            }
         }
         Ok(())
     }
@@ -196,42 +276,84 @@ impl DmaBackend for CmaBackend {
                 self.page
             )));
         }
+        let deadline = Instant::now() + opts.deadline.min(Duration::from_secs(10));
         let policy = if opts.failfast {
             Policy::FailFast
         } else {
-            Policy::Retry {
-                deadline: Instant::now() + opts.deadline.min(Duration::from_secs(10)),
-            }
+            Policy::Retry { deadline }
         };
-        let request = AllocRequest::new(len as usize)
-            .align(natural_align(len).max(self.page))
-            .policy(policy);
+        let align = natural_align(len).max(self.page);
+        let (first, n) = (self.page_of(gpa), (len / self.page as u64) as usize);
+        let _layout = self.lending.lock_layout();
+        self.lending.reap(&self.allocator);
+        if let Some(alloc) = self.claim_in_place(first, n, align) {
+            let placement = self.placement(&alloc, 0);
+            return Ok((alloc, placement));
+        }
+        let request = AllocRequest::new(len as usize).align(align).policy(policy);
         let alloc = self.allocator.alloc(request).map_err(map_error)?;
         self.check_contiguous(&alloc)?;
-        if !opts.discard {
-            // SAFETY: both ranges are `len` bytes of live mappings: the window's (inside it, as
-            // the device checked) and the allocation's, which is ours alone until we return it.
-            // They cannot overlap: the region is a separate mapping.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    self.host_ptr(gpa) as *const u8,
-                    alloc.host_addr().as_ptr(),
-                    len as usize,
-                );
-            }
+        // The allocation may have moved some of the range's own pages: look now.
+        let before: Vec<PageBacking> = self.lending.lock_pages()[first..first + n].to_vec();
+        if before.iter().any(|b| matches!(b, PageBacking::Mapped(_))) {
+            return Err(MapError::Io("range overlaps a mapping".into()));
         }
-        if let Err(e) = self.back_with(gpa, &alloc) {
-            // Put back whatever part was switched; the allocation is returned on drop.
-            let _ = self.back_with_ram(gpa, len);
+        let lent: Vec<(usize, usize)> = before
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| match b {
+                PageBacking::Lent(f) => Some((first + i, *f)),
+                _ => None,
+            })
+            .collect();
+        if !opts.discard {
+            self.release_lent(&lent, &opts, deadline)?;
+        }
+        let remapped = {
+            // Without DISCARD the guest's bytes move with the range: stop writers first.
+            let _moving = (!opts.discard).then(|| self.lending.gate().begin());
+            let va = self.host_ptr(gpa).cast::<u8>();
+            let protected = if opts.discard {
+                Ok(())
+            } else {
+                protect(va, len as usize, libc::PROT_READ)
+            };
+            protected.and_then(|()| {
+                if !opts.discard {
+                    // SAFETY: both ranges are `len` bytes of live mappings: the window's
+                    // (read-only now, so stable) and the allocation's, which is ours alone.
+                    // They cannot overlap: the region is a separate mapping.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            va.cast_const(),
+                            alloc.host_addr().as_ptr(),
+                            len as usize,
+                        );
+                    }
+                }
+                self.back_with(gpa, &alloc)
+            })
+        };
+        if let Err(e) = remapped {
+            let _ = protect(
+                self.host_ptr(gpa).cast(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+            );
             return Err(MapError::Io(format!("remapping the window: {e}")));
         }
-        let granule = self.allocator.config().granule as u64;
-        let placement = Placement {
-            host_addr: alloc.phys_addr().unwrap_or(alloc.offset() as u64),
-            host_phys: alloc.phys_addr().is_some(),
-            extent: alloc.extent() as u64,
-            bytes_migrated: alloc.migrated_frames() as u64 * granule,
-        };
+        if opts.discard {
+            self.release_lent(&lent, &opts, deadline)?;
+        }
+        {
+            let mut pages = self.lending.lock_pages();
+            let f0 = alloc.frames().start;
+            for i in 0..n {
+                pages[first + i] = PageBacking::Mapped(f0 + i);
+            }
+        }
+        let copied = if opts.discard { 0 } else { len };
+        let placement = self.placement(&alloc, copied);
         Ok((alloc, placement))
     }
 
@@ -239,40 +361,62 @@ impl DmaBackend for CmaBackend {
         self.region.extents().iter().any(|e| e.phys.is_some())
     }
 
-    fn unmap(&self, gpa: u64, len: u64, mapping: Allocation, discard: bool) {
-        if let Err(e) = self.back_with_ram(gpa, len) {
-            // The range keeps the region's pages; leaking the allocation is the safe choice:
-            // the guest may still use them.
-            tracing::error!("virtio-dma: unmapping {len:#x} at {gpa:#x}: {e}; region pages leaked");
-            std::mem::forget(mapping);
-            return;
-        }
-        if !discard {
-            // SAFETY: the window range is fresh anonymous memory of `len` bytes inside the
-            // window's mapping; the allocation is still ours (dropped below) and is a separate
-            // mapping, so the two cannot overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    mapping.host_addr().as_ptr(),
-                    self.host_ptr(gpa) as *mut u8,
-                    len as usize,
-                );
+    fn unmap(&self, gpa: u64, len: u64, mapping: Allocation, _discard: bool) {
+        // The pages keep their frames and contents: the mapping's frames are lent to them.
+        let (first, n) = (self.page_of(gpa), (len / self.page as u64) as usize);
+        let occupants: Vec<_> = (first..first + n).map(occupant).collect();
+        let mut pages = self.lending.lock_pages();
+        let f0 = mapping.frames().start;
+        match self.allocator.into_occupants(mapping, &occupants) {
+            Ok(()) => {
+                for i in 0..n {
+                    pages[first + i] = PageBacking::Lent(f0 + i);
+                }
+            }
+            Err((mapping, e)) => {
+                // The range keeps the region's pages; leaking the allocation is the safe
+                // choice: the guest may still use them.
+                tracing::error!("virtio-dma: unmapping {len:#x} at {gpa:#x}: {e}; region pages leaked");
+                std::mem::forget(mapping);
             }
         }
-        drop(mapping);
+    }
+}
+
+impl CmaBackend {
+    fn placement(&self, alloc: &Allocation, copied: u64) -> Placement {
+        Placement {
+            host_addr: alloc.phys_addr().unwrap_or(alloc.offset() as u64),
+            host_phys: alloc.phys_addr().is_some(),
+            extent: alloc.extent() as u64,
+            bytes_migrated: alloc.migrated_frames() as u64 * self.page as u64 + copied,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cma::{AllocatorConfig, Backing, MemcpyMover};
+    use crate::virtio::dma::lending::MoveGate;
+    use cma::{AllocatorConfig, Backing};
 
     const MIB: u64 = 1 << 20;
+    const PAGE: u64 = 4096;
 
     /// A window of anonymous memory, 2 MiB aligned, standing in for the VMM's.
     fn window(len: usize) -> WindowMapping {
-        let raw = unsafe_map(len + (2 << 20));
+        // SAFETY: a fresh anonymous mapping; leaked for the test's lifetime.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len + (2 << 20),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(raw, libc::MAP_FAILED);
         let host_addr = (raw as usize).next_multiple_of(2 << 20);
         WindowMapping {
             base: 0x4000_0000,
@@ -281,27 +425,34 @@ mod tests {
         }
     }
 
-    fn unsafe_map(len: usize) -> *mut libc::c_void {
-        // SAFETY: a fresh anonymous mapping; leaked for the test's lifetime.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        p
-    }
-
+    /// A memfd region of `region_len` lent to a window of `window_len`, after the window's
+    /// pages were each filled with their own pattern.
     fn backend(region_len: usize, window_len: usize) -> CmaBackend {
         let region = Arc::new(Region::reserve(region_len, Backing::Memfd).unwrap());
-        let mover = Arc::new(MemcpyMover::new(region.clone()));
-        let alloc = Allocator::new(region, AllocatorConfig::default(), mover).unwrap();
-        CmaBackend::new(alloc, window(window_len)).unwrap()
+        let w = window(window_len);
+        for p in 0..window_len as u64 / PAGE {
+            fill(w.host_addr, p);
+        }
+        let lending = Arc::new(Lending::new(region.clone(), w, Arc::new(MoveGate::default())));
+        let config = AllocatorConfig {
+            granule: region.page_size(),
+            small_cache_batch: 0,
+            ..AllocatorConfig::default()
+        };
+        let alloc = Allocator::new(region, config, lending.clone()).unwrap();
+        let lent = lending.lend_window(&alloc).unwrap();
+        assert_eq!(lent, region_len / PAGE as usize);
+        CmaBackend::new(alloc, lending, w).unwrap()
+    }
+
+    fn fill(host: usize, page: u64) {
+        // SAFETY: page `page` of a test window.
+        unsafe { ((host + (page * PAGE) as usize) as *mut u64).write(page * 0x9e37_79b9 + 1) }
+    }
+
+    fn intact(b: &CmaBackend, page: u64) -> bool {
+        // SAFETY: page `page` of the test window.
+        unsafe { ((b.window.host_addr + (page * PAGE) as usize) as *const u64).read() == page * 0x9e37_79b9 + 1 }
     }
 
     fn byte(b: &CmaBackend, gpa: u64) -> *mut u8 {
@@ -315,75 +466,75 @@ mod tests {
     };
 
     #[test]
-    fn map_moves_contents_into_the_region_and_unmap_restores_ram() {
+    fn lent_pages_map_in_place_and_unmap_keeps_them() {
         let b = backend(8 << 20, 16 << 20);
+        assert!((0..4096).all(|p| intact(&b, p)), "lending kept every byte");
         let gpa = b.window.base + 4 * MIB;
-        // SAFETY: inside the test window.
-        unsafe { byte(&b, gpa + 100).write(0xab) };
         let (alloc, placement) = b.map(gpa, MIB, OPTS).unwrap();
-        assert!(
-            !placement.host_phys,
-            "memfd regions reveal no physical addresses"
-        );
-        assert_eq!(placement.host_addr, alloc.offset() as u64);
+        assert!(!placement.host_phys, "memfd regions reveal no physical addresses");
+        assert_eq!(alloc.offset() as u64, 4 * MIB, "the page's own frames, claimed in place");
+        assert_eq!(placement.bytes_migrated, 0);
         // SAFETY: inside the test window and the allocation.
         unsafe {
-            assert_eq!(byte(&b, gpa + 100).read(), 0xab, "contents preserved");
-            // The window now *is* the region's memory: a write shows through both.
+            // The window *is* the region's memory: a write shows through both.
             byte(&b, gpa + 200).write(0x5a);
             assert_eq!(alloc.host_addr().as_ptr().add(200).read(), 0x5a);
         }
-        b.unmap(gpa, MIB, alloc, false);
-        // SAFETY: inside the test window.
-        unsafe { assert_eq!(byte(&b, gpa + 200).read(), 0x5a, "contents kept by UNMAP") };
-        let (alloc, _) = b.map(gpa, MIB, OPTS).unwrap();
         b.unmap(gpa, MIB, alloc, true);
         // SAFETY: inside the test window.
-        unsafe {
-            assert_eq!(
-                byte(&b, gpa + 200).read(),
-                0,
-                "fresh RAM after a DISCARD UNMAP"
-            )
-        };
+        unsafe { assert_eq!(byte(&b, gpa + 200).read(), 0x5a, "contents kept by UNMAP") };
         assert_eq!(b.allocator().usage().allocated, 0);
+        assert_eq!(b.lending().stats().lent, 2048);
+        assert_eq!(b.allocator().stats().pages_migrated, 0);
     }
 
     #[test]
-    fn discard_skips_the_copy_and_errors_map_to_statuses() {
+    fn a_map_outside_the_region_moves_lent_pages_out_and_loses_nothing() {
+        // Overcommitted: 8 MiB of region for a 16 MiB window.
+        let b = backend(8 << 20, 16 << 20);
+        let gpa = b.window.base + 12 * MIB;
+        let (alloc, placement) = b.map(gpa, MIB, OPTS).unwrap();
+        assert_eq!(alloc.migrated_frames(), 256, "a full region: 256 lent pages leave it");
+        assert_eq!(placement.bytes_migrated, 2 * MIB, "moved out + the range's own bytes");
+        assert!((0..4096).all(|p| intact(&b, p)), "every page kept its bytes");
+        let st = b.lending().stats();
+        assert_eq!((st.moves, st.moves_out, st.mapped), (256, 256, 256));
+        b.unmap(gpa, MIB, alloc, false);
+        // The range is lent now, on the frames it had: the next MAP is in place.
+        let (alloc, placement) = b.map(gpa, MIB, OPTS).unwrap();
+        assert_eq!(placement.bytes_migrated, 0);
+        b.unmap(gpa, MIB, alloc, true);
+        assert!((0..4096).all(|p| intact(&b, p)));
+    }
+
+    #[test]
+    fn a_pinned_page_fails_fast_keeps_its_frame_with_discard_and_is_freed_when_unpinned() {
+        let b = backend(8 << 20, 16 << 20);
+        let gpa = b.window.base + 2 * MIB;
+        let pinned_frame = (2 * MIB / PAGE) as usize + 3;
+        let pin = b.allocator().pin_occupant(pinned_frame).unwrap();
+        assert_eq!(b.map(gpa, MIB, OPTS).unwrap_err(), MapError::Busy);
+        assert!((0..4096).all(|p| intact(&b, p)), "a failed MAP changes nothing");
+        let discard = MapOptions { discard: true, ..OPTS };
+        let (alloc, _) = b.map(gpa, MIB, discard).unwrap();
+        assert!(!alloc.frames().contains(&pinned_frame), "never hand out a pinned frame");
+        assert_eq!(b.lending().stats().orphans, 1);
+        drop(pin);
+        let (other, _) = b.map(gpa + 2 * MIB, MIB, OPTS).unwrap();
+        assert_eq!(b.lending().stats().orphans, 0, "freed at the next MAP");
+        b.unmap(gpa, MIB, alloc, true);
+        b.unmap(gpa + 2 * MIB, MIB, other, true);
+    }
+
+    #[test]
+    fn errors_map_to_statuses() {
         let b = backend(2 << 20, 16 << 20);
         let gpa = b.window.base;
-        // SAFETY: inside the test window.
-        unsafe { byte(&b, gpa).write(7) };
-        let (a, _) = b
-            .map(
-                gpa,
-                MIB,
-                MapOptions {
-                    discard: true,
-                    ..OPTS
-                },
-            )
-            .unwrap();
-        // SAFETY: inside the test window.
-        unsafe {
-            assert_eq!(
-                byte(&b, gpa).read(),
-                0,
-                "DISCARD: region pages as they were"
-            )
-        };
-        assert_eq!(
-            b.map(gpa + 2 * MIB, 4 * MIB, OPTS).unwrap_err(),
-            MapError::TooBig
-        );
-        let (c, _) = b.map(gpa + 4 * MIB, MIB, OPTS).unwrap();
-        assert_eq!(
-            b.map(gpa + 8 * MIB, MIB, OPTS).unwrap_err(),
-            MapError::NoMem
-        );
-        b.unmap(gpa, MIB, a, true);
-        b.unmap(gpa + 4 * MIB, MIB, c, true);
+        assert_eq!(b.map(gpa + 2 * MIB, 4 * MIB, OPTS).unwrap_err(), MapError::TooBig);
+        let (a, _) = b.map(gpa + 4 * MIB, 2 * MIB, OPTS).unwrap();
+        assert_eq!(b.map(gpa + 8 * MIB, MIB, OPTS).unwrap_err(), MapError::NoMem);
+        b.unmap(gpa + 4 * MIB, 2 * MIB, a, true);
+        assert!(matches!(b.map(gpa + 1, PAGE, OPTS).unwrap_err(), MapError::Io(_)));
     }
 
     #[test]

@@ -4,9 +4,11 @@
 mod backend;
 pub mod core;
 mod device;
+pub mod lending;
 pub mod protocol;
 
 pub use self::core::{DmaBackend, DmaCore, MapError, MapOptions, Placement};
-pub use backend::{BackendError, CmaBackend, WindowMapping};
+pub use backend::{check_window, BackendError, CmaBackend, WindowMapping};
+pub use lending::{Lending, LendingStats, MoveGate, PageBacking};
 pub use device::{serve_chain, Dma};
 pub use protocol::{Config, Request, Response, Stat, Status, VIRTIO_ID_DMA};
