@@ -7,13 +7,15 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use devices::virtio::dma::{CmaBackend, DmaCore};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde_json::{json, Value};
 use vmm_sys_util::epoll::EventSet;
+
+use crate::pins::{LongTermPins, PinChurn};
 
 /// Where the API finds the DMA path once the region thread has built it.
 pub type DmaSlot = Arc<OnceLock<Arc<DmaCore<CmaBackend>>>>;
@@ -44,6 +46,23 @@ pub struct ApiServer {
     path: PathBuf,
     dma: DmaSlot,
     started: Instant,
+    churn: Mutex<Option<PinChurn>>,
+    longterm: Mutex<Vec<LongTermPins>>,
+}
+
+const COMMANDS: &str = "stat, pin-churn, pin-churn-stop, pin-longterm, unpin-longterm, migrate";
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn arg_u64(req: &Value, key: &str, default: Option<u64>) -> Result<u64, String> {
+    match req.get(key) {
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| format!("\"{key}\" must be a non-negative integer, not {v}")),
+        None => default.ok_or_else(|| format!("missing \"{key}\"")),
+    }
 }
 
 impl ApiServer {
@@ -66,6 +85,8 @@ impl ApiServer {
             path: path.to_path_buf(),
             dma,
             started: Instant::now(),
+            churn: Mutex::new(None),
+            longterm: Mutex::new(Vec::new()),
         })
     }
 
@@ -89,10 +110,78 @@ impl ApiServer {
                 return json!({ "error": format!("not a JSON request: {e}; send {{\"cmd\": \"stat\"}}") })
             }
         };
-        match request.get("cmd").and_then(Value::as_str) {
-            Some("stat") => self.stat(),
-            Some(other) => json!({ "error": format!("unknown command `{other}`; known: stat") }),
-            None => json!({ "error": "the request has no \"cmd\"; send {\"cmd\": \"stat\"}" }),
+        let cmd = match request.get("cmd").and_then(Value::as_str) {
+            Some("stat") => return self.stat(),
+            Some(cmd) if COMMANDS.split(", ").any(|c| c == cmd) => cmd,
+            Some(other) => {
+                return json!({ "error": format!("unknown command `{other}`; known: {COMMANDS}") })
+            }
+            None => {
+                return json!({ "error": "the request has no \"cmd\"; send {\"cmd\": \"stat\"}" })
+            }
+        };
+        let Some(core) = self.dma.get().cloned() else {
+            return json!({ "error": format!("`{cmd}` needs the DMA path, which is not set up (no DMA window, or the region is still being reserved)") });
+        };
+        self.command(cmd, &request, core)
+            .unwrap_or_else(|e| json!({ "error": e }))
+    }
+
+    fn command(
+        &self,
+        cmd: &str,
+        req: &Value,
+        core: Arc<DmaCore<CmaBackend>>,
+    ) -> Result<Value, String> {
+        match cmd {
+            "pin-churn" => {
+                let mut churn = lock(&self.churn);
+                if churn.is_some() {
+                    return Err("a pin churn is already running; send pin-churn-stop first".into());
+                }
+                let target = req
+                    .get("target")
+                    .and_then(Value::as_str)
+                    .ok_or("missing \"target\": a file or block device for O_DIRECT writes")?;
+                let io = arg_u64(req, "io_kib", Some(64))? as usize * 1024;
+                let hold = Duration::from_micros(arg_u64(req, "hold_us", Some(0))?);
+                let gap = Duration::from_micros(arg_u64(req, "gap_us", Some(0))?);
+                let c = PinChurn::start(core, Path::new(target), io, hold, gap)
+                    .map_err(|e| e.to_string())?;
+                *churn = Some(c);
+                Ok(json!({ "started": true }))
+            }
+            "pin-churn-stop" => lock(&self.churn)
+                .take()
+                .map(PinChurn::stop)
+                .ok_or_else(|| "no pin churn is running".to_string()),
+            "pin-longterm" => {
+                let gpa = arg_u64(req, "gpa", None)?;
+                let len = arg_u64(req, "len", None)?;
+                let pins = LongTermPins::take(&core, gpa, len).map_err(|e| e.to_string())?;
+                let reply = json!({
+                    "gpa": pins.gpa,
+                    "len": pins.len,
+                    "moved_out": pins.moved_out,
+                    "pinned_in_place": pins.pinned_in_place,
+                });
+                lock(&self.longterm).push(pins);
+                Ok(reply)
+            }
+            "unpin-longterm" => {
+                let released = std::mem::take(&mut *lock(&self.longterm)).len();
+                Ok(json!({ "released": released }))
+            }
+            "migrate" => {
+                let frames = arg_u64(req, "frames", None)? as usize;
+                let backend = core.backend();
+                let moved = backend
+                    .lending()
+                    .force_migrate(backend.allocator(), frames)
+                    .map_err(|e| format!("migrate: {e}"))?;
+                Ok(json!({ "moved": moved }))
+            }
+            other => Err(format!("unknown command `{other}`")),
         }
     }
 
@@ -140,6 +229,28 @@ impl ApiServer {
             "alloc_latency_p50_ns": s.alloc_latency.quantile(0.5).as_nanos() as u64,
             "alloc_latency_p99_ns": s.alloc_latency.quantile(0.99).as_nanos() as u64,
         });
+        let l = core.backend().lending().stats();
+        v["lending"] = json!({
+            "pages": l.pages,
+            "page_size": l.page_size,
+            "lent": l.lent,
+            "mapped": l.mapped,
+            "ram": l.ram,
+            "orphans": l.orphans,
+            "moves": l.moves,
+            "moves_out": l.moves_out,
+            "bytes_moved": l.bytes_moved,
+            "copy_us": l.copy_us,
+            "claimed_in_place": s.claimed_in_place,
+            "returned_in_place": s.returned_as_occupants,
+        });
+        v["pins"] = json!({
+            "churn": lock(&self.churn).as_ref().map(PinChurn::report),
+            "longterm_ranges": lock(&self.longterm).len(),
+            "pins_taken": s.pins,
+            "pin_refusals": s.pin_refusals,
+            "longterm_moved_out": s.longterm_moved_out,
+        });
         v["device"] = json!({
             "window_base": cfg.window_base,
             "window_size": cfg.window_size,
@@ -176,8 +287,13 @@ impl MutEventSubscriber for ApiServer {
     }
 }
 
-/// Sends one request and returns the reply.
+/// Sends `{"cmd": cmd}` and returns the reply.
 pub fn request(path: &Path, cmd: &str) -> Result<Value, ApiError> {
+    send(path, &json!({ "cmd": cmd }))
+}
+
+/// Sends one request and returns the reply; an `{"error": ..}` reply is an error.
+pub fn send(path: &Path, req: &Value) -> Result<Value, ApiError> {
     let protocol = |message: String| ApiError::Protocol {
         path: path.to_path_buf(),
         message,
@@ -186,10 +302,11 @@ pub fn request(path: &Path, cmd: &str) -> Result<Value, ApiError> {
         path: path.to_path_buf(),
         source,
     })?;
+    // Long-term pins and forced migrations copy guest memory before they answer.
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| protocol(e.to_string()))?;
-    writeln!(stream, "{}", json!({ "cmd": cmd })).map_err(|e| protocol(e.to_string()))?;
+    writeln!(stream, "{req}").map_err(|e| protocol(e.to_string()))?;
     let mut line = String::new();
     BufReader::new(&stream)
         .read_line(&mut line)
@@ -232,6 +349,12 @@ pub fn summary(v: &Value) -> String {
         a["allocated_frames"], a["frames"], a["occupied_frames"], a["allocs"], a["frees"],
         a["fail_too_large"], a["fail_no_room"], a["fail_all_pinned"], a["fail_deadline"],
         mib(&a["bytes_migrated"]), a["alloc_latency_p50_ns"], a["alloc_latency_p99_ns"],
+    );
+    let l = &v["lending"];
+    out += &format!(
+        "lending: {} window pages: {} lent, {} mapped, {} in RAM, {} orphaned; {} moves ({} out of the region, {}); {} MAPs in place\n",
+        l["pages"], l["lent"], l["mapped"], l["ram"], l["orphans"], l["moves"], l["moves_out"],
+        mib(&l["bytes_moved"]), l["claimed_in_place"],
     );
     out += &format!(
         "virtio-dma: window {:#x} + {}, granule {}; {} mapping(s), {}; MAP ok {}, failed {} (busy {}, timeout {}); UNMAP {}\n",

@@ -25,6 +25,36 @@ enum Command {
     Run(RunArgs),
     /// Print a running VMM's region, allocator and virtio-dma state (from its --api-sock).
     Stat(StatArgs),
+    /// Send one control-API command to a running VMM and print its JSON reply, e.g.
+    /// `dmavisor api --api-sock S pin-churn target=/dev/loop0 io_kib=64` (see docs/api.md).
+    Api(ApiArgs),
+}
+
+#[derive(Args, Debug)]
+struct ApiArgs {
+    /// The control socket of a `dmavisor run --api-sock PATH`.
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// The command: stat, pin-churn, pin-churn-stop, pin-longterm, unpin-longterm, migrate.
+    cmd: String,
+    /// Arguments as key=value (numbers are sent as numbers; 0x prefixes allowed).
+    #[arg(value_name = "KEY=VALUE", value_parser = parse_api_arg)]
+    args: Vec<(String, serde_json::Value)>,
+}
+
+fn parse_api_arg(s: &str) -> Result<(String, serde_json::Value), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE; e.g. gpa=0x20000000 len=4M"))?;
+    let number = match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => v
+            .parse::<u64>()
+            .ok()
+            .or_else(|| v.parse::<ByteSize>().ok().map(|b| b.0)),
+    };
+    let value = number.map_or_else(|| serde_json::Value::from(v), serde_json::Value::from);
+    Ok((k.to_string(), value))
 }
 
 #[derive(Args, Debug)]
@@ -113,6 +143,14 @@ impl Cli {
     pub fn execute(self) -> anyhow::Result<i32> {
         match self.command {
             Command::Run(args) => run(args),
+            Command::Api(args) => {
+                let mut req = serde_json::json!({ "cmd": args.cmd });
+                for (k, v) in args.args {
+                    req[k] = v;
+                }
+                println!("{}", crate::api::send(&args.api_sock, &req)?);
+                Ok(0)
+            }
             Command::Stat(args) => {
                 let reply = crate::api::request(&args.api_sock, "stat")?;
                 if args.json {

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use cma::{
-    Allocator, AllocatorConfig, Backing, HugePageSize, MigrationPlan, MoveError, Mover, Region,
+use cma::{Allocator, AllocatorConfig, Backing, HugePageSize, Region};
+use devices::virtio::dma::{
+    check_window, CmaBackend, Config, Dma, DmaCore, Lending, MoveGate, WindowMapping,
 };
-use devices::virtio::dma::{CmaBackend, Config, Dma, DmaCore, WindowMapping};
 use devices::virtio::MmioTransport;
 use kvm_ioctls::VmFd;
 use linux_loader::loader::Cmdline;
@@ -44,20 +44,8 @@ pub enum DmaError {
     Device(#[from] DeviceError),
     #[error("creating the device: {0}")]
     Io(std::io::Error),
-}
-
-/// This version lends no region frames to guest memory, so there is never anything to move.
-struct NothingLent;
-
-impl Mover for NothingLent {
-    fn move_frames(&self, plan: &MigrationPlan) -> Result<(), MoveError> {
-        Err(MoveError {
-            completed: 0,
-            total: plan.len(),
-            frame: 0,
-            reason: "no region frames are lent out, so none can need moving".into(),
-        })
-    }
+    #[error("lending the region to the window: {0}")]
+    Lend(std::io::Error),
 }
 
 /// Reserves the region as configured; `auto` falls back from huge pages to a memfd, saying so.
@@ -110,6 +98,7 @@ pub fn attach_device(
     mem: &GuestMemoryMmap,
     window: (u64, u64),
     region_config: RegionConfig,
+    gate: Arc<MoveGate>,
 ) -> Result<DmaSlot, DmaError> {
     let (base, size) = window;
     let host_addr = mem
@@ -127,7 +116,7 @@ pub fn attach_device(
                 len: size,
                 host_addr,
             };
-            let core = build_core(&region_config, window)
+            let core = build_core(&region_config, window, gate)
                 .map(Arc::new)
                 .map_err(|e| e.to_string())?;
             // The control API reads the DMA path from here once it exists.
@@ -178,12 +167,31 @@ fn precheck(config: &RegionConfig, window_size: u64) -> Result<(), DmaError> {
 fn build_core(
     config: &RegionConfig,
     window: WindowMapping,
+    gate: Arc<MoveGate>,
 ) -> Result<DmaCore<CmaBackend>, DmaError> {
     let region = Arc::new(reserve_region(config, window.len)?);
+    check_window(&region, &window)?;
     let largest_extent = region.largest_extent() as u64;
     let region_size = region.len() as u64;
-    let allocator = Allocator::new(region, AllocatorConfig::default(), Arc::new(NothingLent))?;
-    let backend = CmaBackend::new(allocator, window)?;
+    let page = region.page_size();
+    let lending = Arc::new(Lending::new(region.clone(), window, gate));
+    // One frame per window page; no small-block caches: lent frames are what small requests
+    // would otherwise have cached.
+    let allocator_config = AllocatorConfig {
+        granule: page,
+        pageblock: page.max(2 << 20),
+        small_cache_batch: 0,
+        ..AllocatorConfig::default()
+    };
+    let allocator = Allocator::new(region, allocator_config, lending.clone())?;
+    let lent = lending.lend_window(&allocator).map_err(DmaError::Lend)?;
+    tracing::info!(
+        lent,
+        pages = lending.page_count(),
+        page,
+        "region lent to the window's pages"
+    );
+    let backend = CmaBackend::new(allocator, lending, window)?;
     let config = Config {
         window_base: window.base,
         window_size: window.len,

@@ -8,6 +8,7 @@ mod devices;
 mod dma;
 mod hypervisor;
 mod memory;
+mod pins;
 mod vcpu;
 mod vm;
 

@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use devices::virtio::dma::MoveGate;
 use devices::Bus;
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -101,22 +102,25 @@ impl Vcpu {
         Ok(Self { id, fd })
     }
 
-    /// Runs the vCPU on its own thread until the guest stops it.
+    /// Runs the vCPU on its own thread until the guest stops it. `gate` tells it when a write
+    /// fault came from a guest page the VMM is moving (it then waits and re-enters).
     pub fn start(
         self,
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         exit: Arc<ExitSignal>,
+        gate: Arc<MoveGate>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         let id = self.id;
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || self.run(&pio, &mmio, &exit))
+            .spawn(move || self.run(&pio, &mmio, &exit, &gate))
             .map_err(|source| VcpuError::Spawn { id, source })
     }
 
-    fn run(mut self, pio: &Bus, mmio: &Bus, exit: &ExitSignal) {
+    fn run(mut self, pio: &Bus, mmio: &Bus, exit: &ExitSignal, gate: &MoveGate) {
         let id = self.id;
+        let mut moves_seen = 0;
         loop {
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
@@ -181,6 +185,9 @@ impl Vcpu {
                     return;
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                // A write to a window page while the VMM moves it (the page is read-only
+                // for the copy): wait for the move, then retry the instruction.
+                Err(e) if e.errno() == libc::EFAULT && gate.wait_moves(&mut moves_seen) => {}
                 Err(e) => {
                     exit.signal(ExitReason::VcpuError {
                         vcpu: id,

@@ -27,6 +27,7 @@ use crate::dma::{self, DmaError};
 use crate::hypervisor::{self, HypervisorError};
 use crate::memory::{self, MemoryError};
 use crate::vcpu::{ExitReason, ExitSignal, Vcpu, VcpuError};
+use devices::virtio::dma::MoveGate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -104,6 +105,7 @@ pub struct Vm {
     exit: Arc<ExitSignal>,
     panicked: Arc<AtomicBool>,
     dma: DmaSlot,
+    gate: Arc<MoveGate>,
     stop_signals: Option<StopSignals>,
 }
 
@@ -179,6 +181,7 @@ impl Vm {
         let transport = MmioTransport::new(rng, mem.clone(), irq).map_err(VmError::EventFd)?;
         devices.add_virtio_mmio(&vm, &mut cmdline, transport)?;
         events.add_subscriber(Arc::new(Mutex::new(rng_handler)));
+        let gate = Arc::new(MoveGate::default());
         let dma_slot = match layout.dma_window {
             Some(window) => dma::attach_device(
                 &vm,
@@ -187,6 +190,7 @@ impl Vm {
                 &mem,
                 window,
                 config.region.clone(),
+                gate.clone(),
             )?,
             None => DmaSlot::default(),
         };
@@ -221,6 +225,7 @@ impl Vm {
             exit,
             panicked,
             dma: dma_slot,
+            gate,
             stop_signals,
         })
     }
@@ -252,7 +257,12 @@ impl Vm {
         })));
 
         for vcpu in self.vcpus {
-            vcpu.start(pio.clone(), mmio.clone(), self.exit.clone())?;
+            vcpu.start(
+                pio.clone(),
+                mmio.clone(),
+                self.exit.clone(),
+                self.gate.clone(),
+            )?;
         }
         while !stop.lock().unwrap_or_else(|e| e.into_inner()).fired {
             manager

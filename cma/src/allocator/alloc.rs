@@ -442,7 +442,13 @@ impl Allocator {
         Err(fail)
     }
 
-    pub(super) fn handle(&self, start: usize, frames: usize, extent: usize, migrated: usize) -> Allocation {
+    pub(super) fn handle(
+        &self,
+        start: usize,
+        frames: usize,
+        extent: usize,
+        migrated: usize,
+    ) -> Allocation {
         Allocation {
             owner: self.owners[self.shared.caches.index()].clone(),
             start,

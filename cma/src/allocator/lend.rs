@@ -155,7 +155,10 @@ mod tests {
             .unwrap_err();
         assert!(other.to_string().contains("room"), "{other}");
         a.into_occupants(alloc, &occs).unwrap();
-        assert_eq!(a.frame_info(15).unwrap().state, FrameState::Occupied(occ(7)));
+        assert_eq!(
+            a.frame_info(15).unwrap().state,
+            FrameState::Occupied(occ(7))
+        );
         assert_eq!(a.usage().allocated, 0);
         assert_eq!(a.usage().occupied, 8);
         assert_eq!(a.stats().pages_migrated, 0);

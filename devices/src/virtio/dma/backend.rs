@@ -376,7 +376,9 @@ impl DmaBackend for CmaBackend {
             Err((mapping, e)) => {
                 // The range keeps the region's pages; leaking the allocation is the safe
                 // choice: the guest may still use them.
-                tracing::error!("virtio-dma: unmapping {len:#x} at {gpa:#x}: {e}; region pages leaked");
+                tracing::error!(
+                    "virtio-dma: unmapping {len:#x} at {gpa:#x}: {e}; region pages leaked"
+                );
                 std::mem::forget(mapping);
             }
         }
@@ -433,7 +435,11 @@ mod tests {
         for p in 0..window_len as u64 / PAGE {
             fill(w.host_addr, p);
         }
-        let lending = Arc::new(Lending::new(region.clone(), w, Arc::new(MoveGate::default())));
+        let lending = Arc::new(Lending::new(
+            region.clone(),
+            w,
+            Arc::new(MoveGate::default()),
+        ));
         let config = AllocatorConfig {
             granule: region.page_size(),
             small_cache_batch: 0,
@@ -452,7 +458,10 @@ mod tests {
 
     fn intact(b: &CmaBackend, page: u64) -> bool {
         // SAFETY: page `page` of the test window.
-        unsafe { ((b.window.host_addr + (page * PAGE) as usize) as *const u64).read() == page * 0x9e37_79b9 + 1 }
+        unsafe {
+            ((b.window.host_addr + (page * PAGE) as usize) as *const u64).read()
+                == page * 0x9e37_79b9 + 1
+        }
     }
 
     fn byte(b: &CmaBackend, gpa: u64) -> *mut u8 {
@@ -471,8 +480,15 @@ mod tests {
         assert!((0..4096).all(|p| intact(&b, p)), "lending kept every byte");
         let gpa = b.window.base + 4 * MIB;
         let (alloc, placement) = b.map(gpa, MIB, OPTS).unwrap();
-        assert!(!placement.host_phys, "memfd regions reveal no physical addresses");
-        assert_eq!(alloc.offset() as u64, 4 * MIB, "the page's own frames, claimed in place");
+        assert!(
+            !placement.host_phys,
+            "memfd regions reveal no physical addresses"
+        );
+        assert_eq!(
+            alloc.offset() as u64,
+            4 * MIB,
+            "the page's own frames, claimed in place"
+        );
         assert_eq!(placement.bytes_migrated, 0);
         // SAFETY: inside the test window and the allocation.
         unsafe {
@@ -494,9 +510,20 @@ mod tests {
         let b = backend(8 << 20, 16 << 20);
         let gpa = b.window.base + 12 * MIB;
         let (alloc, placement) = b.map(gpa, MIB, OPTS).unwrap();
-        assert_eq!(alloc.migrated_frames(), 256, "a full region: 256 lent pages leave it");
-        assert_eq!(placement.bytes_migrated, 2 * MIB, "moved out + the range's own bytes");
-        assert!((0..4096).all(|p| intact(&b, p)), "every page kept its bytes");
+        assert_eq!(
+            alloc.migrated_frames(),
+            256,
+            "a full region: 256 lent pages leave it"
+        );
+        assert_eq!(
+            placement.bytes_migrated,
+            2 * MIB,
+            "moved out + the range's own bytes"
+        );
+        assert!(
+            (0..4096).all(|p| intact(&b, p)),
+            "every page kept its bytes"
+        );
         let st = b.lending().stats();
         assert_eq!((st.moves, st.moves_out, st.mapped), (256, 256, 256));
         b.unmap(gpa, MIB, alloc, false);
@@ -514,10 +541,19 @@ mod tests {
         let pinned_frame = (2 * MIB / PAGE) as usize + 3;
         let pin = b.allocator().pin_occupant(pinned_frame).unwrap();
         assert_eq!(b.map(gpa, MIB, OPTS).unwrap_err(), MapError::Busy);
-        assert!((0..4096).all(|p| intact(&b, p)), "a failed MAP changes nothing");
-        let discard = MapOptions { discard: true, ..OPTS };
+        assert!(
+            (0..4096).all(|p| intact(&b, p)),
+            "a failed MAP changes nothing"
+        );
+        let discard = MapOptions {
+            discard: true,
+            ..OPTS
+        };
         let (alloc, _) = b.map(gpa, MIB, discard).unwrap();
-        assert!(!alloc.frames().contains(&pinned_frame), "never hand out a pinned frame");
+        assert!(
+            !alloc.frames().contains(&pinned_frame),
+            "never hand out a pinned frame"
+        );
         assert_eq!(b.lending().stats().orphans, 1);
         drop(pin);
         let (other, _) = b.map(gpa + 2 * MIB, MIB, OPTS).unwrap();
@@ -530,11 +566,20 @@ mod tests {
     fn errors_map_to_statuses() {
         let b = backend(2 << 20, 16 << 20);
         let gpa = b.window.base;
-        assert_eq!(b.map(gpa + 2 * MIB, 4 * MIB, OPTS).unwrap_err(), MapError::TooBig);
+        assert_eq!(
+            b.map(gpa + 2 * MIB, 4 * MIB, OPTS).unwrap_err(),
+            MapError::TooBig
+        );
         let (a, _) = b.map(gpa + 4 * MIB, 2 * MIB, OPTS).unwrap();
-        assert_eq!(b.map(gpa + 8 * MIB, MIB, OPTS).unwrap_err(), MapError::NoMem);
+        assert_eq!(
+            b.map(gpa + 8 * MIB, MIB, OPTS).unwrap_err(),
+            MapError::NoMem
+        );
         b.unmap(gpa + 4 * MIB, 2 * MIB, a, true);
-        assert!(matches!(b.map(gpa + 1, PAGE, OPTS).unwrap_err(), MapError::Io(_)));
+        assert!(matches!(
+            b.map(gpa + 1, PAGE, OPTS).unwrap_err(),
+            MapError::Io(_)
+        ));
     }
 
     #[test]

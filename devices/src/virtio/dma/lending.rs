@@ -205,32 +205,91 @@ impl Lending {
             if allocator.place_occupant_at(i, occupant(i)).is_err() {
                 continue;
             }
-            let va = self.page_ptr(i);
-            // Write-protect first: a write between the residency check and the remap would
-            // otherwise be lost.
-            let _moving = self.gate.begin();
-            let result = protect(va, self.page, libc::PROT_READ).and_then(|()| {
-                if resident(va, self.page) {
-                    // SAFETY: `va` is one page of the window mapping and the frame one page
-                    // of the region mapping; separate mappings, both live. The window page
-                    // is read-only now, so nobody changes it during the copy.
-                    unsafe { std::ptr::copy_nonoverlapping(va, self.frame_ptr(i), self.page) };
-                }
-                self.map_frame(va, i)
-            });
+            let result = self.lend_page(i, i);
             match result {
                 Ok(()) => {
                     lock(&self.pages)[i] = PageBacking::Lent(i);
                     lent += 1;
                 }
                 Err(e) => {
-                    let _ = protect(va, self.page, libc::PROT_READ | libc::PROT_WRITE);
                     let _ = allocator.vacate(i, occupant(i));
                     return Err(e);
                 }
             }
         }
         Ok(lent)
+    }
+
+    /// Moves RAM-backed page `p` onto frame `f` (already recorded as its occupant): under
+    /// write protection, copies what the guest has there (if it touched it) and remaps.
+    fn lend_page(&self, p: usize, f: usize) -> std::io::Result<()> {
+        let va = self.page_ptr(p);
+        // Write-protect first: a write between the residency check and the remap would
+        // otherwise be lost.
+        let _moving = self.gate.begin();
+        let result = protect(va, self.page, libc::PROT_READ).and_then(|()| {
+            if resident(va, self.page) {
+                // SAFETY: `va` is one page of the window mapping and the frame one page of
+                // the region mapping; separate mappings, both live. The window page is
+                // read-only now, so nobody changes it during the copy.
+                unsafe { std::ptr::copy_nonoverlapping(va, self.frame_ptr(f), self.page) };
+            }
+            self.map_frame(va, f)
+        });
+        if result.is_err() {
+            let _ = protect(va, self.page, libc::PROT_READ | libc::PROT_WRITE);
+        }
+        result
+    }
+
+    /// Lends clean frames to up to `max` pages that live in RAM (moved out earlier, or beyond
+    /// an overcommitted region). Returns how many moved in.
+    pub fn lend_ram_pages(&self, allocator: &Allocator, max: usize) -> usize {
+        let _layout = self.lock_layout();
+        let ram: Vec<usize> = {
+            let pages = lock(&self.pages);
+            (0..pages.len())
+                .filter(|&p| pages[p] == PageBacking::Ram)
+                .take(max)
+                .collect()
+        };
+        let mut moved = 0;
+        for p in ram {
+            let Ok(f) = allocator.place_occupant(occupant(p)) else {
+                break;
+            };
+            match self.lend_page(p, f) {
+                Ok(()) => {
+                    lock(&self.pages)[p] = PageBacking::Lent(f);
+                    self.moves.fetch_add(1, Ordering::Relaxed);
+                    moved += 1;
+                }
+                Err(e) => {
+                    tracing::warn!("lending frame {f} to page {p}: {e}");
+                    let _ = allocator.vacate(f, occupant(p));
+                    break;
+                }
+            }
+        }
+        moved
+    }
+
+    /// Forces migrations, for tests and benchmarks: takes `frames` frames as an allocation
+    /// (which moves the pages lent there, out of the region if no clean frame is left),
+    /// releases it, and lends the freed frames to pages in RAM again. Returns the pages
+    /// moved in both steps.
+    pub fn force_migrate(&self, allocator: &Allocator, frames: usize) -> Result<u64, String> {
+        let before = self.moves.load(Ordering::Relaxed);
+        {
+            let _layout = self.lock_layout();
+            let req = cma::AllocRequest::new(frames * self.page)
+                .align(self.page)
+                .policy(cma::Policy::FailFast);
+            let alloc = allocator.alloc(req).map_err(|e| e.to_string())?;
+            drop(alloc);
+        }
+        self.lend_ram_pages(allocator, usize::MAX);
+        Ok(self.moves.load(Ordering::Relaxed) - before)
     }
 
     /// Maps region frame `f` at `va` (one page), read-write, shared with the region.
@@ -310,7 +369,8 @@ impl Lending {
 
     pub fn stats(&self) -> LendingStats {
         let pages = lock(&self.pages);
-        let count = |pred: fn(&PageBacking) -> bool| pages.iter().filter(|p| pred(p)).count() as u64;
+        let count =
+            |pred: fn(&PageBacking) -> bool| pages.iter().filter(|p| pred(p)).count() as u64;
         let moves = self.moves.load(Ordering::Relaxed);
         LendingStats {
             pages: pages.len() as u64,
@@ -335,7 +395,10 @@ impl Lending {
         if lock(&self.pages)[p].frame() != Some(m.src) {
             // The page left this frame while a pin held it; only the bookkeeping moves.
             let mut orphans = lock(&self.orphans);
-            if let Some(i) = orphans.iter().position(|&(f, o)| f == m.src && o == m.occupant) {
+            if let Some(i) = orphans
+                .iter()
+                .position(|&(f, o)| f == m.src && o == m.occupant)
+            {
                 match m.dst {
                     Destination::Frame(d) => orphans[i].0 = d,
                     Destination::OutOfRegion => {

@@ -9,6 +9,6 @@ pub mod protocol;
 
 pub use self::core::{DmaBackend, DmaCore, MapError, MapOptions, Placement};
 pub use backend::{check_window, BackendError, CmaBackend, WindowMapping};
-pub use lending::{Lending, LendingStats, MoveGate, PageBacking};
 pub use device::{serve_chain, Dma};
+pub use lending::{Lending, LendingStats, MoveGate, PageBacking};
 pub use protocol::{Config, Request, Response, Stat, Status, VIRTIO_ID_DMA};
