@@ -64,6 +64,8 @@ add_module() {
   order+=("$name")
 }
 add_module kvm_amd
+# Loop devices: block devices in RAM for the tests' O_DIRECT host I/O (tmpfs has no O_DIRECT).
+add_module loop
 printf '%s\n' "${order[@]}" >"$root/lib/modules/order"
 log "modules: ${order[*]}"
 

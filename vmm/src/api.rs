@@ -170,7 +170,12 @@ impl ApiServer {
             }
             "unpin-longterm" => {
                 let released = std::mem::take(&mut *lock(&self.longterm)).len();
-                Ok(json!({ "released": released }))
+                // Pages moved out for the pins may come back into the region now.
+                let backend = core.backend();
+                let relent = backend
+                    .lending()
+                    .lend_ram_pages(backend.allocator(), usize::MAX);
+                Ok(json!({ "released": released, "relent": relent }))
             }
             "migrate" => {
                 let frames = arg_u64(req, "frames", None)? as usize;

@@ -101,6 +101,13 @@ int main(int argc, char **argv) {
     printf("DMAVISOR-RESULT holding=%d\n", nheld);
     fflush(stdout);
     sleep((unsigned)atoi(hold_seconds));
+  } else if (hold && getenv("HOLD_STDIN")) {
+    // Keep the buffers until the host (a test driving the control API) sends a line.
+    printf("DMAVISOR-RESULT holding=%d\nDMAVISOR-WAIT holding\n", nheld);
+    fflush(stdout);
+    int ch;
+    while ((ch = getchar()) != EOF && ch != '\n') {
+    }
   }
   if (hold && count <= 8 && strstr(heap, "virtio-dma")) {
     // While every buffer is held: where the host put them (the driver's debugfs list).

@@ -284,7 +284,10 @@ impl Lending {
             let _layout = self.lock_layout();
             let req = cma::AllocRequest::new(frames * self.page)
                 .align(self.page)
-                .policy(cma::Policy::FailFast);
+                // Pins come and go: wait them out for a while rather than fail at once.
+                .policy(cma::Policy::Retry {
+                    deadline: Instant::now() + Duration::from_secs(5),
+                });
             let alloc = allocator.alloc(req).map_err(|e| e.to_string())?;
             drop(alloc);
         }
@@ -494,7 +497,7 @@ fn resident(va: *mut u8, len: usize) -> bool {
     rc != 0 || vec.iter().any(|b| b & 1 != 0)
 }
 
-/// How long a MAP may keep polling a pinned page of its own range.
+/// How often a MAP polls a pinned page of its own range.
 pub fn pin_wait_slice() -> Duration {
     Duration::from_micros(200)
 }
