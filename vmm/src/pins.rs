@@ -266,7 +266,22 @@ impl LongTermPins {
                 }
             }
         }
-        let ring = uring_with_buffer(lending.page_ptr(first), (end - gpa) as usize)?;
+        // io_uring wants each registered buffer inside one kind of memory (anonymous, or one
+        // file): one buffer per run of pages in RAM or in the region.
+        let mut runs: Vec<libc::iovec> = Vec::new();
+        let mut last_kind = None;
+        for p in first..first + n {
+            let kind = lending.backing(p).and_then(PageBacking::frame).is_some();
+            match runs.last_mut() {
+                Some(run) if last_kind == Some(kind) => run.iov_len += page as usize,
+                _ => runs.push(libc::iovec {
+                    iov_base: lending.page_ptr(p).cast(),
+                    iov_len: page as usize,
+                }),
+            }
+            last_kind = Some(kind);
+        }
+        let ring = uring_with_buffers(&runs)?;
         Ok(Self {
             _ring: ring,
             pinned_in_place: guards.len(),
@@ -278,8 +293,8 @@ impl LongTermPins {
     }
 }
 
-/// An io_uring instance with `[addr, addr + len)` registered as one fixed buffer.
-fn uring_with_buffer(addr: *mut u8, len: usize) -> Result<OwnedFd, PinsError> {
+/// An io_uring instance with `bufs` registered as fixed buffers.
+fn uring_with_buffers(bufs: &[libc::iovec]) -> Result<OwnedFd, PinsError> {
     // struct io_uring_params is 120 bytes; zeroed asks for the defaults.
     let mut params = [0u64; 15];
     // SAFETY: io_uring_setup writes only into `params`, which is large enough.
@@ -289,19 +304,15 @@ fn uring_with_buffer(addr: *mut u8, len: usize) -> Result<OwnedFd, PinsError> {
     }
     // SAFETY: a fresh file descriptor that nothing else owns.
     let ring = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let iov = libc::iovec {
-        iov_base: addr.cast(),
-        iov_len: len,
-    };
-    // SAFETY: one valid iovec describing guest memory the VMM maps for the VM's lifetime;
-    // the kernel pins those pages until the ring is closed.
+    // SAFETY: `bufs` are valid iovecs describing guest memory that the VMM maps for the VM's
+    // lifetime; the kernel pins those pages until the ring is closed.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_io_uring_register,
             ring.as_raw_fd(),
             IORING_REGISTER_BUFFERS,
-            &iov as *const libc::iovec,
-            1u32,
+            bufs.as_ptr(),
+            bufs.len() as u32,
         )
     };
     if rc < 0 {
