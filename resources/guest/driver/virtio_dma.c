@@ -22,6 +22,7 @@
 #include <linux/highmem.h>
 #include <linux/iosys-map.h>
 #include <linux/mm.h>
+#include <linux/delay.h>
 #include <linux/module.h>
 #include <linux/scatterlist.h>
 #include <linux/seq_file.h>
@@ -133,6 +134,7 @@ struct vdma {
 	struct mutex raw_lock; /* one raw request at a time */
 	u32 raw_status;
 	atomic64_t unmaps_sent;
+	atomic64_t cma_retries;
 };
 
 /* Only one device is expected; the heaps and debugfs are per device, named for the first. */
@@ -397,6 +399,7 @@ static struct vdma_chunk *vdma_chunk_create(struct vdma *v, unsigned long pageco
 {
 	struct vdma_request *r = kzalloc(sizeof(*r), GFP_KERNEL);
 	struct vdma_chunk *c = kzalloc(sizeof(*c), GFP_KERNEL);
+	unsigned long until;
 	unsigned int align;
 	int ret = -ENOMEM;
 
@@ -411,7 +414,19 @@ static struct vdma_chunk *vdma_chunk_create(struct vdma *v, unsigned long pageco
 	align = max_t(unsigned int, get_order(pagecount << PAGE_SHIFT), get_order(v->granule));
 	if (align > CONFIG_CMA_ALIGNMENT)
 		align = max_t(unsigned int, CONFIG_CMA_ALIGNMENT, get_order(v->granule));
-	c->pages = cma_alloc(v->cma, pagecount, align, false);
+	/*
+	 * Linux's cma_alloc() gives up when a page of the area cannot be migrated right now (it
+	 * is pinned, or locked for I/O: seeds 000 and 001). Without FAILFAST, try again until the
+	 * request's deadline, as the host does for its part of the MAP.
+	 */
+	until = jiffies + msecs_to_jiffies(failfast ? 0 : deadline_ms);
+	for (;;) {
+		c->pages = cma_alloc(v->cma, pagecount, align, !failfast);
+		if (c->pages || failfast || time_after(jiffies, until))
+			break;
+		atomic64_inc(&v->cma_retries);
+		msleep(1);
+	}
 	if (!c->pages)
 		goto free;
 	/* DISCARD: buffers are zeroed through the new host-contiguous backing. */
@@ -649,8 +664,9 @@ static int vdma_stats_show(struct seq_file *s, void *unused)
 	if (status == VDMA_OK && r->resp_len >= sizeof(r->resp))
 		for (i = 0; i < ARRAY_SIZE(names); i++)
 			seq_printf(s, " %s=%llu", names[i], le64_to_cpu(r->resp.stat[i]));
-	seq_printf(s, " unmaps_sent=%lld window_base=%#llx window_size=%llu granule=%llu max_map_len=%llu\n",
-		   (long long)atomic64_read(&v->unmaps_sent), v->window_base, v->window_size,
+	seq_printf(s, " unmaps_sent=%lld cma_retries=%lld window_base=%#llx window_size=%llu granule=%llu max_map_len=%llu\n",
+		   (long long)atomic64_read(&v->unmaps_sent),
+		   (long long)atomic64_read(&v->cma_retries), v->window_base, v->window_size,
 		   v->granule, v->max_map_len);
 	kfree(r);
 	return 0;
