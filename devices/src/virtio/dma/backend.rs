@@ -8,7 +8,7 @@
 //! region (the device's granule tells the driver). A 1 GiB hugetlb region cannot be remapped in
 //! pieces; see docs/virtio-dma.md §8.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cma::{AllocError, AllocRequest, Allocation, Allocator, Policy, Region};
@@ -40,6 +40,47 @@ pub struct CmaBackend {
     lending: Arc<Lending>,
     window: WindowMapping,
     page: usize,
+    samples: MapSamples,
+}
+
+/// The last MAPs' latencies and bytes moved, for the control API's percentiles.
+#[derive(Default)]
+struct MapSamples {
+    ring: Mutex<(Vec<(u64, u64)>, usize)>,
+}
+
+const MAX_SAMPLES: usize = 1 << 16;
+
+impl MapSamples {
+    fn record(&self, ns: u64, moved: u64) {
+        let mut g = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let (v, next) = &mut *g;
+        if v.len() < MAX_SAMPLES {
+            v.push((ns, moved));
+        } else {
+            v[*next] = (ns, moved);
+        }
+        *next = (*next + 1) % MAX_SAMPLES;
+    }
+}
+
+/// Percentiles of the recent successful MAPs on the host: latency (ns) and bytes moved.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MapPercentiles {
+    pub count: u64,
+    pub latency_ns: [u64; 3],
+    pub moved_bytes: [u64; 3],
+    /// MAPs that moved nothing (their pages' own frames, claimed in place).
+    pub in_place: u64,
+}
+
+fn p50_p99_max(mut v: Vec<u64>) -> [u64; 3] {
+    if v.is_empty() {
+        return [0; 3];
+    }
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    [at(0.5), at(0.99), v[v.len() - 1]]
 }
 
 /// Pages larger than this cannot be remapped piecewise at a useful granule.
@@ -73,7 +114,19 @@ impl CmaBackend {
             lending,
             window,
             page,
+            samples: MapSamples::default(),
         })
+    }
+
+    /// Latency and bytes-moved percentiles of the recent successful MAPs.
+    pub fn map_percentiles(&self) -> MapPercentiles {
+        let g = self.samples.ring.lock().unwrap_or_else(|e| e.into_inner());
+        MapPercentiles {
+            count: g.0.len() as u64,
+            latency_ns: p50_p99_max(g.0.iter().map(|s| s.0).collect()),
+            moved_bytes: p50_p99_max(g.0.iter().map(|s| s.1).collect()),
+            in_place: g.0.iter().filter(|s| s.1 == 0).count() as u64,
+        }
     }
 
     /// The smallest MAP the backend can serve: one backing page.
@@ -270,6 +323,31 @@ impl DmaBackend for CmaBackend {
         len: u64,
         opts: MapOptions,
     ) -> Result<(Allocation, Placement), MapError> {
+        let t = Instant::now();
+        let r = self.map_inner(gpa, len, opts);
+        if let Ok((_, p)) = &r {
+            self.samples
+                .record(t.elapsed().as_nanos() as u64, p.bytes_migrated);
+        }
+        r
+    }
+
+    fn host_phys(&self) -> bool {
+        self.region.extents().iter().any(|e| e.phys.is_some())
+    }
+
+    fn unmap(&self, gpa: u64, len: u64, mapping: Allocation, _discard: bool) {
+        self.unmap_inner(gpa, len, mapping)
+    }
+}
+
+impl CmaBackend {
+    fn map_inner(
+        &self,
+        gpa: u64,
+        len: u64,
+        opts: MapOptions,
+    ) -> Result<(Allocation, Placement), MapError> {
         if !len.is_multiple_of(self.page as u64) || !gpa.is_multiple_of(self.page as u64) {
             return Err(MapError::Io(format!(
                 "MAP of {len:#x} at {gpa:#x} is not in whole {}-byte pages",
@@ -357,11 +435,7 @@ impl DmaBackend for CmaBackend {
         Ok((alloc, placement))
     }
 
-    fn host_phys(&self) -> bool {
-        self.region.extents().iter().any(|e| e.phys.is_some())
-    }
-
-    fn unmap(&self, gpa: u64, len: u64, mapping: Allocation, _discard: bool) {
+    fn unmap_inner(&self, gpa: u64, len: u64, mapping: Allocation) {
         // The pages keep their frames and contents: the mapping's frames are lent to them.
         let (first, n) = (self.page_of(gpa), (len / self.page as u64) as usize);
         let occupants: Vec<_> = (first..first + n).map(occupant).collect();

@@ -8,7 +8,7 @@ pub mod lending;
 pub mod protocol;
 
 pub use self::core::{DmaBackend, DmaCore, MapError, MapOptions, Placement};
-pub use backend::{check_window, BackendError, CmaBackend, WindowMapping};
+pub use backend::{check_window, BackendError, CmaBackend, MapPercentiles, WindowMapping};
 pub use device::{serve_chain, Dma};
 pub use lending::{Lending, LendingStats, MoveGate, PageBacking};
 pub use protocol::{Config, Request, Response, Stat, Status, VIRTIO_ID_DMA};

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Host-side pins and migration (issue 5), measured on real guests:
+#  1. the seed 001 loop (56 x 1 MiB allocated then freed, over and over, for SECONDS_PER_HEAP
+#     per heap) under memory-heavy guest load and host transient-pin churn (O_DIRECT I/O under
+#     allocator pins), through the kernel's own CMA heap and through virtio-dma, same guest;
+#  2. the host MAP latency against the memcpy time of the bytes each MAP moved;
+#  3. forced migrations of pattern-filled guest pages: throughput against plain memcpy of the
+#     same bytes, measured in the same run (the guest checks every byte afterwards).
+# Prints Markdown tables.
+#
+# usage: resources/bench/pins.sh   (ROUNDS=2 SECONDS_PER_HEAP=20 by default)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT"
+. resources/host-kvm.sh
+./resources/setup.sh >/dev/null
+mkdir -p target/bench
+rounds=${ROUNDS:-2}
+export SECONDS_PER_HEAP=${SECONDS_PER_HEAP:-20}
+session() {
+  if host_runs_stock_guests; then
+    PATH="$ROOT/target/release:$PATH" sh resources/bench/pins-session.sh "$1" target/guest/kernel target/guest/initramfs.cpio.gz
+  else
+    ./resources/sandbox/run.sh --timeout 900 -- env SECONDS_PER_HEAP="$SECONDS_PER_HEAP" \
+      sh resources/bench/pins-session.sh "$1" target/guest/kernel target/guest/initramfs.cpio.gz
+  fi
+}
+if host_runs_stock_guests; then where="directly on this host"; else
+  where="inside the sandbox host (nested KVM under QEMU TCG)"; fi
+
+seed_log=target/bench/pins-seed001.log
+: >"$seed_log"
+for r in $(seq "$rounds"); do
+  echo "==> seed 001 round $r of $rounds" >&2
+  session seed001 | tr -d '\r' | tee -a "$seed_log" | grep --line-buffered -E 'seed001 heap|memfill_mib' >&2
+done
+mig_log=target/bench/pins-migrate.log
+echo "==> forced migrations" >&2
+session migrate | tr -d '\r' | tee "$mig_log" | grep --line-buffered -E 'API migrate|memfill_mib' >&2
+
+echo
+echo "Seed 001 under load and host pin churn, $where ($(date -u +%F)); $rounds rounds of ${SECONDS_PER_HEAP}s per heap, heaps run one after the other in each guest:"
+echo
+echo "| round | heap | loops | failed loops | failed allocations | p50 µs | p99 µs | max µs |"
+echo "|---|---|---|---|---|---|---|---|"
+grep -o 'DMAVISOR-RESULT seed001 .*' "$seed_log" | awk '
+  { for (i = 3; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+    if (v["heap"] ~ /reserved/) round++
+    printf "| %d | %s | %s | %s | %s | %s | %s | %s |\n", round, v["heap"], v["loops"], v["failed_loops"], v["failed_allocs"], v["p50_us"], v["p99_us"], v["max_us"] }'
+echo
+echo "Host side of the same runs: each virtio-dma MAP's latency in the VMM, against the memcpy time of the bytes it moved (p99 of bytes moved per MAP, at the memcpy speed measured below):"
+echo
+memcpy=$(grep -o '"memcpy_mib_s":[0-9.]*' "$mig_log" | cut -d: -f2 | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+python3 resources/bench/pins-tables.py maps "$memcpy" < <(grep -o 'API stat => .*' "$seed_log" | sed 's/^API stat => //')
+echo
+echo "Forced migrations of the guest's pattern-filled window pages (write-protect, copy, remap), against plain memcpy of the same bytes in the same VMM right after:"
+echo
+python3 resources/bench/pins-tables.py migrate < <(grep -o 'API migrate frames=32 => .*' "$mig_log" | sed 's/^.* => //')
+grep -o 'DMAVISOR-RESULT memfill_mib.*' "$mig_log" | sed 's/^DMAVISOR-RESULT /guest check after the migrations: /'
