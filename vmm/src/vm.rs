@@ -176,12 +176,12 @@ impl Vm {
 
         let mut events: EventManager<Subscriber> =
             EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
-        let (rng, rng_handler) = Rng::new().map_err(VmError::EventFd)?;
+        let gate = Arc::new(MoveGate::default());
+        let (rng, rng_handler) = Rng::new(gate.clone()).map_err(VmError::EventFd)?;
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         let transport = MmioTransport::new(rng, mem.clone(), irq).map_err(VmError::EventFd)?;
         devices.add_virtio_mmio(&vm, &mut cmdline, transport)?;
         events.add_subscriber(Arc::new(Mutex::new(rng_handler)));
-        let gate = Arc::new(MoveGate::default());
         let dma_slot = match layout.dma_window {
             Some(window) => dma::attach_device(
                 &vm,

@@ -14,6 +14,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::dma::MoveGate;
 use super::GuestMemory;
 use crate::bus::lock;
 
@@ -35,6 +36,7 @@ struct Active {
 struct Shared {
     active: Option<Active>,
     entropy: File,
+    gate: Arc<MoveGate>,
 }
 
 /// The device half: what the transport talks to.
@@ -52,10 +54,13 @@ pub struct RngHandler {
 
 impl Rng {
     /// A device and its event handler; register the handler with the VMM's event manager.
-    pub fn new() -> std::io::Result<(Rng, RngHandler)> {
+    /// `gate`: the VMM's move gate; the device writes guest memory only while no guest page
+    /// is being moved.
+    pub fn new(gate: Arc<MoveGate>) -> std::io::Result<(Rng, RngHandler)> {
         let shared = Arc::new(Mutex::new(Shared {
             active: None,
             entropy: File::open("/dev/urandom")?,
+            gate,
         }));
         let activate_evt = EventFd::new(libc::EFD_NONBLOCK)?;
         let handler = RngHandler {
@@ -124,6 +129,7 @@ impl Shared {
         let Some(active) = self.active.as_mut() else {
             return 0;
         };
+        let _access = self.gate.access();
         let mut served = 0;
         let mut buf = vec![0u8; 4096];
         while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
@@ -222,7 +228,7 @@ mod tests {
     const VRING_DESC_F_WRITE: u16 = 2;
 
     fn activated(mem: &GuestMemory, q: Queue) -> (Rng, Arc<Interrupt>) {
-        let (mut rng, _handler) = Rng::new().unwrap();
+        let (mut rng, _handler) = Rng::new(Arc::default()).unwrap();
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         rng.activate(
             mem.clone(),

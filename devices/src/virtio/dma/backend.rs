@@ -339,6 +339,10 @@ impl DmaBackend for CmaBackend {
     fn unmap(&self, gpa: u64, len: u64, mapping: Allocation, _discard: bool) {
         self.unmap_inner(gpa, len, mapping)
     }
+
+    fn guest_access(&self) -> Option<std::sync::RwLockReadGuard<'_, ()>> {
+        Some(self.lending.gate().access())
+    }
 }
 
 impl CmaBackend {
@@ -634,6 +638,41 @@ mod tests {
         assert_eq!(b.lending().stats().orphans, 0, "freed at the next MAP");
         b.unmap(gpa, MIB, alloc, true);
         b.unmap(gpa + 2 * MIB, MIB, other, true);
+    }
+
+    #[test]
+    fn writers_under_the_access_guard_never_meet_a_page_mid_move() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let b = Arc::new(backend(8 << 20, 16 << 20));
+        let stop = Arc::new(AtomicBool::new(false));
+        // A device thread writing one page of the window as fast as it can. Without the guard
+        // it would write a write-protected page mid-move and die of SIGSEGV.
+        let at = b.window.host_addr + 5 * PAGE as usize + 8;
+        let writer = {
+            let (b, stop) = (b.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let _access = b.lending().gate().access();
+                    // SAFETY: inside page 5 of the test window.
+                    unsafe { (at as *mut u64).write_volatile(i) };
+                }
+                i
+            })
+        };
+        let mut moved = 0;
+        for _ in 0..10 {
+            // The whole region: every lent page moves out, and back in.
+            moved += b.lending().force_migrate(b.allocator(), 2048).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let last = writer.join().unwrap();
+        assert_eq!(moved, 10 * 2 * 2048);
+        // SAFETY: inside page 5 of the test window; the writer has stopped.
+        let now = unsafe { (at as *const u64).read_volatile() };
+        assert_eq!(now, last, "no write lost");
+        assert!((0..4096).all(|p| intact(&b, p)));
     }
 
     #[test]

@@ -80,6 +80,11 @@ pub trait DmaBackend: Send + Sync {
     fn host_phys(&self) -> bool {
         false
     }
+    /// Held by the device's threads while they write guest memory, when the backend moves
+    /// guest pages behind the guest's back (see `lending::MoveGate`).
+    fn guest_access(&self) -> Option<std::sync::RwLockReadGuard<'_, ()>> {
+        None
+    }
 }
 
 enum Entry<M> {

@@ -37,6 +37,9 @@ pub fn serve_chain<B: DmaBackend>(
             well_ordered = false;
         }
     }
+    // Guest memory is accessed only under the backend's access guard, and never while the
+    // backend works on the request (it may move guest pages).
+    let access = core.backend().guest_access();
     let Ok(mut writer) = Writer::<()>::new(mem, chain.clone()) else {
         return 0;
     };
@@ -53,6 +56,7 @@ pub fn serve_chain<B: DmaBackend>(
         }
         _ => Err(Status::Inval),
     };
+    drop(access);
     let (response, stat) = match request {
         Ok(req) if writer.available_bytes() < req.response_len() => {
             (Response::status(Status::Inval), None)
@@ -60,6 +64,7 @@ pub fn serve_chain<B: DmaBackend>(
         Ok(req) => core.handle(req),
         Err(status) => (Response::status(status), None),
     };
+    let _access = core.backend().guest_access();
     let mut out = response.encode().to_vec();
     if let Some(stat) = stat {
         out.extend_from_slice(&stat.encode());
@@ -168,9 +173,15 @@ fn run_queue<B: DmaBackend>(
 ) {
     while wait_for_kick(kick, stop) {
         let mut served = 0;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        loop {
+            let access = core.backend().guest_access();
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            drop(access);
             let head = chain.head_index();
             let written = serve_chain(core, mem, chain);
+            let _access = core.backend().guest_access();
             if let Err(e) = queue.add_used(mem, head, written) {
                 tracing::warn!("virtio-dma: returning request {head}: {e:?}");
                 break;

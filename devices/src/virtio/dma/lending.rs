@@ -22,7 +22,7 @@
 //! allocator never calls the mover with its lock held).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use cma::{Allocator, Destination, MigrationPlan, MoveError, Mover, Occupant, Region};
@@ -55,11 +55,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Tells vCPUs that a write fault (`EFAULT` from `KVM_RUN`) came from a page being moved.
+/// Keeps writers out of guest pages while the VMM moves them. vCPUs find out by a write fault
+/// (`EFAULT` from `KVM_RUN`) and wait here; the VMM's own device threads hold
+/// [`MoveGate::access`] while they write guest memory, so a move waits for them and they wait
+/// for a move (a write to a write-protected page would otherwise kill the VMM).
 #[derive(Default)]
 pub struct MoveGate {
     state: Mutex<GateState>,
     cv: Condvar,
+    access: RwLock<()>,
 }
 
 #[derive(Default)]
@@ -69,14 +73,29 @@ struct GateState {
 }
 
 /// A move in progress; dropping it ends the move and wakes waiting vCPUs.
-pub struct GateGuard<'a>(&'a MoveGate);
+pub struct GateGuard<'a> {
+    gate: &'a MoveGate,
+    _devices_out: RwLockWriteGuard<'a, ()>,
+}
 
 impl MoveGate {
+    /// Starts a move: waits until no device thread is writing guest memory and keeps them out
+    /// until the guard is dropped. Never call it while holding [`MoveGate::access`].
     pub fn begin(&self) -> GateGuard<'_> {
+        let devices_out = self.access.write().unwrap_or_else(|e| e.into_inner());
         let mut s = lock(&self.state);
         s.active += 1;
         s.epoch += 1;
-        GateGuard(self)
+        GateGuard {
+            gate: self,
+            _devices_out: devices_out,
+        }
+    }
+
+    /// For a device thread about to write guest memory: no page is mid-move while it is held.
+    /// Hold it only around the memory accesses, never across a call that may move pages.
+    pub fn access(&self) -> RwLockReadGuard<'_, ()> {
+        self.access.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// For a vCPU whose `KVM_RUN` failed with `EFAULT`: waits while a move is in progress and
@@ -95,10 +114,10 @@ impl MoveGate {
 
 impl Drop for GateGuard<'_> {
     fn drop(&mut self) {
-        let mut s = lock(&self.0.state);
+        let mut s = lock(&self.gate.state);
         s.active -= 1;
         s.epoch += 1;
-        self.0.cv.notify_all();
+        self.gate.cv.notify_all();
     }
 }
 
