@@ -83,7 +83,7 @@ fn guest_data_survives_forced_migrations_under_pin_churn() {
     );
     let g = run_shell(
         &driven("migrate-verify", "64M", "", &steps),
-        Duration::from_secs(400),
+        Duration::from_secs(300),
     );
     assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
     let loaded = &results_with(&g, "cma_free_loaded_kb")[0];
@@ -121,7 +121,7 @@ fn seed_run(scenario: &str) -> (GuestRun, Vec<HashMap<String, String>>) {
     );
     let g = run_shell(
         &driven(scenario, "56M", "dmavisor.seconds=15", &steps),
-        Duration::from_secs(500),
+        Duration::from_secs(300),
     );
     assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
     let runs = g
@@ -194,7 +194,7 @@ fn seed003_longterm_pins_with_and_without_held_buffers_then_maps_succeed() {
          api unpin-longterm; echo go >&3";
     let g = run_shell(
         &driven("seed003", "64M", "", steps),
-        Duration::from_secs(400),
+        Duration::from_secs(300),
     );
     assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
     let pins = replies(&g, "pin-longterm");

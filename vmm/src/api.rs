@@ -438,6 +438,20 @@ mod tests {
         assert!(e.contains("unknown command `reboot`"), "{e}");
         let e = server.answer("stat please")["error"].to_string();
         assert!(e.contains("not a JSON request"), "{e}");
+        // The pin and migration commands need the DMA path, and say so.
+        for cmd in ["pin-churn", "pin-longterm", "migrate", "unpin-longterm"] {
+            let e = server.answer(&format!("{{\"cmd\":\"{cmd}\"}}"))["error"].to_string();
+            assert!(e.contains("needs the DMA path"), "{cmd}: {e}");
+        }
+        assert_eq!(
+            arg_u64(&json!({ "len": -1 }), "len", None).unwrap_err(),
+            "\"len\" must be a non-negative integer, not -1"
+        );
+        assert_eq!(
+            arg_u64(&json!({}), "gpa", None).unwrap_err(),
+            "missing \"gpa\""
+        );
+        assert_eq!(arg_u64(&json!({}), "io_kib", Some(64)), Ok(64));
         // A second VMM on the same path is refused; the socket goes away with the server.
         assert!(matches!(
             ApiServer::bind(&path, DmaSlot::default()),

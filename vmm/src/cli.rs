@@ -226,6 +226,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn api_arguments_are_numbers_sizes_or_strings() {
+        let v = |s: &str| parse_api_arg(s).unwrap();
+        assert_eq!(v("frames=32"), ("frames".into(), 32.into()));
+        assert_eq!(v("gpa=0x20000000"), ("gpa".into(), 0x2000_0000u64.into()));
+        assert_eq!(v("len=64M"), ("len".into(), (64u64 << 20).into()));
+        assert_eq!(
+            v("target=/dev/loop0"),
+            ("target".into(), "/dev/loop0".into())
+        );
+        assert!(parse_api_arg("frames").unwrap_err().contains("KEY=VALUE"));
+    }
+
+    #[test]
     fn size_options_accept_key_value_and_bare() {
         let p = parse_size_option("--memory");
         assert_eq!(p("size=1G").unwrap(), ByteSize(1 << 30));

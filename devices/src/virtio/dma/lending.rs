@@ -342,13 +342,14 @@ impl Lending {
     /// Moves the contents at `src` into fresh anonymous memory that replaces the page at
     /// `va` in one step.
     fn move_to_ram(&self, va: *mut u8, src: *const u8) -> std::io::Result<()> {
-        // SAFETY: a fresh private anonymous mapping of one page, ours alone.
+        // SAFETY: a fresh private anonymous mapping of one page, ours alone. Populated at once:
+        // one call instead of a page fault per 4 KiB while copying.
         let scratch = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 self.page,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
                 -1,
                 0,
             )
