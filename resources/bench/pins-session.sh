@@ -23,7 +23,7 @@ waitfor DMAVISOR-SCENARIO
 n=0; until dmavisor stat --api-sock $sock | grep -q lending || [ $n -gt 600 ]; do sleep 0.1; n=$((n+1)); done
 case $mode in
   seed001)
-    api pin-churn target="$dev" io_kib=64 hold_us=200
+    [ "${CHURN:-1}" = 1 ] && api pin-churn target="$dev" io_kib=64 hold_us=200
     waitfor 'DMAVISOR-WAIT loaded'; echo go >&3
     waitfor 'DMAVISOR-WAIT done'
     api pin-churn-stop
