@@ -1,6 +1,7 @@
 #!/bin/sh
 # One guest run for resources/bench/pins.sh (runs where dmavisor runs: here or in the sandbox).
-# usage: pins-session.sh MODE KERNEL INITRD   (MODE: seed001 or migrate)
+# usage: pins-session.sh MODE KERNEL INITRD   (MODE: seed001, seed004 or migrate; CHURN=0: no
+# host pin churn)
 # Prints the guest console and the control API's replies ("API ... => JSON").
 mode=$1 kernel=$2 initrd=$3
 out=/tmp/dmavisor-bench.out sock=/tmp/dmavisor-bench.sock in=/tmp/dmavisor-bench.in
@@ -9,7 +10,7 @@ mkfifo $in
 dd if=/dev/zero of=/tmp/dmavisor-bench.img bs=1M count=64 2>/dev/null
 dev=$(losetup -f) && losetup "$dev" /tmp/dmavisor-bench.img || { echo "losetup failed"; exit 1; }
 case $mode in
-  seed001) scenario="seed001 dmavisor.seconds=${SECONDS_PER_HEAP:-20}" window=56M ;;
+  seed001|seed004) scenario="$mode dmavisor.seconds=${SECONDS_PER_HEAP:-20}" window=56M ;;
   migrate) scenario=migrate-verify window=64M ;;
 esac
 dmavisor run --api-sock $sock --memory size=256M --dma-window size=$window \
@@ -22,7 +23,7 @@ api() { echo "API $* => $(dmavisor api --api-sock $sock "$@" 2>&1)"; }
 waitfor DMAVISOR-SCENARIO
 n=0; until dmavisor stat --api-sock $sock | grep -q lending || [ $n -gt 600 ]; do sleep 0.1; n=$((n+1)); done
 case $mode in
-  seed001)
+  seed001|seed004)
     [ "${CHURN:-1}" = 1 ] && api pin-churn target="$dev" io_kib=64 hold_us=200
     waitfor 'DMAVISOR-WAIT loaded'; echo go >&3
     waitfor 'DMAVISOR-WAIT done'

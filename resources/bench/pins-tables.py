@@ -3,18 +3,32 @@ import json
 import sys
 
 
+def seeds():
+    print("| run | heap | loops | failed loops | failed allocations | p50 µs | p99 µs | max µs |")
+    print("|---|---|---|---|---|---|---|---|")
+    for line in sys.stdin:
+        label, rest = line.split(" ", 1)
+        v = dict(kv.split("=", 1) for kv in rest.split() if "=" in kv)
+        print("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            label, v["heap"], v["loops"], v["failed_loops"], v["failed_allocs"], v["p50_us"],
+            v["p99_us"], v["max_us"]))
+
+
 def maps(memcpy_mib_s):
-    print("| round | MAPs | in place | MAP p50 µs | MAP p99 µs | MAP max µs | moved p99 KiB "
-          "| memcpy of that µs | p99 / (2 x memcpy) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r, line in enumerate(sys.stdin, 1):
-        m = json.loads(line)["maps"]
-        lat, moved = m["latency_us"], m["moved_bytes"]["p99"]
+    print("| run | MAPs | in place | all: p50 µs | all: p99 µs | all: max µs "
+          "| moving MAPs | moving: p99 µs | moving: max µs | bytes moved p99 KiB "
+          "| memcpy of that µs | moving p99 / (2 x memcpy) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for line in sys.stdin:
+        r, reply = line.split(" ", 1)
+        m = json.loads(reply)["maps"]
+        lat, mv = m["latency_us"], m["moving"]
+        moved = mv["moved_bytes"]["p99"]
         copy_us = moved / (memcpy_mib_s * 2**20) * 1e6 if memcpy_mib_s else 0.0
-        ratio = "%.1f" % (lat["p99"] / (2 * copy_us)) if copy_us else "n/a (nothing moved)"
-        print("| %d | %d | %d | %d | %d | %d | %d | %.0f | %s |" % (
-            r, m["count"], m["in_place"], lat["p50"], lat["p99"], lat["max"], moved // 1024,
-            copy_us, ratio))
+        ratio = "%.2f" % (mv["latency_us"]["p99"] / (2 * copy_us)) if copy_us else "n/a"
+        print("| %s | %d | %d | %d | %d | %d | %d | %d | %d | %d | %.0f | %s |" % (
+            r, m["count"], m["in_place"], lat["p50"], lat["p99"], lat["max"], mv["count"],
+            mv["latency_us"]["p99"], mv["latency_us"]["max"], moved // 1024, copy_us, ratio))
 
 
 def migrate():
@@ -28,7 +42,9 @@ def migrate():
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "maps":
+    if sys.argv[1] == "seeds":
+        seeds()
+    elif sys.argv[1] == "maps":
         maps(float(sys.argv[2] or 0))
     else:
         migrate()

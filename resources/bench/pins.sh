@@ -2,7 +2,8 @@
 # Host-side pins and migration (issue 5), measured on real guests:
 #  1. the seed 001 loop (56 x 1 MiB allocated then freed, over and over, for SECONDS_PER_HEAP
 #     per heap) under memory-heavy guest load and host transient-pin churn (O_DIRECT I/O under
-#     allocator pins), through the kernel's own CMA heap and through virtio-dma, same guest;
+#     allocator pins): in one guest the kernel's own CMA heap then virtio-dma (seed001), in
+#     another virtio-dma-failfast then virtio-dma (seed004);
 #  2. the host MAP latency against the memcpy time of the bytes each MAP moved;
 #  3. forced migrations of pattern-filled guest pages: throughput against plain memcpy of the
 #     same bytes, measured in the same run (the guest checks every byte afterwards).
@@ -40,30 +41,28 @@ session_once() {
 if host_runs_stock_guests; then where="directly on this host"; else
   where="inside the sandbox host (nested KVM under QEMU TCG)"; fi
 
-seed_log=target/bench/pins-seed001.log
+seed_log=target/bench/pins-seeds.log
 : >"$seed_log"
 for r in $(seq "$rounds"); do
-  echo "==> seed 001 round $r of $rounds" >&2
-  session seed001 | tr -d '\r' | tee -a "$seed_log" | grep --line-buffered -E 'seed001 heap|memfill_mib' >&2
+  for mode in seed001 seed004; do
+    echo "==> $mode round $r of $rounds" >&2
+    session $mode | tr -d '\r' | sed "s/^/$mode.$r /" | tee -a "$seed_log" |
+      grep --line-buffered -E 'seed001 heap|memfill_mib' >&2
+  done
 done
 mig_log=target/bench/pins-migrate.log
 echo "==> forced migrations" >&2
 session migrate | tr -d '\r' | tee "$mig_log" | grep --line-buffered -E 'API migrate|memfill_mib' >&2
 
 echo
-echo "Seed 001 under load and host pin churn, $where ($(date -u +%F)); $rounds rounds of ${SECONDS_PER_HEAP}s per heap, heaps run one after the other in each guest:"
+echo "The seed 001 loop (56 x 1 MiB, then free all) under memory-heavy guest load and host pin churn, $where ($(date -u +%F)); $rounds rounds; per guest run (scenario seed001 or seed004) the heaps run ${SECONDS_PER_HEAP}s each, one after the other:"
 echo
-echo "| round | heap | loops | failed loops | failed allocations | p50 µs | p99 µs | max µs |"
-echo "|---|---|---|---|---|---|---|---|"
-grep -o 'DMAVISOR-RESULT seed001 .*' "$seed_log" | awk '
-  { for (i = 3; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-    if (v["heap"] ~ /reserved/) round++
-    printf "| %d | %s | %s | %s | %s | %s | %s | %s |\n", round, v["heap"], v["loops"], v["failed_loops"], v["failed_allocs"], v["p50_us"], v["p99_us"], v["max_us"] }'
+python3 resources/bench/pins-tables.py seeds < <(grep 'DMAVISOR-RESULT seed001 ' "$seed_log")
 echo
-echo "Host side of the same runs: each virtio-dma MAP's latency in the VMM, against the memcpy time of the bytes it moved (p99 of bytes moved per MAP, at the memcpy speed measured below):"
+echo "Host side of the same runs: virtio-dma MAP latency in the VMM, all MAPs and those that moved bytes (migrated lent pages, or copied the range), against the memcpy time of the bytes moved (p99, at the memcpy speed measured below):"
 echo
 memcpy=$(grep -o '"memcpy_mib_s":[0-9.]*' "$mig_log" | cut -d: -f2 | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
-python3 resources/bench/pins-tables.py maps "$memcpy" < <(grep -o 'API stat => .*' "$seed_log" | sed 's/^API stat => //')
+python3 resources/bench/pins-tables.py maps "$memcpy" < <(grep 'API stat => ' "$seed_log" | sed 's/ API stat => / /')
 echo
 echo "Forced migrations of the guest's pattern-filled window pages (write-protect, copy, remap), against plain memcpy of the same bytes in the same VMM right after:"
 echo

@@ -266,6 +266,11 @@ impl ApiServer {
             "in_place": m.in_place,
             "latency_us": { "p50": m.latency_ns[0] / 1000, "p99": m.latency_ns[1] / 1000, "max": m.latency_ns[2] / 1000 },
             "moved_bytes": { "p50": m.moved_bytes[0], "p99": m.moved_bytes[1], "max": m.moved_bytes[2] },
+            "moving": {
+                "count": m.moving_count,
+                "latency_us": { "p50": m.moving_latency_ns[0] / 1000, "p99": m.moving_latency_ns[1] / 1000, "max": m.moving_latency_ns[2] / 1000 },
+                "moved_bytes": { "p50": m.moving_bytes[0], "p99": m.moving_bytes[1], "max": m.moving_bytes[2] },
+            },
         });
         v["pins"] = json!({
             "churn": lock(&self.churn).as_ref().map(PinChurn::report),

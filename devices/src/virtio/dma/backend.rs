@@ -72,6 +72,10 @@ pub struct MapPercentiles {
     pub moved_bytes: [u64; 3],
     /// MAPs that moved nothing (their pages' own frames, claimed in place).
     pub in_place: u64,
+    /// The MAPs that did move bytes: how many, their latency and bytes moved.
+    pub moving_count: u64,
+    pub moving_latency_ns: [u64; 3],
+    pub moving_bytes: [u64; 3],
 }
 
 fn p50_p99_max(mut v: Vec<u64>) -> [u64; 3] {
@@ -126,6 +130,9 @@ impl CmaBackend {
             latency_ns: p50_p99_max(g.0.iter().map(|s| s.0).collect()),
             moved_bytes: p50_p99_max(g.0.iter().map(|s| s.1).collect()),
             in_place: g.0.iter().filter(|s| s.1 == 0).count() as u64,
+            moving_count: g.0.iter().filter(|s| s.1 != 0).count() as u64,
+            moving_latency_ns: p50_p99_max(g.0.iter().filter(|s| s.1 != 0).map(|s| s.0).collect()),
+            moving_bytes: p50_p99_max(g.0.iter().filter(|s| s.1 != 0).map(|s| s.1).collect()),
         }
     }
 
