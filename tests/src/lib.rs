@@ -266,7 +266,7 @@ fn execute(
     }
     let tail: Vec<&str> = first.console.lines().rev().take(15).collect();
     eprintln!(
-        "[harness] WARNING: {label} hit its {}s limit; trying once more. Last lines:\n{}",
+        "[harness] WARNING: {label} did not finish (stalled, or hit its {}s limit); trying once more. Last lines:\n{}",
         timeout.as_secs(),
         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     );
@@ -311,11 +311,30 @@ fn execute_once(
     }
     // The sandbox enforces its own limit; this one is a backstop for both modes.
     let limit = timeout + Duration::from_secs(30);
+    let mut polls = 0u32;
     let status = loop {
         if let Some(s) = child.try_wait().expect("waiting for the command") {
             break Some(s);
         }
         if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        polls += 1;
+        // A wedged sandbox host says so on its console long before the limit: stop there
+        // (run.sh stops QEMU on SIGTERM) and let the caller try again.
+        if mode() == Mode::Sandbox && polls.is_multiple_of(40) && sandbox_stalled(&stdout_path) {
+            eprintln!(
+                "[harness] WARNING: {label}: the sandbox host reports an RCU stall; stopping it"
+            );
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
             let _ = child.kill();
             let _ = child.wait();
             break None;
@@ -334,6 +353,16 @@ fn execute_once(
         started.elapsed().as_secs_f64()
     );
     GuestRun { console, exit_code }
+}
+
+/// Whether the sandbox host's kernel reported a CPU that stopped responding (seen now and then
+/// under nested emulation; the run would otherwise sit until its time limit).
+fn sandbox_stalled(console: &Path) -> bool {
+    std::fs::read_to_string(console).is_ok_and(|c| {
+        c.lines().any(|l| {
+            !l.starts_with("DMAVISOR") && l.contains("rcu: INFO: rcu_preempt detected stalls")
+        })
+    })
 }
 
 fn tempfile(what: &str) -> PathBuf {

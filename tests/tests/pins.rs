@@ -137,6 +137,14 @@ fn seed_run(scenario: &str) -> (GuestRun, Vec<HashMap<String, String>>) {
     let churn = &replies(&g, "pin-churn-stop")[0];
     assert!(churn["pins"].as_u64().unwrap() > 0, "{churn}");
     println!("host pin churn: {churn}");
+    let guest_pins = results_with(&g, "cma_pages");
+    assert_eq!(guest_pins.len(), 1, "console:\n{}", g.console);
+    assert!(
+        num(&guest_pins[0], "pins") > 0,
+        "the guest pinned pages of its CMA area: {:?}",
+        guest_pins[0]
+    );
+    println!("guest-side pins: {:?}", guest_pins[0]);
     assert_memfill_clean(&g);
     (g, runs)
 }

@@ -414,7 +414,9 @@ impl CmaBackend {
             return Ok((alloc, placement));
         }
         let request = AllocRequest::new(len as usize).align(align).policy(policy);
+        let t_alloc = Instant::now();
         let alloc = self.allocator.alloc(request).map_err(map_error)?;
+        let alloc_time = t_alloc.elapsed();
         self.check_contiguous(&alloc)?;
         // The allocation may have moved some of the range's own pages: look now.
         let before: Vec<PageBacking> = self.lending.lock_pages()[first..first + n].to_vec();
@@ -477,6 +479,13 @@ impl CmaBackend {
         }
         let copied = if opts.discard { 0 } else { len };
         let placement = self.placement(&alloc, copied);
+        tracing::debug!(
+            ?alloc_time,
+            total = ?t_alloc.elapsed(),
+            migrated = alloc.migrated_frames(),
+            failfast = opts.failfast,
+            "virtio-dma: MAP placed elsewhere"
+        );
         Ok((alloc, placement))
     }
 

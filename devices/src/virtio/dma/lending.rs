@@ -449,6 +449,7 @@ impl Lending {
         };
         self.copy_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        tracing::debug!(page = p, src = m.src, dst = ?m.dst, took = ?t.elapsed(), "moved a lent page");
         match result {
             Ok(b) => {
                 lock(&self.pages)[p] = b;
