@@ -406,6 +406,20 @@ pub fn summary(v: &Value) -> String {
         l["pages"], l["lent"], l["mapped"], l["ram"], l["orphans"], l["moves"], l["moves_out"],
         mib(&l["bytes_moved"]), l["claimed_in_place"],
     );
+    let p = &v["pins"];
+    let churn = match &p["churn"] {
+        Value::Null => "no pin churn".to_string(),
+        c => format!(
+            "pin churn: {} pins, {} I/Os, pinned {:.0}% of the time",
+            c["pins"],
+            c["ios"],
+            c["pinned_fraction"].as_f64().unwrap_or(0.0) * 100.0
+        ),
+    };
+    out += &format!(
+        "pins: {} taken, {} refused; {} long-term range(s), {} page(s) moved out for them; {churn}\n",
+        p["pins_taken"], p["pin_refusals"], p["longterm_ranges"], p["longterm_moved_out"],
+    );
     let m = &v["maps"];
     out += &format!(
         "host MAP latency: p50 {} us, p99 {} us, max {} us over {} MAPs ({} in place); bytes moved per MAP p99 {}\n",
