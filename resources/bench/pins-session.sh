@@ -13,7 +13,8 @@ case $mode in
   seed001|seed004) scenario="$mode dmavisor.seconds=${SECONDS_PER_HEAP:-20}" window=56M ;;
   migrate) scenario=migrate-verify window=64M ;;
 esac
-dmavisor run --api-sock $sock --memory size=256M --dma-window size=$window \
+# REGION=SIZE: a region of that size instead of the window's (e.g. headroom for moves).
+dmavisor run --api-sock $sock --memory size=256M --dma-window size=$window ${REGION:+--region size=$REGION} \
   --kernel "$kernel" --initrd "$initrd" \
   --cmdline "console=ttyS0 reboot=k panic=-1 quiet dmavisor.scenario=$scenario" <$in >$out 2>&1 &
 vmm=$!
