@@ -37,6 +37,8 @@ pub enum PinsError {
     Range(u64, u64),
     #[error("io_uring: {0}")]
     Uring(std::io::Error),
+    #[error("starting the pin-churn thread: {0}")]
+    Spawn(std::io::Error),
     #[error("long-term pin of window page {page}: {reason}")]
     LongTerm { page: usize, reason: String },
 }
@@ -108,7 +110,7 @@ impl PinChurn {
             std::thread::Builder::new()
                 .name("pin-churn".into())
                 .spawn(move || churn(&core, &file, io_bytes, hold, gap, &stop, &counters))
-                .map_err(PinsError::Uring)?
+                .map_err(PinsError::Spawn)?
         };
         Ok(Self {
             stop,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use cma::{AllocError, AllocRequest, Allocation, Allocator, OccupyError, Policy, Region};
 
 use super::core::{DmaBackend, MapError, MapOptions, Placement};
-use super::lending::{occupant, pin_wait_slice, protect, Lending, PageBacking};
+use super::lending::{occupant, protect, Lending, PageBacking, PIN_WAIT_SLICE};
 
 /// The DMA window as the VMM maps it: `len` bytes of guest-physical space from `base`, at
 /// `host_addr` in the VMM, 2 MiB aligned.
@@ -161,46 +161,11 @@ impl CmaBackend {
         ((gpa - self.window.base) / self.page as u64) as usize
     }
 
-    /// Points the window's `[gpa, gpa + len)` at the region's pages under `alloc`, one `mmap`
-    /// per run of pages that are consecutive in the region's file.
+    /// Points the window's `[gpa, gpa + len)` at the region's pages under `alloc`.
     fn back_with(&self, gpa: u64, alloc: &Allocation) -> std::io::Result<()> {
-        let file_offset = |off: usize| {
-            self.region
-                .file_offset(alloc.offset() + off)
-                .ok_or_else(|| std::io::Error::other("allocation outside the region"))
-        };
-        let mut run_start = 0;
-        while run_start < alloc.len() {
-            let first = file_offset(run_start)?;
-            let mut run_len = self.page;
-            while run_start + run_len < alloc.len()
-                && file_offset(run_start + run_len)? == first + run_len as u64
-            {
-                run_len += self.page;
-            }
-            let at = self.host_ptr(gpa + run_start as u64);
-            // SAFETY: `at..at + run_len` is page aligned inside the window's own mapping, which
-            // the VMM created for exactly this and never hands out as anything else; MAP_FIXED
-            // only replaces those pages. The region fd outlives the mapping (the allocator
-            // holds the region).
-            let rc = unsafe {
-                libc::mmap(
-                    at,
-                    run_len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    // The region's pages exist already: fill the page tables now rather than
-                    // fault them in one by one when the guest first touches the buffer.
-                    libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE,
-                    self.region.fd(),
-                    first as libc::off_t,
-                )
-            };
-            if rc == libc::MAP_FAILED {
-                return Err(std::io::Error::last_os_error());
-            }
-            run_start += run_len;
-        }
-        Ok(())
+        let frames = alloc.frames();
+        self.lending
+            .map_frames(self.host_ptr(gpa).cast(), frames.start, frames.len())
     }
 
     /// Never hand the guest a range that is not host-contiguous: the allocation must lie inside
@@ -322,7 +287,7 @@ impl CmaBackend {
                             MapError::Timeout
                         });
                     }
-                    Err(_) => std::thread::sleep(pin_wait_slice()),
+                    Err(_) => std::thread::sleep(PIN_WAIT_SLICE),
                 }
             }
         }

@@ -316,25 +316,45 @@ impl Lending {
 
     /// Maps region frame `f` at `va` (one page), read-write, shared with the region.
     pub fn map_frame(&self, va: *mut u8, f: usize) -> std::io::Result<()> {
-        let off = self
-            .region
-            .file_offset(f * self.page)
-            .ok_or_else(|| std::io::Error::other(format!("frame {f} outside the region")))?;
-        // SAFETY: `va` is a page-aligned page of the window mapping, which the VMM created
-        // for the guest and re-backs only through this module and the backend; MAP_FIXED
-        // replaces exactly that page. The region fd outlives the mapping.
-        let rc = unsafe {
-            libc::mmap(
-                va.cast(),
-                self.page,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE,
-                self.region.fd(),
-                off as libc::off_t,
-            )
+        self.map_frames(va, f, 1)
+    }
+
+    /// Maps `n` region frames from `f0` at `va`, read-write, shared with the region: one
+    /// `mmap` per run of frames that are consecutive in the region's file (2 MiB pages are
+    /// ordered by physical address, so file and region order can differ).
+    pub fn map_frames(&self, va: *mut u8, f0: usize, n: usize) -> std::io::Result<()> {
+        let file_offset = |f: usize| {
+            self.region
+                .file_offset(f * self.page)
+                .ok_or_else(|| std::io::Error::other(format!("frame {f} outside the region")))
         };
-        if rc == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
+        let mut i = 0;
+        while i < n {
+            let first = file_offset(f0 + i)?;
+            let mut run = 1;
+            while i + run < n && file_offset(f0 + i + run)? == first + (run * self.page) as u64 {
+                run += 1;
+            }
+            // SAFETY: `va + i * page` for `run` pages is page-aligned memory of the window
+            // mapping, which the VMM created for the guest and re-backs only through this
+            // module and the backend; MAP_FIXED replaces exactly those pages. The region fd
+            // outlives the mapping (the allocator holds the region).
+            let rc = unsafe {
+                libc::mmap(
+                    va.wrapping_add(i * self.page).cast(),
+                    run * self.page,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    // The region's pages exist already: fill the page tables now rather than
+                    // fault them in one by one when the guest first touches them.
+                    libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE,
+                    self.region.fd(),
+                    first as libc::off_t,
+                )
+            };
+            if rc == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            i += run;
         }
         Ok(())
     }
@@ -520,6 +540,4 @@ fn resident(va: *mut u8, len: usize) -> bool {
 }
 
 /// How often a MAP polls a pinned page of its own range.
-pub fn pin_wait_slice() -> Duration {
-    Duration::from_micros(200)
-}
+pub const PIN_WAIT_SLICE: Duration = Duration::from_micros(200);
