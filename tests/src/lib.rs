@@ -326,7 +326,7 @@ fn execute_once(
         // (run.sh stops QEMU on SIGTERM) and let the caller try again.
         if mode() == Mode::Sandbox && polls.is_multiple_of(40) && sandbox_stalled(&stdout_path) {
             eprintln!(
-                "[harness] WARNING: {label}: the sandbox host reports an RCU stall; stopping it"
+                "[harness] WARNING: {label}: the sandbox host reports a stalled CPU; stopping it"
             );
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
@@ -355,12 +355,15 @@ fn execute_once(
     GuestRun { console, exit_code }
 }
 
-/// Whether the sandbox host's kernel reported a CPU that stopped responding (seen now and then
-/// under nested emulation; the run would otherwise sit until its time limit).
+/// Whether the sandbox host's kernel reported a CPU that stopped responding: an RCU stall, or a
+/// soft lockup of a dmavisor vCPU thread inside KVM_RUN (seen now and then under nested
+/// emulation; the run would otherwise sit until its time limit).
 fn sandbox_stalled(console: &Path) -> bool {
     std::fs::read_to_string(console).is_ok_and(|c| {
         c.lines().any(|l| {
-            !l.starts_with("DMAVISOR") && l.contains("rcu: INFO: rcu_preempt detected stalls")
+            !l.starts_with("DMAVISOR")
+                && (l.contains("rcu: INFO: rcu_preempt detected stalls")
+                    || l.contains("watchdog: BUG: soft lockup"))
         })
     })
 }

@@ -301,14 +301,22 @@ impl Lending {
         let before = self.moves.load(Ordering::Relaxed);
         {
             let _layout = self.lock_layout();
-            let req = cma::AllocRequest::new(frames * self.page)
-                .align(self.page)
-                // Pins come and go: wait them out for a while rather than fail at once.
-                .policy(cma::Policy::Retry {
-                    deadline: Instant::now() + Duration::from_secs(5),
-                });
-            let alloc = allocator.alloc(req).map_err(|e| e.to_string())?;
-            drop(alloc);
+            // One allocation cannot straddle extents (huge pages come back in physically
+            // contiguous runs, not always one): take the frames extent-sized piece by piece,
+            // holding every piece until all are taken.
+            let most = (allocator.region().largest_extent() / self.page).max(1);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut held = Vec::new();
+            let mut left = frames;
+            while left > 0 {
+                let n = left.min(most);
+                let req = cma::AllocRequest::new(n * self.page)
+                    .align(self.page)
+                    // Pins come and go: wait them out for a while rather than fail at once.
+                    .policy(cma::Policy::Retry { deadline });
+                held.push(allocator.alloc(req).map_err(|e| e.to_string())?);
+                left -= n;
+            }
         }
         self.lend_ram_pages(allocator, usize::MAX);
         Ok(self.moves.load(Ordering::Relaxed) - before)
