@@ -182,7 +182,7 @@ impl Shared {
                 if pinned_as == PinnedAs::Occupied && frame::pins_of(before) == 0 {
                     self.block_pins[self.block_of(f)].fetch_add(1, Ordering::AcqRel);
                 }
-                Stats::bump(&self.stats.c.pins, 1);
+                Stats::bump(&self.stats.c().pins, 1);
                 Ok(PinGuard {
                     shared: self.clone(),
                     frame: f,
@@ -192,7 +192,7 @@ impl Shared {
                 })
             }
             Err(r) => {
-                Stats::bump(&self.stats.c.pin_refusals, 1);
+                Stats::bump(&self.stats.c().pin_refusals, 1);
                 Err(match r {
                     PinRefused::Free => PinError::FrameFree { frame: f },
                     PinRefused::NotOccupant => PinError::NotOccupied { frame: f },
@@ -293,15 +293,15 @@ impl Allocator {
                 m.tree.set_occ(f, 1, false);
                 frame::thaw(&s.words[f], Tag::Free);
                 drop(m);
-                Stats::bump(&s.stats.c.longterm_moved_out, 1);
-                Stats::bump(&s.stats.c.pages_migrated, 1);
-                Stats::bump(&s.stats.c.bytes_migrated, s.config.granule as u64);
+                Stats::bump(&s.stats.c().longterm_moved_out, 1);
+                Stats::bump(&s.stats.c().pages_migrated, 1);
+                Stats::bump(&s.stats.c().bytes_migrated, s.config.granule as u64);
                 s.notify();
                 Ok(LongTermPin::MovedOut(occupant))
             }
             Err(source) => {
                 frame::thaw(&s.words[f], Tag::Occupied);
-                Stats::bump(&s.stats.c.move_failures, 1);
+                Stats::bump(&s.stats.c().move_failures, 1);
                 Err(PinError::MoveOutFailed {
                     frame: f,
                     occupant,
@@ -322,7 +322,7 @@ impl Allocator {
             .map(|(id, (f, cb))| (*id, *f, cb.clone()))
             .collect();
         for (pin_id, frame, cb) in targets {
-            Stats::bump(&s.stats.c.revoke_requests, 1);
+            Stats::bump(&s.stats.c().revoke_requests, 1);
             cb.revoke(RevokeRequest { frame, pin_id });
         }
     }

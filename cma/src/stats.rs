@@ -1,5 +1,12 @@
 //! Counters and latency histograms. All relaxed atomics: stats never order anything,
 //! and updating them must not add a lock to any path (least of all release).
+//!
+//! Every counter and histogram exists once per shard (the same thread-to-shard map
+//! as the small-block caches), each shard on its own cache lines, and a snapshot
+//! sums them. One shared copy would put a cache-line transfer between cores into
+//! every slow-path allocation and release made by two threads at once: the counters
+//! are written on every request, so they would bounce even when the requests
+//! touch nothing else in common.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -24,9 +31,17 @@ impl Histogram {
         self.buckets[i].fetch_add(1, Relaxed);
     }
 
+    #[cfg(test)]
     fn snapshot(&self) -> HistogramSnapshot {
-        HistogramSnapshot {
-            buckets: self.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+        let mut s = HistogramSnapshot::default();
+        self.add_to(&mut s);
+        s
+    }
+
+    fn add_to(&self, s: &mut HistogramSnapshot) {
+        s.buckets.resize(BUCKETS, 0);
+        for (t, b) in s.buckets.iter_mut().zip(&self.buckets) {
+            *t += b.load(Relaxed);
         }
     }
 }
@@ -81,8 +96,9 @@ macro_rules! counters {
         }
 
         impl Counters {
-            fn snapshot(&self) -> StatsSnapshot {
-                StatsSnapshot { $($name: self.$name.load(Relaxed),)* ..Default::default() }
+            /// Add this shard's counts to `s`.
+            fn add_to(&self, s: &mut StatsSnapshot) {
+                $(s.$name += self.$name.load(Relaxed);)*
             }
         }
     };
@@ -123,21 +139,47 @@ counters! {
     returned_as_occupants: "Allocations handed back as occupants in place (no copy).",
 }
 
-pub(crate) struct Stats {
+/// One shard's counters and histograms, on cache lines of its own.
+#[repr(align(128))]
+pub(crate) struct StatShard {
     pub(crate) c: Counters,
     pub(crate) alloc_latency: Histogram,
     pub(crate) migrate_latency: Histogram,
     pub(crate) pin_wait_latency: Histogram,
 }
 
+pub(crate) struct Stats {
+    shards: Box<[StatShard]>,
+    mask: usize,
+}
+
 impl Stats {
-    pub(crate) fn new() -> Self {
+    /// `shards` copies (a power of two).
+    pub(crate) fn new(shards: usize) -> Self {
+        debug_assert!(shards.is_power_of_two());
         Stats {
-            c: Counters::default(),
-            alloc_latency: Histogram::new(),
-            migrate_latency: Histogram::new(),
-            pin_wait_latency: Histogram::new(),
+            shards: (0..shards)
+                .map(|_| StatShard {
+                    c: Counters::default(),
+                    alloc_latency: Histogram::new(),
+                    migrate_latency: Histogram::new(),
+                    pin_wait_latency: Histogram::new(),
+                })
+                .collect(),
+            mask: shards - 1,
         }
+    }
+
+    /// The calling thread's shard.
+    #[inline]
+    pub(crate) fn local(&self) -> &StatShard {
+        &self.shards[crate::allocator::thread_shard() & self.mask]
+    }
+
+    /// The calling thread's counters.
+    #[inline]
+    pub(crate) fn c(&self) -> &Counters {
+        &self.local().c
     }
 
     pub(crate) fn bump(counter: &AtomicU64, n: u64) {
@@ -145,12 +187,14 @@ impl Stats {
     }
 
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
-        StatsSnapshot {
-            alloc_latency: self.alloc_latency.snapshot(),
-            migrate_latency: self.migrate_latency.snapshot(),
-            pin_wait_latency: self.pin_wait_latency.snapshot(),
-            ..self.c.snapshot()
+        let mut s = StatsSnapshot::default();
+        for sh in self.shards.iter() {
+            sh.c.add_to(&mut s);
+            sh.alloc_latency.add_to(&mut s.alloc_latency);
+            sh.migrate_latency.add_to(&mut s.migrate_latency);
+            sh.pin_wait_latency.add_to(&mut s.pin_wait_latency);
         }
+        s
     }
 }
 
@@ -170,5 +214,24 @@ mod tests {
         assert_eq!(s.quantile(0.5), Duration::from_nanos(1024));
         assert_eq!(s.quantile(0.99), Duration::from_nanos(1024));
         assert_eq!(s.quantile(1.0), Duration::from_nanos(1 << 17));
+    }
+
+    #[test]
+    fn a_snapshot_sums_every_shard() {
+        let st = Stats::new(4);
+        std::thread::scope(|sc| {
+            for _ in 0..6 {
+                sc.spawn(|| {
+                    Stats::bump(&st.c().allocs, 2);
+                    st.local().alloc_latency.record(Duration::from_nanos(1000));
+                });
+            }
+        });
+        Stats::bump(&st.c().frees, 1);
+        let s = st.snapshot();
+        assert_eq!((s.allocs, s.frees), (12, 1));
+        assert_eq!(s.alloc_latency.count(), 6);
+        assert_eq!(s.alloc_latency.buckets.len(), BUCKETS);
+        assert_eq!(s.migrate_latency.count(), 0);
     }
 }

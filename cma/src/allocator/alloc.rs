@@ -160,10 +160,10 @@ impl Drop for Allocation {
                 if let Some(node) = self.node.take() {
                     s.released.push(node);
                 }
-                Stats::bump(&s.stats.c.frees_deferred, 1);
+                Stats::bump(&s.stats.c().frees_deferred, 1);
             }
         }
-        Stats::bump(&s.stats.c.frees, 1);
+        Stats::bump(&s.stats.c().frees, 1);
         s.notify_inner(true);
     }
 }
@@ -225,8 +225,8 @@ impl Allocator {
             debug_span!("cma.alloc", len = req.len, align = req.align, policy = ?req.policy)
                 .entered();
         let r = self.alloc_inner(req, t0);
-        s.stats.alloc_latency.record(t0.elapsed());
-        let c = &s.stats.c;
+        s.stats.local().alloc_latency.record(t0.elapsed());
+        let c = s.stats.c();
         let counter = match &r {
             Ok(a) if a.migrated == 0 => {
                 Stats::bump(&c.allocs_clean, 1);
@@ -285,9 +285,9 @@ impl Allocator {
         let mut drained = false;
         loop {
             sweeps += 1;
-            Stats::bump(&s.stats.c.sweeps, 1);
+            Stats::bump(&s.stats.c().sweeps, 1);
             if sweeps > 1 {
-                Stats::bump(&s.stats.c.retries, 1);
+                Stats::bump(&s.stats.c().retries, 1);
             }
             let fail = match self.sweep(n, align) {
                 Ok(a) => return Ok(a),
@@ -410,7 +410,7 @@ impl Allocator {
             let b: Batch = s.evaluate(&m, pos, n, align);
             fail.candidates += b.evaluated;
             fail.pinned += b.pinned;
-            Stats::bump(&s.stats.c.candidates_pinned, b.pinned as u64);
+            Stats::bump(&s.stats.c().candidates_pinned, b.pinned as u64);
             fail.first_pinned = fail.first_pinned.or(b.first_pinned);
             fail.first_revocable = fail.first_revocable.or(b.first_revocable);
             pos = b.next.max(pos + 1);
@@ -492,18 +492,18 @@ impl Allocator {
     fn wait_unpinned(&self, f: usize, timeout: Duration) -> bool {
         let s = &self.shared;
         let t = Instant::now();
-        Stats::bump(&s.stats.c.pin_waits, 1);
+        Stats::bump(&s.stats.c().pin_waits, 1);
         let pinned = || frame::pins_of(s.words[f].get()) > 0;
         while pinned() {
             let left = timeout.saturating_sub(t.elapsed());
             if left.is_zero() {
-                Stats::bump(&s.stats.c.pin_wait_timeouts, 1);
-                s.stats.pin_wait_latency.record(t.elapsed());
+                Stats::bump(&s.stats.c().pin_wait_timeouts, 1);
+                s.stats.local().pin_wait_latency.record(t.elapsed());
                 return false;
             }
             s.wait_event(left.min(Duration::from_millis(5)), pinned);
         }
-        s.stats.pin_wait_latency.record(t.elapsed());
+        s.stats.local().pin_wait_latency.record(t.elapsed());
         true
     }
 }

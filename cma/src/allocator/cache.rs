@@ -159,7 +159,9 @@ thread_local! {
 }
 static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
 
-fn thread_shard() -> usize {
+/// The calling thread's shard number before masking (the caches and the stats
+/// both mask it to their shard count).
+pub(crate) fn thread_shard() -> usize {
     SHARD.with(|c| {
         let v = c.get();
         if v != usize::MAX {
@@ -281,7 +283,7 @@ impl Shared {
         // Hand out the lowest block first (first fit, as the slow path would).
         sh.lists[k].sort_unstable_by_key(|n| std::cmp::Reverse(n.start));
         if got > 0 {
-            crate::stats::Stats::bump(&self.stats.c.cache_refills, 1);
+            crate::stats::Stats::bump(&self.stats.c().cache_refills, 1);
         }
     }
 
@@ -298,7 +300,7 @@ impl Shared {
             }
         }
         if frames > 0 {
-            crate::stats::Stats::bump(&self.stats.c.cache_drained_frames, frames as u64);
+            crate::stats::Stats::bump(&self.stats.c().cache_drained_frames, frames as u64);
         }
         frames
     }

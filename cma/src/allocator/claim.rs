@@ -231,7 +231,7 @@ impl Shared {
                 frame::thaw(&self.words[g], Tag::Occupied);
             }
             m.tree.set_alloc(start, n, false);
-            Stats::bump(&self.stats.c.claim_races, 1);
+            Stats::bump(&self.stats.c().claim_races, 1);
             return Err(f);
         }
         // Destinations: clean frames from the top of the region down, taken in one
@@ -288,13 +288,13 @@ impl Shared {
         }
         let t = Instant::now();
         let r = self.mover.move_frames(&p.plan);
-        self.stats.migrate_latency.record(t.elapsed());
-        Stats::bump(&self.stats.c.migrations, 1);
+        self.stats.local().migrate_latency.record(t.elapsed());
+        Stats::bump(&self.stats.c().migrations, 1);
         match r {
             Ok(()) => p.plan.len(),
             Err(e) => {
                 debug!(error = %e, "mover failed");
-                Stats::bump(&self.stats.c.move_failures, 1);
+                Stats::bump(&self.stats.c().move_failures, 1);
                 e.completed.min(p.plan.len())
             }
         }
@@ -331,8 +331,8 @@ impl Shared {
             }
         }
         let g = self.config.granule as u64;
-        Stats::bump(&self.stats.c.pages_migrated, done as u64);
-        Stats::bump(&self.stats.c.bytes_migrated, done as u64 * g);
+        Stats::bump(&self.stats.c().pages_migrated, done as u64);
+        Stats::bump(&self.stats.c().bytes_migrated, done as u64 * g);
         if all {
             return true;
         }

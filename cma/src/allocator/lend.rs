@@ -76,7 +76,7 @@ impl Allocator {
         m.tree.set_occ(start, n, false);
         m.tree.set_alloc(start, n, true);
         drop(m);
-        Stats::bump(&s.stats.c.claimed_in_place, 1);
+        Stats::bump(&s.stats.c().claimed_in_place, 1);
         Ok(self.handle(start, n, extent, 0))
     }
 
@@ -110,7 +110,7 @@ impl Allocator {
         drop(m);
         // The frames are accounted for: the allocation's drop must not free them.
         alloc.frames = 0;
-        Stats::bump(&s.stats.c.returned_as_occupants, 1);
+        Stats::bump(&s.stats.c().returned_as_occupants, 1);
         Ok(())
     }
 }

@@ -7,6 +7,8 @@ mod cache;
 mod claim;
 mod lend;
 
+pub(crate) use cache::thread_shard;
+
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -211,6 +213,7 @@ impl Allocator {
             })
             .collect();
         let block_frames = pb / g;
+        let caches = cache::Caches::new(frames, config.small_cache_batch);
         let shared = Shared {
             config: AllocatorConfig {
                 candidates_per_hold: config.candidates_per_hold.max(1),
@@ -234,8 +237,8 @@ impl Allocator {
             event_cv: Condvar::new(),
             waiters: AtomicUsize::new(0),
             mover,
-            stats: Stats::new(),
-            caches: cache::Caches::new(frames, config.small_cache_batch),
+            stats: Stats::new(caches.shards.len()),
+            caches,
             region,
         };
         let shared = Arc::new(shared);
@@ -445,7 +448,7 @@ impl Allocator {
         m.occupants[frame] = None;
         m.tree.set_occ(frame, 1, false);
         frame::thaw(&s.words[frame], Tag::Free);
-        Stats::bump(&s.stats.c.occupants_vacated, 1);
+        Stats::bump(&s.stats.c().occupants_vacated, 1);
         drop(m);
         s.notify();
         Ok(())
@@ -482,7 +485,7 @@ impl Shared {
         m.occupants[f] = Some(occupant);
         m.tree.set_occ(f, 1, true);
         frame::set_tag(&self.words[f], Tag::Occupied);
-        Stats::bump(&self.stats.c.occupants_placed, 1);
+        Stats::bump(&self.stats.c().occupants_placed, 1);
     }
 
     pub(crate) fn block_of(&self, f: usize) -> usize {
