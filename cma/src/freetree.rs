@@ -410,6 +410,91 @@ impl FreeTree {
     }
 }
 
+/// A free-run tree over one arena, `[base, base + frames)` of the region, spoken to
+/// in region frame numbers. Every frame passed in must lie inside the arena (the
+/// callers pick the arena from the frame); search starts and bounds outside it are
+/// clamped, and results come back in region frame numbers.
+pub(crate) struct ArenaTree {
+    base: usize,
+    t: FreeTree,
+}
+
+impl ArenaTree {
+    pub(crate) fn new(base: usize, frames: usize) -> Self {
+        ArenaTree {
+            base,
+            t: FreeTree::new(frames),
+        }
+    }
+
+    #[inline]
+    fn local(&self, f: usize) -> usize {
+        debug_assert!(f >= self.base && f - self.base <= self.t.frames, "frame {f} outside arena");
+        f - self.base
+    }
+
+    pub(crate) fn take_top_clean(&mut self, k: usize, out: &mut Vec<usize>) {
+        let from = out.len();
+        self.t.take_top_clean(k, out);
+        out[from..].iter_mut().for_each(|f| *f += self.base);
+    }
+
+    pub(crate) fn set_alloc(&mut self, start: usize, len: usize, on: bool) {
+        let s = self.local(start);
+        self.t.set_alloc(s, len, on)
+    }
+
+    pub(crate) fn set_occ(&mut self, start: usize, len: usize, on: bool) {
+        let s = self.local(start);
+        self.t.set_occ(s, len, on)
+    }
+
+    pub(crate) fn is_alloc(&self, f: usize) -> bool {
+        self.t.is_alloc(self.local(f))
+    }
+
+    pub(crate) fn is_occ(&self, f: usize) -> bool {
+        self.t.is_occ(self.local(f))
+    }
+
+    pub(crate) fn longest(&self, class: Class) -> usize {
+        self.t.longest(class)
+    }
+
+    pub(crate) fn occupied_total(&self) -> usize {
+        self.t.occupied_total()
+    }
+
+    pub(crate) fn allocated_total(&self) -> usize {
+        self.t.allocated_total()
+    }
+
+    /// Leftmost `p >= from` in this arena with `[p, p+need)` free in `class`.
+    pub(crate) fn next_fit(&self, class: Class, from: usize, need: usize) -> Option<usize> {
+        let from = from.saturating_sub(self.base);
+        if from >= self.t.frames {
+            return None;
+        }
+        self.t.next_fit(class, from, need).map(|p| p + self.base)
+    }
+
+    /// Highest clean frame of this arena below `before`.
+    pub(crate) fn last_clean(&self, before: usize) -> Option<usize> {
+        let before = before.saturating_sub(self.base).min(self.t.frames);
+        self.t.last_clean(before).map(|p| p + self.base)
+    }
+
+    pub(crate) fn for_each_occ(&self, start: usize, end: usize, mut f: impl FnMut(usize) -> bool) {
+        let base = self.base;
+        self.t
+            .for_each_occ(self.local(start), self.local(end), |g| f(g + base))
+    }
+
+    pub(crate) fn occ_count(&self, start: usize, end: usize) -> usize {
+        self.t.occ_count(self.local(start), self.local(end))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -159,7 +159,7 @@ impl Shared {
         let r = match frame::try_pin(&self.words[f], kind, revocable) {
             Err(PinRefused::Free) if !allow_locked => Err(PinRefused::NotOccupant),
             Err(PinRefused::Free) => {
-                let m = self.lock_map();
+                let m = self.lock_frame(f);
                 // A block in a small-block cache is free, though the tree holds it.
                 if !m.tree.is_alloc(f) || self.cached(&m, f) {
                     Err(PinRefused::Free)
@@ -252,7 +252,7 @@ impl Allocator {
                 frames: s.frames,
             });
         }
-        let m = s.lock_map();
+        let m = s.lock_frame(f);
         let w = s.words[f].get();
         let occupant = match (frame::tag_of(w), m.occupants[f]) {
             (Tag::Free, _) if m.tree.is_alloc(f) && !s.cached(&m, f) => {
@@ -286,7 +286,7 @@ impl Allocator {
             }],
         };
         let r = s.mover.move_frames(&plan);
-        let mut m = s.lock_map();
+        let mut m = s.lock_frame(f);
         match r {
             Ok(()) => {
                 m.occupants[f] = None;

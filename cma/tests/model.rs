@@ -47,6 +47,8 @@ fn op() -> impl Strategy<Value = Op> {
 
 struct World {
     s: Setup,
+    /// Frames per arena: no allocation spans two.
+    arena: usize,
     live: Vec<Allocation>,
     pins: Vec<PinGuard>,
     occupants: Vec<Occupant>,
@@ -69,6 +71,7 @@ impl World {
         let st = self.states();
         (0..FRAMES).step_by(align).any(|a| {
             a + n <= FRAMES
+                && a / self.arena == (a + n - 1) / self.arena
                 && st[a..a + n]
                     .iter()
                     .all(|(s, pins)| *s != FrameState::Allocated && (!unpinned || *pins == 0))
@@ -137,12 +140,20 @@ impl World {
                             "allocated although every window was pinned or allocated"
                         );
                         assert_eq!(x.frames().start % align, 0, "misaligned");
+                        assert_eq!(
+                            x.frames().start / self.arena,
+                            (x.frames().end - 1) / self.arena,
+                            "{x:?} spans two arenas"
+                        );
                         assert_eq!(x.len(), frames * K4);
                         assert!(
                             pinned_before.iter().all(|f| !x.frames().contains(f)),
                             "pinned frame inside {x:?}"
                         );
                         self.live.push(x);
+                    }
+                    Err(AllocError::InvalidRequest { reason, .. }) if frames > self.arena => {
+                        assert!(reason.contains("arena"), "{reason}")
                     }
                     Err(AllocError::NoRoom { .. }) => {
                         assert!(!any, "NoRoom but a window without allocations exists")
@@ -227,30 +238,48 @@ impl World {
     }
 }
 
+/// Run `ops` on a region of `FRAMES` frames cut into `arenas` arenas, checking the
+/// model after every step, then check that freeing everything restores the region.
+fn run(ops: Vec<Op>, arenas: usize) -> Result<(), TestCaseError> {
+    let mut w = World {
+        s: setup_with(FRAMES * K4, 16 * K4, arenas),
+        arena: FRAMES / arenas,
+        live: Vec::new(),
+        pins: Vec::new(),
+        occupants: Vec::new(),
+        next_page: 0,
+    };
+    prop_assert_eq!(w.s.alloc.arenas(), arenas);
+    for op in ops {
+        w.apply(op);
+        w.check_invariants();
+    }
+    // Free restores: with every handle and pin dropped and occupants vacated,
+    // every arena is one clean run again.
+    w.live.clear();
+    w.pins.clear();
+    for (f, o) in occupants_in_region(&w.s.alloc) {
+        w.s.alloc.vacate(f, o).unwrap();
+    }
+    let u = w.s.alloc.usage();
+    prop_assert_eq!((u.allocated, u.occupied, u.largest_clean_run), (0, 0, w.arena));
+    for _ in 0..arenas {
+        prop_assert!(w.s.alloc.alloc(AllocRequest::new(w.arena * K4)).is_ok());
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
     #[test]
     fn allocator_matches_reference_model(ops in prop::collection::vec(op(), 1..60)) {
-        let mut w = World {
-            s: setup(FRAMES * K4, 16 * K4),
-            live: Vec::new(),
-            pins: Vec::new(),
-            occupants: Vec::new(),
-            next_page: 0,
-        };
-        for op in ops {
-            w.apply(op);
-            w.check_invariants();
-        }
-        // Free restores: with every handle and pin dropped and occupants vacated,
-        // the whole region is one clean run again.
-        w.live.clear();
-        w.pins.clear();
-        for (f, o) in occupants_in_region(&w.s.alloc) {
-            w.s.alloc.vacate(f, o).unwrap();
-        }
-        let u = w.s.alloc.usage();
-        prop_assert_eq!((u.allocated, u.occupied, u.largest_clean_run), (0, 0, FRAMES));
-        prop_assert!(w.s.alloc.alloc(AllocRequest::new(FRAMES * K4)).is_ok());
+        run(ops, 1)?;
+    }
+
+    /// The same with four arenas of 64 frames: requests larger than an arena fail
+    /// with their own reason, and no allocation spans two arenas.
+    #[test]
+    fn allocator_with_arenas_matches_reference_model(ops in prop::collection::vec(op(), 1..60)) {
+        run(ops, 4)?;
     }
 }

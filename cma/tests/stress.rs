@@ -34,7 +34,19 @@ fn check_id(a: &cma::Allocation, id: u64) -> bool {
 
 #[test]
 fn concurrent_alloc_free_pin_and_migrate() {
-    let s = setup(FRAMES * K4, 64 * K4);
+    stress(1);
+}
+
+/// The same on four arenas: the threads' home arenas differ, requests fall back to
+/// the other arenas, and frees and pins reach the right arena's map.
+#[test]
+fn concurrent_alloc_free_pin_and_migrate_on_arenas() {
+    stress(4);
+}
+
+fn stress(arenas: usize) {
+    let s = setup_with(FRAMES * K4, 64 * K4, arenas);
+    assert_eq!(s.alloc.arenas(), arenas);
     let owners: Arc<Vec<AtomicU64>> = Arc::new((0..FRAMES).map(|_| AtomicU64::new(0)).collect());
     let stop = Arc::new(AtomicBool::new(false));
     let placed = Arc::new(Mutex::new(Vec::<Occupant>::new()));

@@ -84,7 +84,7 @@ impl std::fmt::Debug for Allocation {
         f.debug_struct("Allocation")
             .field("offset", &self.offset())
             .field("len", &self.len())
-            .field("extent", &self.extent)
+            .field("extent", &self.extent())
             .field("phys", &self.phys_addr())
             .finish()
     }
@@ -127,7 +127,7 @@ impl Allocation {
 
     /// Index of the extent (see [`crate::Region::extents`]) holding the allocation.
     pub fn extent(&self) -> usize {
-        self.extent
+        self.owner.shared.extents[self.extent].region_extent
     }
 
     /// Frames whose occupants were migrated to make room for this allocation.
@@ -151,14 +151,15 @@ impl Drop for Allocation {
         let s = &self.owner.shared;
         // Nothing per frame: allocated frames carry no lock-free state (see
         // `crate::frame`), so a release is one tree update, or one queue push.
-        match s.map.try_lock() {
+        let arena = s.arena_of(self.start);
+        match arena.map.try_lock() {
             Some(mut m) => {
-                s.drain_released(&mut m);
+                arena.drain_released(&mut m);
                 m.tree.set_alloc(self.start, self.frames, false);
             }
             None => {
                 if let Some(node) = self.node.take() {
-                    s.released.push(node);
+                    arena.released.push(node);
                 }
                 Stats::bump(&s.stats.c().frees_deferred, 1);
             }
@@ -262,6 +263,11 @@ impl Allocator {
             return Err(invalid("alignment is not a power of two"));
         }
         let largest = self.shared.largest_extent;
+        if req.len > largest && req.len <= self.shared.region.largest_extent() {
+            return Err(invalid(
+                "larger than one arena: an allocation never spans two arenas; configure fewer (AllocatorConfig::arenas)",
+            ));
+        }
         if req.len > largest {
             return Err(AllocError::LargerThanExtent {
                 requested: req.len,
@@ -299,8 +305,7 @@ impl Allocator {
             // threads refilling their caches cannot keep a request sweeping.
             if !drained {
                 drained = true;
-                let mut m = s.lock_map();
-                if s.drain_caches(&mut m) > 0 {
+                if s.drain_caches() > 0 {
                     continue;
                 }
             }
@@ -309,7 +314,7 @@ impl Allocator {
             let requested = req.len;
             let busy = || {
                 if no_room {
-                    let allocated = s.lock_map().tree.allocated_total() * s.config.granule;
+                    let allocated = s.allocated_total() * s.config.granule;
                     AllocError::NoRoom {
                         requested,
                         align: req.align,
@@ -368,10 +373,14 @@ impl Allocator {
         }
     }
 
-    /// One attempt over the whole region.
+    /// One attempt over the whole region: a clean fit in each arena, the calling
+    /// thread's home arena first; failing that, the candidates of each arena, in
+    /// the same order.
     fn sweep(&self, n: usize, align: usize) -> Result<Allocation, SweepFail> {
         let s = &self.shared;
         let order = s.caches.order(n, align);
+        let (home, count) = (s.home_arena(), s.arenas.len());
+        let arenas = || (0..count).map(move |i| &s.arenas[(home + i) % count]);
         // For a cacheable size, the nodes of a refill batch are allocated before the
         // lock is taken.
         let mut spare: Vec<Box<ReleaseNode>> = match order {
@@ -380,64 +389,69 @@ impl Allocator {
                 .collect(),
             None => Vec::new(),
         };
-        let clean = {
-            let mut m = s.lock_map();
-            let mut from = 0;
-            let first = loop {
-                let Some((a, x)) = s.find_fit(&m, Class::Clean, from, n, align) else {
-                    break None;
+        for arena in arenas() {
+            let clean = {
+                let mut m = arena.lock();
+                let mut from = arena.start;
+                let first = loop {
+                    let Some((a, x)) = s.find_fit(&m, Class::Clean, from, n, align) else {
+                        break None;
+                    };
+                    match s.claim_clean(&mut m, a, n) {
+                        Ok(()) => break Some((a, x)),
+                        Err(f) => from = f + 1,
+                    }
                 };
-                match s.claim_clean(&mut m, a, n) {
-                    Ok(()) => break Some((a, x)),
-                    Err(f) => from = f + 1,
+                if let (Some(k), Some((a, _))) = (order, first) {
+                    s.refill(&mut m, k, a + n, &mut spare);
                 }
+                first
             };
-            if let (Some(k), Some((a, _))) = (order, first) {
-                s.refill(&mut m, k, a + n, &mut spare);
+            if let Some((a, x)) = clean {
+                drop(spare);
+                // The handle (and its release node) is built after the lock is dropped.
+                trace!(start = a, "clean fit");
+                return Ok(self.handle(a, n, x, 0));
             }
-            first
-        };
-        drop(spare);
-        if let Some((a, x)) = clean {
-            // The handle (and its release node) is built after the lock is dropped.
-            trace!(start = a, "clean fit");
-            return Ok(self.handle(a, n, x, 0));
         }
+        drop(spare);
         let mut fail = SweepFail::default();
-        let mut pos = 0;
-        while pos < s.frames {
-            let mut m = s.lock_map();
-            let b: Batch = s.evaluate(&m, pos, n, align);
-            fail.candidates += b.evaluated;
-            fail.pinned += b.pinned;
-            Stats::bump(&s.stats.c().candidates_pinned, b.pinned as u64);
-            fail.first_pinned = fail.first_pinned.or(b.first_pinned);
-            fail.first_revocable = fail.first_revocable.or(b.first_revocable);
-            pos = b.next.max(pos + 1);
-            let Some(c) = b.best else { continue };
-            debug!(start = c.start, cost = c.cost, "candidate chosen");
-            let prepared = match s.prepare(&mut m, c.start, n) {
-                Ok(p) => p,
-                Err(f) => {
-                    // A pin arrived after evaluation. Resume right past it, so the
-                    // other candidates of this batch still get their one try.
-                    fail.pinned += 1;
-                    fail.first_pinned.get_or_insert(PinnedCandidate {
-                        start: c.start,
-                        frame: f,
-                        revocable: false,
-                    });
-                    pos = pos.min(f + 1);
-                    continue;
+        for arena in arenas() {
+            let mut pos = arena.start;
+            while pos < arena.end {
+                let mut m = arena.lock();
+                let b: Batch = s.evaluate(&m, pos, arena.end, n, align);
+                fail.candidates += b.evaluated;
+                fail.pinned += b.pinned;
+                Stats::bump(&s.stats.c().candidates_pinned, b.pinned as u64);
+                fail.first_pinned = fail.first_pinned.or(b.first_pinned);
+                fail.first_revocable = fail.first_revocable.or(b.first_revocable);
+                pos = b.next.max(pos + 1);
+                let Some(c) = b.best else { continue };
+                debug!(start = c.start, cost = c.cost, "candidate chosen");
+                let prepared = match s.prepare(&mut m, c.start, n) {
+                    Ok(p) => p,
+                    Err(f) => {
+                        // A pin arrived after evaluation. Resume right past it, so the
+                        // other candidates of this batch still get their one try.
+                        fail.pinned += 1;
+                        fail.first_pinned.get_or_insert(PinnedCandidate {
+                            start: c.start,
+                            frame: f,
+                            revocable: false,
+                        });
+                        pos = pos.min(f + 1);
+                        continue;
+                    }
+                };
+                drop(m);
+                let done = s.migrate(&prepared);
+                let mut m = arena.lock();
+                if s.commit(&mut m, &prepared, done) {
+                    return Ok(self.handle(c.start, n, c.extent, done));
                 }
-            };
-            drop(m);
-            let done = s.migrate(&prepared);
-            let mut m = s.lock_map();
-            if s.commit(&mut m, &prepared, done) {
-                return Ok(self.handle(c.start, n, c.extent, done));
+                fail.move_failed += 1;
             }
-            fail.move_failed += 1;
         }
         Err(fail)
     }
@@ -472,7 +486,9 @@ impl Allocator {
             // reads only the pageblock hint unless the pageblock has pins.
             if s.first_pinned(node.start, node.frames).is_some() {
                 drop(sh);
-                s.lock_map().tree.set_alloc(node.start, node.frames, false);
+                s.lock_frame(node.start)
+                    .tree
+                    .set_alloc(node.start, node.frames, false);
                 return None;
             }
             sh.hits += 1;

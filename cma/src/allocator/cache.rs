@@ -28,8 +28,10 @@
 //!   takes a block back from a cache, and `usage` drains the caches so that it
 //!   reports free frames as free.
 //!
-//! Lock order: map before shard. The fast paths take only a shard (with
-//! `try_lock`); refill, drain and lookups take the map lock first.
+//! Lock order: an arena's map lock before a shard. The fast paths take only a shard
+//! (with `try_lock`); refill, drain and lookups take the map lock of the arena
+//! holding the blocks first. A cache may hold blocks of any arena; a refill takes
+//! blocks from the arena it holds locked.
 
 use std::cell::{Cell, UnsafeCell};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -287,15 +289,23 @@ impl Shared {
         }
     }
 
-    /// Give every cached block back to the tree. Returns the frames returned.
-    pub(crate) fn drain_caches(&self, m: &mut MapState) -> usize {
+    /// Give every cached block back to its arena's tree, one arena at a time (the
+    /// caller holds no map lock). Returns the frames returned.
+    pub(crate) fn drain_caches(&self) -> usize {
         let mut frames = 0;
-        for sh in self.caches.shards.iter() {
-            let mut sh = sh.0.lock();
-            for list in sh.lists.iter_mut() {
-                for node in list.drain(..) {
-                    m.tree.set_alloc(node.start, node.frames, false);
-                    frames += node.frames;
+        for a in self.arenas.iter() {
+            let mut m = a.lock();
+            for sh in self.caches.shards.iter() {
+                let mut sh = sh.0.lock();
+                for list in sh.lists.iter_mut() {
+                    list.retain(|node| {
+                        let mine = (a.start..a.end).contains(&node.start);
+                        if mine {
+                            m.tree.set_alloc(node.start, node.frames, false);
+                            frames += node.frames;
+                        }
+                        !mine
+                    });
                 }
             }
         }

@@ -37,7 +37,7 @@ pub(super) struct Batch {
     pub(super) pinned: usize,
     pub(super) first_pinned: Option<PinnedCandidate>,
     pub(super) first_revocable: Option<PinnedCandidate>,
-    /// Where the next batch starts; `frames` when the sweep is complete.
+    /// Where the next batch starts; the arena's end when its sweep is complete.
     pub(super) next: usize,
 }
 
@@ -119,10 +119,18 @@ impl Shared {
     /// `max(align, n/8 rounded down to align)`: windows overlap by up to 7/8, so a
     /// cheaper window a few pageblocks over is not missed, while a full sweep still
     /// costs at most 8 * frames / n candidates.
-    pub(super) fn evaluate(&self, m: &MapState, from: usize, n: usize, align: usize) -> Batch {
+    /// `m` is the map of the arena that ends at `end`; the batch stays inside it.
+    pub(super) fn evaluate(
+        &self,
+        m: &MapState,
+        from: usize,
+        end: usize,
+        n: usize,
+        align: usize,
+    ) -> Batch {
         let step = align.max(n / 8 / align * align);
         let mut b = Batch {
-            next: self.frames,
+            next: end,
             ..Default::default()
         };
         let mut pos = from;
@@ -171,7 +179,7 @@ impl Shared {
                 break;
             }
         }
-        b.next = pos.min(self.frames);
+        b.next = pos.min(end);
         b
     }
 

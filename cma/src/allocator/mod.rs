@@ -19,7 +19,7 @@ pub use alloc::{AllocRequest, Allocation, Policy};
 
 use crate::error::{ConfigError, OccupyError};
 use crate::frame::{self, Tag};
-use crate::freetree::FreeTree;
+use crate::freetree::ArenaTree;
 use crate::migrate::{Mover, Occupant};
 use crate::pin::RevokeRegistry;
 use crate::region::Region;
@@ -46,6 +46,14 @@ pub struct AllocatorConfig {
     /// than about a tenth of the region, and every cache is drained back before a
     /// request fails.
     pub small_cache_batch: usize,
+    /// Arenas: the region is cut into this many equal slices, each with its own map
+    /// lock, tree and occupant table, and each thread searches its home arena first
+    /// (see `docs/cma.md`). An allocation never spans two arenas, so a region that
+    /// must serve a single request larger than `region / arenas` needs fewer. 0
+    /// (the default) picks one arena per small-block cache shard (one per CPU, at
+    /// least 2, at most 16), but only as many as keep every arena at least
+    /// 256 MiB: smaller regions get one arena, which is the whole region.
+    pub arenas: usize,
 }
 
 impl Default for AllocatorConfig {
@@ -55,6 +63,7 @@ impl Default for AllocatorConfig {
             pageblock: 2 << 20,
             candidates_per_hold: 64,
             small_cache_batch: 16,
+            arenas: 0,
         }
     }
 }
@@ -66,6 +75,9 @@ pub(crate) struct FrameExtent {
     pub(crate) end: usize,
     /// Physical frame number (in granules) of `start`, when known.
     pub(crate) phys_frame: Option<u64>,
+    /// Index of the region extent (`Region::extents`) this piece belongs to: the
+    /// allocator's extents are the region's, cut at arena boundaries.
+    pub(crate) region_extent: usize,
 }
 
 impl FrameExtent {
@@ -85,11 +97,72 @@ impl FrameExtent {
     }
 }
 
-/// What the map lock protects.
+/// What an arena's map lock protects.
 pub(crate) struct MapState {
-    pub(crate) tree: FreeTree,
+    pub(crate) tree: ArenaTree,
     /// Occupant of each frame (also set on a migration destination in flight).
-    pub(crate) occupants: Vec<Option<Occupant>>,
+    pub(crate) occupants: OccTable,
+}
+
+/// The occupants of one arena's frames, indexed by region frame number.
+pub(crate) struct OccTable {
+    base: usize,
+    v: Vec<Option<Occupant>>,
+}
+
+impl std::ops::Index<usize> for OccTable {
+    type Output = Option<Occupant>;
+    #[inline]
+    fn index(&self, f: usize) -> &Option<Occupant> {
+        &self.v[f - self.base]
+    }
+}
+
+impl std::ops::IndexMut<usize> for OccTable {
+    #[inline]
+    fn index_mut(&mut self, f: usize) -> &mut Option<Occupant> {
+        &mut self.v[f - self.base]
+    }
+}
+
+/// One arena: frames `[start, end)` of the region, with their own map lock and
+/// deferred-release stack, on cache lines of their own. Two threads whose home
+/// arenas differ share no lock and no tree node, so neither waits for the other's
+/// critical sections (nor for the other being preempted inside one).
+#[repr(align(128))]
+pub(crate) struct Arena {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+    /// The map lock. Protects this arena's free-run tree and occupant table. Held
+    /// only for tree queries and updates and for per-frame compare-and-swaps of the
+    /// range being claimed: never while the `Mover` copies, never while a revoke
+    /// callback runs, never while sleeping. At most one arena's map lock is held at
+    /// a time. Lock order: `map` before a cache shard's lock and before
+    /// `revokers`; the pin event mutex is a leaf and is never held while taking
+    /// another lock. A parking_lot mutex: it spins briefly before parking, which
+    /// suits critical sections this short (a futex sleep/wake costs more than the
+    /// section).
+    pub(crate) map: parking_lot::Mutex<MapState>,
+    /// Releases of this arena's frames made while its map lock was busy.
+    pub(crate) released: ReleaseQueue,
+}
+
+impl Arena {
+    /// Take the map lock and apply the deferred releases.
+    pub(crate) fn lock(&self) -> parking_lot::MutexGuard<'_, MapState> {
+        let mut g = self.map.lock();
+        self.drain_released(&mut g);
+        g
+    }
+
+    pub(crate) fn drain_released(&self, m: &mut MapState) {
+        if !self.released.is_empty() {
+            self.released.drain(|start, frames| {
+                trace!(start, frames, "deferred release applied");
+                m.tree.set_alloc(start, frames, false);
+            });
+        }
+    }
 }
 
 pub(crate) struct Shared {
@@ -107,15 +180,10 @@ pub(crate) struct Shared {
     /// the word's pin count crosses zero, so it can lag (and briefly wrap); the
     /// frame word's compare-and-swap at freeze time is what decides.
     pub(crate) block_pins: Box<[AtomicU32]>,
-    /// The map lock. Protects the free-run tree and the occupant table. Held only
-    /// for tree queries and updates and for per-frame compare-and-swaps of the range
-    /// being claimed: never while the `Mover` copies, never while a revoke callback
-    /// runs, never while sleeping. Lock order: `map` before `revokers`; the pin
-    /// event mutex is a leaf and is never held while taking another lock. A
-    /// parking_lot mutex: it spins briefly before parking, which suits critical
-    /// sections this short (a futex sleep/wake costs more than the section).
-    pub(crate) map: parking_lot::Mutex<MapState>,
-    pub(crate) released: ReleaseQueue,
+    /// The arenas, in region order (see `Arena` for the locking).
+    pub(crate) arenas: Box<[Arena]>,
+    /// Frames per arena (the last one may be shorter).
+    pub(crate) arena_frames: usize,
     pub(crate) revokers: RevokeRegistry,
     /// Wakes threads waiting for a pin release or a free (Retry / WaitForPin).
     pub(crate) event: Mutex<()>,
@@ -166,6 +234,9 @@ impl std::fmt::Debug for Allocator {
 
 const MAX_FRAMES: usize = 1 << 31;
 
+/// With `AllocatorConfig::arenas == 0`, arenas are never made smaller than this.
+const MIN_AUTO_ARENA: usize = 256 << 20;
+
 impl Allocator {
     /// Build an allocator over `region`; `mover` carries out migrations.
     pub fn new(
@@ -203,17 +274,50 @@ impl Allocator {
                 max: MAX_FRAMES,
             });
         }
-        let extents = region
-            .extents()
-            .iter()
-            .map(|e| FrameExtent {
-                start: e.offset / g,
-                end: e.end() / g,
-                phys_frame: e.phys.map(|p| p / g as u64),
-            })
-            .collect();
         let block_frames = pb / g;
         let caches = cache::Caches::new(frames, config.small_cache_batch);
+        let narenas = match config.arenas {
+            0 => caches.shards.len().min(len / MIN_AUTO_ARENA).max(1),
+            n => n,
+        };
+        // Arena boundaries fall on pageblock and tree-leaf boundaries.
+        let unit = block_frames.max(64);
+        let arena_frames = frames.div_ceil(narenas).div_ceil(unit) * unit;
+        let arenas: Box<[Arena]> = (0..frames.div_ceil(arena_frames).max(1))
+            .map(|i| {
+                let start = i * arena_frames;
+                let end = (start + arena_frames).min(frames);
+                Arena {
+                    start,
+                    end,
+                    map: parking_lot::Mutex::new(MapState {
+                        tree: ArenaTree::new(start, end - start),
+                        occupants: OccTable {
+                            base: start,
+                            v: vec![None; end - start],
+                        },
+                    }),
+                    released: ReleaseQueue::new(),
+                }
+            })
+            .collect();
+        // The region's extents, cut at arena boundaries.
+        let mut extents: Vec<FrameExtent> = Vec::new();
+        for (i, e) in region.extents().iter().enumerate() {
+            let (mut start, end) = (e.offset / g, e.end() / g);
+            let phys = e.phys.map(|p| p / g as u64);
+            while start < end {
+                let cut = ((start / arena_frames + 1) * arena_frames).min(end);
+                extents.push(FrameExtent {
+                    start,
+                    end: cut,
+                    phys_frame: phys.map(|p| p + (start - e.offset / g) as u64),
+                    region_extent: i,
+                });
+                start = cut;
+            }
+        }
+        let largest_extent = extents.iter().map(|e| (e.end - e.start) * g).max().unwrap_or(0);
         let shared = Shared {
             config: AllocatorConfig {
                 candidates_per_hold: config.candidates_per_hold.max(1),
@@ -223,15 +327,12 @@ impl Allocator {
             block_frames,
             extents,
             words: (0..frames).map(|_| AtomicU64::new(0)).collect(),
-            largest_extent: region.largest_extent(),
+            largest_extent,
             block_pins: (0..frames.div_ceil(block_frames))
                 .map(|_| AtomicU32::new(0))
                 .collect(),
-            map: parking_lot::Mutex::new(MapState {
-                tree: FreeTree::new(frames),
-                occupants: vec![None; frames],
-            }),
-            released: ReleaseQueue::new(),
+            arenas,
+            arena_frames,
             revokers: RevokeRegistry::default(),
             event: Mutex::new(()),
             event_cv: Condvar::new(),
@@ -284,16 +385,27 @@ impl Allocator {
     /// small-block caches back to the tree first, so that cached frames count as
     /// free.
     pub fn usage(&self) -> Usage {
-        let mut m = self.shared.lock_map();
-        self.shared.drain_caches(&mut m);
-        let allocated = m.tree.allocated_total();
-        let occupied = m.tree.occupied_total();
-        Usage {
+        self.shared.drain_caches();
+        let mut u = Usage {
             frames: self.shared.frames,
-            allocated,
-            occupied,
-            largest_clean_run: m.tree.longest(crate::freetree::Class::Clean),
+            allocated: 0,
+            occupied: 0,
+            largest_clean_run: 0,
+        };
+        for a in self.shared.arenas.iter() {
+            let m = a.lock();
+            u.allocated += m.tree.allocated_total();
+            u.occupied += m.tree.occupied_total();
+            u.largest_clean_run = u
+                .largest_clean_run
+                .max(m.tree.longest(crate::freetree::Class::Clean));
         }
+        u
+    }
+
+    /// Number of arenas (see [`AllocatorConfig::arenas`]).
+    pub fn arenas(&self) -> usize {
+        self.shared.arenas.len()
     }
 
     /// What frame `frame` holds, with its pin counts.
@@ -301,7 +413,7 @@ impl Allocator {
         if frame >= self.shared.frames {
             return None;
         }
-        let m = self.shared.lock_map();
+        let m = self.shared.lock_frame(frame);
         let w = frame::Word::get(&self.shared.words[frame]);
         let state = if frame::is_frozen(w) {
             FrameState::Migrating
@@ -323,25 +435,7 @@ impl Allocator {
     /// the region down, while DMA allocations are placed first-fit from the bottom,
     /// so the two meet as late as possible and most requests need no migration.
     pub fn place_occupant(&self, occupant: Occupant) -> Result<usize, OccupyError> {
-        let mut m = self.shared.lock_map();
-        let mut drained = false;
-        let mut before = self.shared.frames;
-        loop {
-            while let Some(f) = m.tree.last_clean(before) {
-                // A frame freed while still pinned keeps its pins; skip it.
-                if frame::pins_of(frame::Word::get(&self.shared.words[f])) == 0 {
-                    self.shared.occupy(&mut m, f, occupant);
-                    return Ok(f);
-                }
-                before = f;
-            }
-            // Frames sitting in small-block caches are free: take them back once.
-            if drained || self.shared.drain_caches(&mut m) == 0 {
-                return Err(OccupyError::RegionFull { occupant });
-            }
-            drained = true;
-            before = self.shared.frames;
-        }
+        self.shared.place_top_down(occupant, false)
     }
 
     /// Like [`Allocator::place_occupant`], and let `init` write the occupant's bytes
@@ -353,27 +447,7 @@ impl Allocator {
         init: impl FnOnce(&mut [u8]),
     ) -> Result<usize, OccupyError> {
         let s = &self.shared;
-        let f = {
-            let mut m = s.lock_map();
-            let mut before = s.frames;
-            let mut drained = false;
-            loop {
-                let Some(f) = m.tree.last_clean(before) else {
-                    if drained || s.drain_caches(&mut m) == 0 {
-                        return Err(OccupyError::RegionFull { occupant });
-                    }
-                    drained = true;
-                    before = s.frames;
-                    continue;
-                };
-                if frame::pins_of(frame::Word::get(&s.words[f])) == 0 {
-                    s.occupy(&mut m, f, occupant);
-                    frame::freeze_as(&s.words[f], Tag::Occupied);
-                    break f;
-                }
-                before = f;
-            }
-        };
+        let f = s.place_top_down(occupant, true)?;
         let g = s.config.granule;
         // SAFETY: frame `f` lies inside the region mapping (f < frames), which lives
         // as long as `s`. It is frozen: no pin, migration, vacate or allocation can
@@ -398,7 +472,7 @@ impl Allocator {
     pub fn place_occupant_at(&self, frame: usize, occupant: Occupant) -> Result<(), OccupyError> {
         let s = &self.shared;
         self.check_frame(frame)?;
-        let mut m = s.lock_map();
+        let mut m = s.lock_frame(frame);
         if m.tree.is_alloc(frame) {
             // A block in a small-block cache is free: take it back from the cache.
             s.uncache(&mut m, frame);
@@ -422,7 +496,7 @@ impl Allocator {
     pub fn vacate(&self, frame: usize, occupant: Occupant) -> Result<(), OccupyError> {
         let s = &self.shared;
         self.check_frame(frame)?;
-        let mut m = s.lock_map();
+        let mut m = s.lock_frame(frame);
         if m.occupants[frame] != Some(occupant) || m.tree.is_alloc(frame) {
             let found = if m.tree.is_alloc(frame) {
                 None
@@ -466,18 +540,56 @@ pub struct Usage {
 
 impl Shared {
     /// Take the map lock and fold in releases queued while it was busy.
-    pub(crate) fn lock_map(&self) -> parking_lot::MutexGuard<'_, MapState> {
-        let mut g = self.map.lock();
-        self.drain_released(&mut g);
-        g
+    /// The arena holding frame `f`.
+    #[inline]
+    pub(crate) fn arena_of(&self, f: usize) -> &Arena {
+        &self.arenas[(f / self.arena_frames).min(self.arenas.len() - 1)]
     }
 
-    pub(crate) fn drain_released(&self, m: &mut MapState) {
-        if !self.released.is_empty() {
-            self.released.drain(|start, frames| {
-                trace!(start, frames, "deferred release applied");
-                m.tree.set_alloc(start, frames, false);
-            });
+    /// Lock the arena holding frame `f`.
+    pub(crate) fn lock_frame(&self, f: usize) -> parking_lot::MutexGuard<'_, MapState> {
+        self.arena_of(f).lock()
+    }
+
+    /// The calling thread's home arena: where its requests look first.
+    #[inline]
+    pub(crate) fn home_arena(&self) -> usize {
+        cache::thread_shard() % self.arenas.len()
+    }
+
+    /// Allocated frames in the whole region (error reports only).
+    pub(crate) fn allocated_total(&self) -> usize {
+        self.arenas
+            .iter()
+            .map(|a| a.lock().tree.allocated_total())
+            .sum()
+    }
+
+    /// Put `occupant` on the highest clean, unpinned frame of the region (arenas
+    /// from the last down), frozen if `frozen`. Frames in small-block caches are
+    /// taken back once before the region is reported full.
+    fn place_top_down(&self, occupant: Occupant, frozen: bool) -> Result<usize, OccupyError> {
+        let mut drained = false;
+        loop {
+            for a in self.arenas.iter().rev() {
+                let mut m = a.lock();
+                let mut before = a.end;
+                while let Some(f) = m.tree.last_clean(before) {
+                    // A frame freed while still pinned keeps its pins; skip it.
+                    if frame::pins_of(frame::Word::get(&self.words[f])) == 0 {
+                        self.occupy(&mut m, f, occupant);
+                        if frozen {
+                            frame::freeze_as(&self.words[f], Tag::Occupied);
+                        }
+                        return Ok(f);
+                    }
+                    before = f;
+                }
+            }
+            if drained || self.drain_caches() == 0 {
+                return Err(OccupyError::RegionFull { occupant });
+            }
+            drained = true;
         }
     }
 

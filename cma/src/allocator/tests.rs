@@ -76,6 +76,64 @@ fn larger_than_any_extent_has_its_own_reason() {
     assert_eq!((x.offset(), x.extent()), (40 * K4, 1));
 }
 
+/// Two arenas over the three extents: arena boundaries cut extents like extent
+/// boundaries do, and an allocation reports the region extent it lies in.
+#[test]
+fn arenas_cut_extents_and_allocations_never_span_them() {
+    let region = Arc::new(Region::fake_extents(
+        three_extents().region().extents().to_vec(),
+    ));
+    let mover = Arc::new(MemcpyMover::new(region.clone()));
+    let config = AllocatorConfig {
+        pageblock: 64 * K4,
+        arenas: 2,
+        ..Default::default()
+    };
+    let a = Allocator::new(region, config, mover).unwrap();
+    // 200 frames in arenas of 128 (rounded up to whole 64-frame pageblocks).
+    assert_eq!(a.arenas(), 2);
+    // Extent 1 (frames 40..140) is cut at 128: 88 + 12 frames.
+    let e = a.alloc(AllocRequest::new(100 * K4)).unwrap_err();
+    assert!(
+        matches!(e, AllocError::InvalidRequest { reason, .. } if reason.contains("arena")),
+        "{e}"
+    );
+    assert!(e.to_string().contains("arenas"), "{e}");
+    let mut live = Vec::new();
+    while let Ok(x) = a.alloc(AllocRequest::new(8 * K4).align(8 * K4)) {
+        live.push(x);
+    }
+    assert!(!live.is_empty());
+    for x in &live {
+        let fr = x.frames();
+        assert_eq!(fr.start / 128, (fr.end - 1) / 128, "{x:?} spans two arenas");
+        let e = a.region().extents()[x.extent()];
+        assert!(x.offset() >= e.offset && x.offset() + x.len() <= e.end(), "{x:?}");
+        assert_eq!(x.phys_addr().unwrap() % (8 * K4) as u64, 0, "{x:?}");
+    }
+    // Every frame is reachable one by one, across both arenas.
+    drop(live);
+    let singles: Vec<_> = std::iter::from_fn(|| a.alloc(AllocRequest::new(K4)).ok()).collect();
+    assert_eq!(singles.len(), 200);
+}
+
+#[test]
+fn default_arenas_follow_region_size() {
+    let mk = |len: usize| {
+        let r = Arc::new(Region::reserve(len, crate::Backing::Memfd).unwrap());
+        let m = Arc::new(MemcpyMover::new(r.clone()));
+        Allocator::new(r, AllocatorConfig::default(), m).unwrap()
+    };
+    // Below 2 x 256 MiB: one arena, the whole region.
+    assert_eq!(mk(64 << 20).arenas(), 1);
+    assert_eq!(mk(511 << 20).arenas(), 1);
+    // 1 GiB: one per cache shard (at least 2), at most 4 of 256 MiB.
+    let a = mk(1 << 30);
+    let shards = a.shared.caches.shards.len();
+    assert_eq!(a.arenas(), shards.min(4));
+    assert!(a.arenas() >= 2);
+}
+
 #[test]
 fn bad_requests_are_errors_not_panics() {
     let a = three_extents();

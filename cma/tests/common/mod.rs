@@ -14,10 +14,16 @@ pub struct Setup {
 }
 
 pub fn setup(len: usize, pageblock: usize) -> Setup {
+    setup_with(len, pageblock, 0)
+}
+
+/// Like `setup`, with `arenas` arenas (0: the default choice).
+pub fn setup_with(len: usize, pageblock: usize, arenas: usize) -> Setup {
     let region = Arc::new(Region::reserve(len, Backing::Memfd).expect("memfd region"));
     let mover = Arc::new(MemcpyMover::new(region.clone()));
     let config = AllocatorConfig {
         pageblock,
+        arenas,
         ..Default::default()
     };
     let alloc = Allocator::new(region, config, mover.clone()).expect("allocator");
