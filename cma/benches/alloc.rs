@@ -180,8 +180,8 @@ fn main() {
         }
         let st = ours.a.stats();
         eprintln!(
-            "[{}] ours: allocs {} (clean {}, from small-block caches {}), pages migrated {}, candidates skipped for pins {}, claim races {}, retry sweeps {}, deferred frees {}, slow-path alloc p50/p99 from stats {:?}/{:?}",
-            sc.name(), st.allocs, st.allocs_clean, st.allocs_cached, st.pages_migrated, st.candidates_pinned, st.claim_races, st.retries, st.frees_deferred,
+            "[{}] ours: allocs {} (clean {}, from small-block caches {}), pages migrated {}, candidates skipped for pins {}, claim races {}, retry sweeps {}, deferred frees {}, home arena busy {} ({} arenas), slow-path alloc p50/p99 from stats {:?}/{:?}",
+            sc.name(), st.allocs, st.allocs_clean, st.allocs_cached, st.pages_migrated, st.candidates_pinned, st.claim_races, st.retries, st.frees_deferred, st.home_arena_busy, ours.a.arenas(),
             st.alloc_latency.quantile(0.5), st.alloc_latency.quantile(0.99)
         );
     }

@@ -429,7 +429,10 @@ impl ArenaTree {
 
     #[inline]
     fn local(&self, f: usize) -> usize {
-        debug_assert!(f >= self.base && f - self.base <= self.t.frames, "frame {f} outside arena");
+        debug_assert!(
+            f >= self.base && f - self.base <= self.t.frames,
+            "frame {f} outside arena"
+        );
         f - self.base
     }
 

@@ -30,6 +30,14 @@ unsafe impl Send for ReleaseNode {}
 unsafe impl Sync for ReleaseNode {}
 
 impl ReleaseNode {
+    /// Reuse a node for another range.
+    pub(crate) fn reset(&mut self, start: usize, frames: usize) {
+        self.start = start;
+        self.frames = frames;
+        self.extent = 0;
+        self.next = ptr::null_mut();
+    }
+
     pub(crate) fn new(start: usize, frames: usize) -> Box<Self> {
         Box::new(ReleaseNode {
             start,
@@ -107,13 +115,19 @@ impl<H: Head> ReleaseQueue<H> {
     /// Take every queued node (most recent first) and hand each range to `f`.
     /// Allocates nothing, so a releasing thread may drain too.
     pub(crate) fn drain(&self, mut f: impl FnMut(usize, usize)) {
+        self.drain_nodes(|node| f(node.start, node.frames));
+    }
+
+    /// Take every queued node (most recent first) and hand each to `f`, which may
+    /// keep it for reuse.
+    pub(crate) fn drain_nodes(&self, mut f: impl FnMut(Box<ReleaseNode>)) {
         let mut p = self.head.take();
         while !p.is_null() {
             // SAFETY: every node on the stack came from Box::into_raw in `push`, and
             // the swap above made this thread the only one that can reach it.
             let node = unsafe { Box::from_raw(p) };
-            f(node.start, node.frames);
             p = node.next;
+            f(node);
         }
     }
 }

@@ -123,6 +123,7 @@ counters! {
     bytes_migrated: "Bytes moved.",
     move_failures: "Mover calls that returned an error.",
     frees: "Allocations released.",
+    home_arena_busy: "Times a request found its home arena's map lock held by another thread (and re-picked its shard by CPU before waiting).",
     frees_deferred: "Releases queued because the map lock was busy.",
     frees_cached: "Releases pushed into a per-shard small-block cache (also counted in `frees`).",
     cache_refills: "Small-block cache refills (one map-lock hold claiming a batch of blocks).",

@@ -262,7 +262,10 @@ fn run(ops: Vec<Op>, arenas: usize) -> Result<(), TestCaseError> {
         w.s.alloc.vacate(f, o).unwrap();
     }
     let u = w.s.alloc.usage();
-    prop_assert_eq!((u.allocated, u.occupied, u.largest_clean_run), (0, 0, w.arena));
+    prop_assert_eq!(
+        (u.allocated, u.occupied, u.largest_clean_run),
+        (0, 0, w.arena)
+    );
     for _ in 0..arenas {
         prop_assert!(w.s.alloc.alloc(AllocRequest::new(w.arena * K4)).is_ok());
     }

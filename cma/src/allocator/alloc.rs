@@ -156,6 +156,9 @@ impl Drop for Allocation {
             Some(mut m) => {
                 arena.drain_released(&mut m);
                 m.tree.set_alloc(self.start, self.frames, false);
+                if let Some(node) = self.node.take() {
+                    m.recycle(node);
+                }
             }
             None => {
                 if let Some(node) = self.node.take() {
@@ -184,6 +187,7 @@ impl Allocation {
             return false;
         }
         let Some(mut sh) = s.caches.mine().try_lock() else {
+            super::cache::rehome();
             return false;
         };
         let list = &mut sh.lists[k];
@@ -374,8 +378,8 @@ impl Allocator {
     }
 
     /// One attempt over the whole region: a clean fit in each arena, the calling
-    /// thread's home arena first; failing that, the candidates of each arena, in
-    /// the same order.
+    /// thread's home arena first (other arenas only if their lock is free right
+    /// now); failing that, the candidates of each arena, in the same order.
     fn sweep(&self, n: usize, align: usize) -> Result<Allocation, SweepFail> {
         let s = &self.shared;
         let order = s.caches.order(n, align);
@@ -391,7 +395,13 @@ impl Allocator {
         };
         for arena in arenas() {
             let clean = {
-                let mut m = arena.lock();
+                let is_home = std::ptr::eq(arena, &s.arenas[home]);
+                let Some(mut m) = arena.lock_or_rehome(is_home, &s.stats) else {
+                    // Someone else's home arena, busy: not worth waiting for a
+                    // clean fit there. Its ranges are still candidates below (a
+                    // clean range is a candidate of cost 0).
+                    continue;
+                };
                 let mut from = arena.start;
                 let first = loop {
                     let Some((a, x)) = s.find_fit(&m, Class::Clean, from, n, align) else {
@@ -405,21 +415,25 @@ impl Allocator {
                 if let (Some(k), Some((a, _))) = (order, first) {
                     s.refill(&mut m, k, a + n, &mut spare);
                 }
-                first
+                first.map(|(a, x)| (a, x, m.node(a, n)))
             };
-            if let Some((a, x)) = clean {
+            if let Some((a, x, node)) = clean {
                 drop(spare);
-                // The handle (and its release node) is built after the lock is dropped.
+                // The handle is built after the lock is dropped.
                 trace!(start = a, "clean fit");
-                return Ok(self.handle(a, n, x, 0));
+                return Ok(self.handle(a, n, x, 0, node));
             }
         }
         drop(spare);
         let mut fail = SweepFail::default();
         for arena in arenas() {
             let mut pos = arena.start;
+            let is_home = std::ptr::eq(arena, &s.arenas[home]);
             while pos < arena.end {
-                let mut m = arena.lock();
+                let mut m = match arena.lock_or_rehome(is_home, &s.stats) {
+                    Some(m) => m,
+                    None => arena.lock(),
+                };
                 let b: Batch = s.evaluate(&m, pos, arena.end, n, align);
                 fail.candidates += b.evaluated;
                 fail.pinned += b.pinned;
@@ -447,8 +461,10 @@ impl Allocator {
                 drop(m);
                 let done = s.migrate(&prepared);
                 let mut m = arena.lock();
-                if s.commit(&mut m, &prepared, done) {
-                    return Ok(self.handle(c.start, n, c.extent, done));
+                if s.commit(&mut m, prepared, done) {
+                    let node = m.node(c.start, n);
+                    drop(m);
+                    return Ok(self.handle(c.start, n, c.extent, done, node));
                 }
                 fail.move_failed += 1;
             }
@@ -462,6 +478,7 @@ impl Allocator {
         frames: usize,
         extent: usize,
         migrated: usize,
+        node: Box<ReleaseNode>,
     ) -> Allocation {
         Allocation {
             owner: self.owners[self.shared.caches.index()].clone(),
@@ -469,7 +486,7 @@ impl Allocator {
             frames,
             extent,
             migrated,
-            node: Some(ReleaseNode::new(start, frames)),
+            node: Some(node),
         }
     }
 
@@ -480,7 +497,10 @@ impl Allocator {
     fn cache_pop(&self, k: usize) -> Option<Allocation> {
         let s = &self.shared;
         let node = {
-            let mut sh = s.caches.mine().try_lock()?;
+            let Some(mut sh) = s.caches.mine().try_lock() else {
+                super::cache::rehome();
+                return None;
+            };
             let node = sh.lists[k].pop()?;
             // A pin taken before the pop is seen here (see `cache.rs`); the check
             // reads only the pageblock hint unless the pageblock has pins.

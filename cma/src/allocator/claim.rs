@@ -210,8 +210,10 @@ impl Shared {
         m.tree.set_alloc(start, n, true);
         // Occupied frames: freeze each (visiting only the occupied ones, a leaf word
         // at a time, so that the hold does not grow with the range's length).
-        let mut moves = Vec::new();
-        let mut frozen = Vec::new();
+        let mut moves = std::mem::take(&mut m.scratch.moves);
+        let mut frozen = std::mem::take(&mut m.scratch.frozen);
+        moves.clear();
+        frozen.clear();
         let mut failed = None;
         let (tree, occupants) = (&m.tree, &m.occupants);
         tree.for_each_occ(start, start + n, |f| {
@@ -235,9 +237,11 @@ impl Shared {
             failed = self.leftover_pin(m, start, n);
         }
         if let Some(f) = failed {
-            for g in frozen {
+            for &g in &frozen {
                 frame::thaw(&self.words[g], Tag::Occupied);
             }
+            m.scratch.moves = moves;
+            m.scratch.frozen = frozen;
             m.tree.set_alloc(start, n, false);
             Stats::bump(&self.stats.c().claim_races, 1);
             return Err(f);
@@ -245,9 +249,11 @@ impl Shared {
         // Destinations: clean frames from the top of the region down, taken in one
         // batch; the range itself is excluded because it is now marked allocated.
         // Occupants that find no clean frame leave the region.
-        let mut dsts = Vec::with_capacity(moves.len());
+        m.scratch.frozen = frozen;
+        let mut dsts = std::mem::take(&mut m.scratch.dsts);
+        dsts.clear();
         m.tree.take_top_clean(moves.len(), &mut dsts);
-        for (mv, d) in moves.iter_mut().zip(dsts) {
+        for (mv, &d) in moves.iter_mut().zip(&dsts) {
             if frame::pins_of(self.words[d].get()) != 0 {
                 // Still pinned from a previous allocation: not usable.
                 m.tree.set_occ(d, 1, false);
@@ -257,6 +263,7 @@ impl Shared {
             frame::freeze_as(&self.words[d], Tag::Occupied);
             mv.dst = Destination::Frame(d);
         }
+        m.scratch.dsts = dsts;
         let plan = MigrationPlan {
             granule: self.config.granule,
             moves,
@@ -310,8 +317,8 @@ impl Shared {
 
     /// Commit the first `done` moves. If that is all of them the range becomes an
     /// allocation (returns true); otherwise the rest is rolled back and the range
-    /// returned to the tree.
-    pub(super) fn commit(&self, m: &mut MapState, p: &Prepared, done: usize) -> bool {
+    /// returned to the tree. The plan's buffer is kept for the next one.
+    pub(super) fn commit(&self, m: &mut MapState, p: Prepared, done: usize) -> bool {
         let all = done == p.plan.len();
         if all {
             // Every occupied frame of the range was a source: one tree update.
@@ -341,6 +348,7 @@ impl Shared {
         let g = self.config.granule as u64;
         Stats::bump(&self.stats.c().pages_migrated, done as u64);
         Stats::bump(&self.stats.c().bytes_migrated, done as u64 * g);
+        m.scratch.moves = p.plan.moves;
         if all {
             return true;
         }

@@ -75,9 +75,10 @@ impl Allocator {
         }
         m.tree.set_occ(start, n, false);
         m.tree.set_alloc(start, n, true);
+        let node = m.node(start, n);
         drop(m);
         Stats::bump(&s.stats.c().claimed_in_place, 1);
-        Ok(self.handle(start, n, extent, 0))
+        Ok(self.handle(start, n, extent, 0, node))
     }
 
     /// Hand an allocation back as occupants, in place: frame `start + i` becomes occupied by

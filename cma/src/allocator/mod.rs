@@ -23,7 +23,7 @@ use crate::freetree::ArenaTree;
 use crate::migrate::{Mover, Occupant};
 use crate::pin::RevokeRegistry;
 use crate::region::Region;
-use crate::release::ReleaseQueue;
+use crate::release::{ReleaseNode, ReleaseQueue};
 use crate::stats::{Stats, StatsSnapshot};
 
 /// Tuning knobs. The defaults are what the docs assume.
@@ -102,7 +102,46 @@ pub(crate) struct MapState {
     pub(crate) tree: ArenaTree,
     /// Occupant of each frame (also set on a migration destination in flight).
     pub(crate) occupants: OccTable,
+    /// Release nodes of freed allocations, kept for the next allocations (at most
+    /// `NODE_POOL`), and scratch vectors for migration plans: with them warm, an
+    /// allocation and its release call no general-purpose allocator, whose own
+    /// locks (glibc's arena locks) would otherwise put threads to sleep.
+    #[allow(clippy::vec_box)] // nodes move in and out as boxes, see `ReleaseNode`
+    pub(crate) spare_nodes: Vec<Box<ReleaseNode>>,
+    pub(crate) scratch: Scratch,
 }
+
+/// Reusable buffers for `prepare` and `commit` (taken and put back under the lock).
+#[derive(Default)]
+pub(crate) struct Scratch {
+    pub(crate) moves: Vec<crate::migrate::FrameMove>,
+    pub(crate) frozen: Vec<usize>,
+    pub(crate) dsts: Vec<usize>,
+}
+
+impl MapState {
+    /// A release node for a new allocation of `[start, start + frames)`.
+    pub(crate) fn node(&mut self, start: usize, frames: usize) -> Box<ReleaseNode> {
+        match self.spare_nodes.pop() {
+            Some(mut n) => {
+                n.reset(start, frames);
+                n
+            }
+            None => ReleaseNode::new(start, frames),
+        }
+    }
+
+    /// Keep a node of a released allocation for reuse (or free it if the pool is
+    /// full).
+    pub(crate) fn recycle(&mut self, node: Box<ReleaseNode>) {
+        if self.spare_nodes.len() < NODE_POOL {
+            self.spare_nodes.push(node);
+        }
+    }
+}
+
+/// Release nodes kept per arena for reuse.
+const NODE_POOL: usize = 64;
 
 /// The occupants of one arena's frames, indexed by region frame number.
 pub(crate) struct OccTable {
@@ -155,11 +194,36 @@ impl Arena {
         g
     }
 
+    /// For the calling thread's home arena: the lock, re-picking the thread's
+    /// shard first if another thread holds it (it may be a thread on another CPU
+    /// sharing our home). For any other arena: the lock only if it is free now.
+    pub(crate) fn lock_or_rehome(
+        &self,
+        home: bool,
+        stats: &Stats,
+    ) -> Option<parking_lot::MutexGuard<'_, MapState>> {
+        if let Some(mut m) = self.map.try_lock() {
+            self.drain_released(&mut m);
+            return Some(m);
+        }
+        if !home {
+            return None;
+        }
+        Stats::bump(&stats.c().home_arena_busy, 1);
+        cache::rehome();
+        Some(self.lock())
+    }
+
     pub(crate) fn drain_released(&self, m: &mut MapState) {
         if !self.released.is_empty() {
-            self.released.drain(|start, frames| {
-                trace!(start, frames, "deferred release applied");
-                m.tree.set_alloc(start, frames, false);
+            self.released.drain_nodes(|node| {
+                trace!(
+                    start = node.start,
+                    frames = node.frames,
+                    "deferred release applied"
+                );
+                m.tree.set_alloc(node.start, node.frames, false);
+                m.recycle(node);
             });
         }
     }
@@ -296,6 +360,8 @@ impl Allocator {
                             base: start,
                             v: vec![None; end - start],
                         },
+                        spare_nodes: Vec::with_capacity(NODE_POOL),
+                        scratch: Scratch::default(),
                     }),
                     released: ReleaseQueue::new(),
                 }
@@ -317,7 +383,11 @@ impl Allocator {
                 start = cut;
             }
         }
-        let largest_extent = extents.iter().map(|e| (e.end - e.start) * g).max().unwrap_or(0);
+        let largest_extent = extents
+            .iter()
+            .map(|e| (e.end - e.start) * g)
+            .max()
+            .unwrap_or(0);
         let shared = Shared {
             config: AllocatorConfig {
                 candidates_per_hold: config.candidates_per_hold.max(1),

@@ -108,7 +108,10 @@ fn arenas_cut_extents_and_allocations_never_span_them() {
         let fr = x.frames();
         assert_eq!(fr.start / 128, (fr.end - 1) / 128, "{x:?} spans two arenas");
         let e = a.region().extents()[x.extent()];
-        assert!(x.offset() >= e.offset && x.offset() + x.len() <= e.end(), "{x:?}");
+        assert!(
+            x.offset() >= e.offset && x.offset() + x.len() <= e.end(),
+            "{x:?}"
+        );
         assert_eq!(x.phys_addr().unwrap() % (8 * K4) as u64, 0, "{x:?}");
     }
     // Every frame is reachable one by one, across both arenas.
