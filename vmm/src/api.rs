@@ -264,6 +264,7 @@ impl ApiServer {
         v["maps"] = json!({
             "count": m.count,
             "in_place": m.in_place,
+            "pin_waits": m.pin_waits,
             "latency_us": { "p50": m.latency_ns[0] / 1000, "p99": m.latency_ns[1] / 1000, "max": m.latency_ns[2] / 1000 },
             "moved_bytes": { "p50": m.moved_bytes[0], "p99": m.moved_bytes[1], "max": m.moved_bytes[2] },
             "moving": {
@@ -422,9 +423,9 @@ pub fn summary(v: &Value) -> String {
     );
     let m = &v["maps"];
     out += &format!(
-        "host MAP latency: p50 {} us, p99 {} us, max {} us over {} MAPs ({} in place); bytes moved per MAP p99 {}\n",
+        "host MAP latency: p50 {} us, p99 {} us, max {} us over {} MAPs ({} in place); bytes moved per MAP p99 {}; {} MAP(s) waited for a pin on their own frames\n",
         m["latency_us"]["p50"], m["latency_us"]["p99"], m["latency_us"]["max"], m["count"],
-        m["in_place"], mib(&m["moved_bytes"]["p99"]),
+        m["in_place"], mib(&m["moved_bytes"]["p99"]), m["pin_waits"],
     );
     out += &format!(
         "virtio-dma: window {:#x} + {}, granule {}; {} mapping(s), {}; MAP ok {}, failed {} (busy {}, timeout {}); UNMAP {}\n",

@@ -41,6 +41,8 @@ pub struct CmaBackend {
     window: WindowMapping,
     page: usize,
     samples: MapSamples,
+    /// MAPs that found a pin on their pages' own frames and waited for it.
+    pin_waits: std::sync::atomic::AtomicU64,
 }
 
 /// The last MAPs' latencies and bytes moved, for the control API's percentiles.
@@ -76,6 +78,9 @@ pub struct MapPercentiles {
     pub moving_count: u64,
     pub moving_latency_ns: [u64; 3],
     pub moving_bytes: [u64; 3],
+    /// MAPs (all of them, not only the recent ones) that found a pin on their pages' own
+    /// frames and waited for it before claiming them in place or moving elsewhere.
+    pub pin_waits: u64,
 }
 
 fn p50_p99_max(mut v: Vec<u64>) -> [u64; 3] {
@@ -119,6 +124,7 @@ impl CmaBackend {
             window,
             page,
             samples: MapSamples::default(),
+            pin_waits: Default::default(),
         })
     }
 
@@ -133,6 +139,7 @@ impl CmaBackend {
             moving_count: g.0.iter().filter(|s| s.1 != 0).count() as u64,
             moving_latency_ns: p50_p99_max(g.0.iter().filter(|s| s.1 != 0).map(|s| s.0).collect()),
             moving_bytes: p50_p99_max(g.0.iter().filter(|s| s.1 != 0).map(|s| s.1).collect()),
+            pin_waits: self.pin_waits.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -242,10 +249,16 @@ impl CmaBackend {
         align: usize,
         budget: Instant,
     ) -> Option<Allocation> {
+        let mut waited = false;
         loop {
             match self.claim_in_place(first, n, align) {
                 Ok(alloc) => return Some(alloc),
                 Err(true) if Instant::now() < budget => {
+                    if !waited {
+                        waited = true;
+                        self.pin_waits
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     std::thread::sleep(Duration::from_micros(50))
                 }
                 Err(_) => return None,
@@ -657,22 +670,29 @@ mod tests {
 
     #[test]
     fn without_failfast_a_short_pin_on_the_range_is_waited_out_in_place() {
-        let b = backend(8 << 20, 16 << 20);
+        let b = Arc::new(backend(8 << 20, 16 << 20));
         let gpa = b.window.base;
         let pinned_frame = 100;
         let pin = b.allocator().pin_occupant(pinned_frame).unwrap();
-        let release = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(1));
-            drop(pin);
-        });
         let opts = MapOptions {
             failfast: false,
             discard: true,
             deadline: Duration::from_secs(5),
         };
-        // 8 MiB: worth waiting up to about 4 ms for the pin rather than moving 8 MiB.
-        let (alloc, placement) = b.map(gpa, 8 * MIB, opts).unwrap();
-        release.join().unwrap();
+        // 8 MiB: worth waiting up to about 4 ms for the pin rather than moving 8 MiB. The
+        // pin is dropped as soon as the MAP is seen waiting for it (not after a fixed
+        // sleep, which a loaded machine can stretch past the budget).
+        let map = {
+            let b = b.clone();
+            std::thread::spawn(move || b.map(gpa, 8 * MIB, opts))
+        };
+        let t = Instant::now();
+        while b.map_percentiles().pin_waits == 0 && t.elapsed() < Duration::from_secs(5) {
+            std::hint::spin_loop();
+        }
+        assert_eq!(b.map_percentiles().pin_waits, 1, "the MAP never waited");
+        drop(pin);
+        let (alloc, placement) = map.join().unwrap().unwrap();
         assert_eq!(
             alloc.frames(),
             0..2048,
