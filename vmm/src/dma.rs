@@ -181,6 +181,9 @@ fn build_core(
         granule: page,
         pageblock: page.max(2 << 20),
         small_cache_batch: 0,
+        // One arena: a guest may ask for most of the region in one MAP, and an allocation
+        // never spans arenas. The device's few worker threads do not need more.
+        arenas: 1,
         ..AllocatorConfig::default()
     };
     let allocator = Allocator::new(region, allocator_config, lending.clone())?;
