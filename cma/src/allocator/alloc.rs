@@ -152,9 +152,8 @@ impl Drop for Allocation {
         // Nothing per frame: allocated frames carry no lock-free state (see
         // `crate::frame`), so a release is one tree update, or one queue push.
         let arena = s.arena_of(self.start);
-        match arena.map.try_lock() {
+        match arena.try_lock() {
             Some(mut m) => {
-                arena.drain_released(&mut m);
                 m.tree.set_alloc(self.start, self.frames, false);
                 if let Some(node) = self.node.take() {
                     m.recycle(node);
@@ -395,8 +394,12 @@ impl Allocator {
         };
         for arena in arenas() {
             let clean = {
-                let is_home = std::ptr::eq(arena, &s.arenas[home]);
-                let Some(mut m) = arena.lock_or_rehome(is_home, &s.stats) else {
+                let m = if std::ptr::eq(arena, &s.arenas[home]) {
+                    Some(arena.lock_home(&s.stats))
+                } else {
+                    arena.try_lock()
+                };
+                let Some(mut m) = m else {
                     // Someone else's home arena, busy: not worth waiting for a
                     // clean fit there. Its ranges are still candidates below (a
                     // clean range is a candidate of cost 0).
@@ -430,9 +433,10 @@ impl Allocator {
             let mut pos = arena.start;
             let is_home = std::ptr::eq(arena, &s.arenas[home]);
             while pos < arena.end {
-                let mut m = match arena.lock_or_rehome(is_home, &s.stats) {
-                    Some(m) => m,
-                    None => arena.lock(),
+                let mut m = if is_home {
+                    arena.lock_home(&s.stats)
+                } else {
+                    arena.lock()
                 };
                 let b: Batch = s.evaluate(&m, pos, arena.end, n, align);
                 fail.candidates += b.evaluated;

@@ -246,9 +246,9 @@ impl Shared {
             Stats::bump(&self.stats.c().claim_races, 1);
             return Err(f);
         }
-        // Destinations: clean frames from the top of the region down, taken in one
-        // batch; the range itself is excluded because it is now marked allocated.
-        // Occupants that find no clean frame leave the region.
+        // Destinations: clean frames from the top of this arena down (only its lock
+        // is held), taken in one batch; the range itself is excluded because it is
+        // now marked allocated. Occupants that find no clean frame leave the region.
         m.scratch.frozen = frozen;
         let mut dsts = std::mem::take(&mut m.scratch.dsts);
         dsts.clear();

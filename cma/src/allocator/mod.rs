@@ -194,24 +194,23 @@ impl Arena {
         g
     }
 
-    /// For the calling thread's home arena: the lock, re-picking the thread's
-    /// shard first if another thread holds it (it may be a thread on another CPU
-    /// sharing our home). For any other arena: the lock only if it is free now.
-    pub(crate) fn lock_or_rehome(
-        &self,
-        home: bool,
-        stats: &Stats,
-    ) -> Option<parking_lot::MutexGuard<'_, MapState>> {
-        if let Some(mut m) = self.map.try_lock() {
-            self.drain_released(&mut m);
-            return Some(m);
-        }
-        if !home {
-            return None;
+    /// The lock if it is free right now.
+    pub(crate) fn try_lock(&self) -> Option<parking_lot::MutexGuard<'_, MapState>> {
+        let mut m = self.map.try_lock()?;
+        self.drain_released(&mut m);
+        Some(m)
+    }
+
+    /// The lock of the calling thread's home arena. If another thread holds it,
+    /// that may be a thread on another CPU sharing our home: re-pick the thread's
+    /// shard by CPU before waiting.
+    pub(crate) fn lock_home(&self, stats: &Stats) -> parking_lot::MutexGuard<'_, MapState> {
+        if let Some(m) = self.try_lock() {
+            return m;
         }
         Stats::bump(&stats.c().home_arena_busy, 1);
         cache::rehome();
-        Some(self.lock())
+        self.lock()
     }
 
     pub(crate) fn drain_released(&self, m: &mut MapState) {
