@@ -6,6 +6,7 @@
 
 use std::sync::Mutex;
 
+use devices::virtio::dma::protocol::{RESP_SIZE, STAT_SIZE};
 use devices::virtio::dma::{
     serve_chain, Config, DmaBackend, DmaCore, MapError, MapOptions, Placement, Response,
 };
@@ -91,7 +92,10 @@ fuzz_target!(|data: &[u8]| {
         let mut q: Queue = vq.create_queue().unwrap();
         let Some(chain) = q.pop_descriptor_chain(&mem) else { continue };
         let written = serve_chain(&core, &mem, chain) as usize;
-        assert!(written == 0 || written == 24 || written == 24 + 64, "odd response size {written}");
+        assert!(
+            written == 0 || written == RESP_SIZE || written == RESP_SIZE + STAT_SIZE,
+            "odd response size {written}"
+        );
 
         // Only the writable descriptors may have changed, besides the mock queue's own rings,
         // which sit below 0x1000.
@@ -105,9 +109,9 @@ fuzz_target!(|data: &[u8]| {
                 assert!(inside || ring, "handler wrote guest byte {i:#x} outside its response buffers");
             }
         }
-        if written >= 24 && writable[0].1 >= 24 {
+        if written >= RESP_SIZE && writable[0].1 as usize >= RESP_SIZE {
             let (addr, _) = writable[0];
-            let mut b = [0u8; 24];
+            let mut b = [0u8; RESP_SIZE];
             if mem.read_slice(&mut b, GuestAddress(addr)).is_ok() {
                 assert!(Response::decode(&b).status <= 10, "unknown status");
             }
