@@ -2,18 +2,20 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use virtio_bindings::{virtio_config, virtio_mmio};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::GuestMemory;
 
-/// Feature bit: the device is a modern (virtio 1.x) device.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Feature bit: the device is a modern (virtio 1.x) device. (virtio-bindings gives the bit
+/// number; this is the mask.)
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
 
 /// Interrupt status bit: a used buffer was added to a queue.
-pub const INT_USED_RING: u32 = 1;
+pub const INT_USED_RING: u32 = virtio_mmio::VIRTIO_MMIO_INT_VRING;
 /// Interrupt status bit: the configuration space changed.
-pub const INT_CONFIG_CHANGE: u32 = 2;
+pub const INT_CONFIG_CHANGE: u32 = virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 /// The device's line to the guest: the interrupt status register and the irqfd behind it.
 pub struct Interrupt {

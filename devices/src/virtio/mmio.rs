@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use virtio_bindings::virtio_config;
+use virtio_bindings::virtio_mmio as mmio;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -17,19 +19,44 @@ use crate::bus::BusDevice;
 /// Guest-physical bytes each virtio-mmio device occupies.
 pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
 /// Offset of the QueueNotify register, where the VMM places ioeventfds.
-pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+pub const QUEUE_NOTIFY_OFFSET: u64 = mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 
-const MAGIC: u32 = 0x7472_6976; // "virt"
+const MAGIC: u32 = 0x7472_6976; // "virt"; virtio-bindings has only the register's offset
 const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x444d_4156; // "VAMD" little-endian: "DMAV"
-const CONFIG_SPACE_OFFSET: u64 = 0x100;
+const CONFIG_SPACE_OFFSET: u64 = mmio::VIRTIO_MMIO_CONFIG as u64;
 
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_NEEDS_RESET: u32 = 64;
-const STATUS_FAILED: u32 = 128;
+// Register offsets (virtio 1.2 §4.2.2), as `u64` for matching on bus offsets.
+const REG_MAGIC_VALUE: u64 = mmio::VIRTIO_MMIO_MAGIC_VALUE as u64;
+const REG_VERSION: u64 = mmio::VIRTIO_MMIO_VERSION as u64;
+const REG_DEVICE_ID: u64 = mmio::VIRTIO_MMIO_DEVICE_ID as u64;
+const REG_VENDOR_ID: u64 = mmio::VIRTIO_MMIO_VENDOR_ID as u64;
+const REG_DEVICE_FEATURES: u64 = mmio::VIRTIO_MMIO_DEVICE_FEATURES as u64;
+const REG_DEVICE_FEATURES_SEL: u64 = mmio::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
+const REG_DRIVER_FEATURES: u64 = mmio::VIRTIO_MMIO_DRIVER_FEATURES as u64;
+const REG_DRIVER_FEATURES_SEL: u64 = mmio::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
+const REG_QUEUE_SEL: u64 = mmio::VIRTIO_MMIO_QUEUE_SEL as u64;
+const REG_QUEUE_NUM_MAX: u64 = mmio::VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
+const REG_QUEUE_NUM: u64 = mmio::VIRTIO_MMIO_QUEUE_NUM as u64;
+const REG_QUEUE_READY: u64 = mmio::VIRTIO_MMIO_QUEUE_READY as u64;
+const REG_QUEUE_NOTIFY: u64 = QUEUE_NOTIFY_OFFSET;
+const REG_INTERRUPT_STATUS: u64 = mmio::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
+const REG_INTERRUPT_ACK: u64 = mmio::VIRTIO_MMIO_INTERRUPT_ACK as u64;
+const REG_STATUS: u64 = mmio::VIRTIO_MMIO_STATUS as u64;
+const REG_QUEUE_DESC_LOW: u64 = mmio::VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
+const REG_QUEUE_DESC_HIGH: u64 = mmio::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
+const REG_QUEUE_AVAIL_LOW: u64 = mmio::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
+const REG_QUEUE_AVAIL_HIGH: u64 = mmio::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
+const REG_QUEUE_USED_LOW: u64 = mmio::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
+const REG_QUEUE_USED_HIGH: u64 = mmio::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
+const REG_CONFIG_GENERATION: u64 = mmio::VIRTIO_MMIO_CONFIG_GENERATION as u64;
+
+const STATUS_ACKNOWLEDGE: u32 = virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
+const STATUS_DRIVER: u32 = virtio_config::VIRTIO_CONFIG_S_DRIVER;
+const STATUS_DRIVER_OK: u32 = virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
+const STATUS_FEATURES_OK: u32 = virtio_config::VIRTIO_CONFIG_S_FEATURES_OK;
+const STATUS_NEEDS_RESET: u32 = virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
+const STATUS_FAILED: u32 = virtio_config::VIRTIO_CONFIG_S_FAILED;
 
 /// A virtio device behind its MMIO register page.
 pub struct MmioTransport<D: VirtioDevice> {
@@ -221,20 +248,20 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     fn read_register(&mut self, offset: u64) -> u32 {
         match offset {
-            0x00 => MAGIC,
-            0x04 => VERSION,
-            0x08 => self.device.device_type(),
-            0x0c => VENDOR_ID,
-            0x10 => match self.device_features_sel {
+            REG_MAGIC_VALUE => MAGIC,
+            REG_VERSION => VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.device_features_sel {
                 0 => self.device.device_features() as u32,
                 1 => (self.device.device_features() >> 32) as u32,
                 _ => 0,
             },
-            0x34 => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
-            0x44 => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
-            0x60 => self.interrupt.status(),
-            0x70 => self.status,
-            0xfc => self.config_generation,
+            REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt.status(),
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => self.config_generation,
             _ => {
                 tracing::debug!("virtio-mmio: read of unknown register {offset:#x}");
                 0
@@ -251,8 +278,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
         };
         match offset {
-            0x14 => self.device_features_sel = v,
-            0x20 => {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            REG_DRIVER_FEATURES => {
                 if self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK) != 0 {
                     tracing::warn!("virtio-mmio: feature write after FEATURES_OK ignored");
                 } else if self.driver_features_sel < 2 {
@@ -260,24 +287,24 @@ impl<D: VirtioDevice> MmioTransport<D> {
                         split(self.driver_features, self.driver_features_sel == 1);
                 }
             }
-            0x24 => self.driver_features_sel = v,
-            0x30 => self.queue_sel = v,
-            0x38 => self.update_queue(|q| q.set_size(v as u16)),
-            0x44 => self.update_queue(|q| q.set_ready(v == 1)),
-            0x50 => match self.queue_evts.get(v as usize) {
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            REG_QUEUE_SEL => self.queue_sel = v,
+            REG_QUEUE_NUM => self.update_queue(|q| q.set_size(v as u16)),
+            REG_QUEUE_READY => self.update_queue(|q| q.set_ready(v == 1)),
+            REG_QUEUE_NOTIFY => match self.queue_evts.get(v as usize) {
                 Some(evt) => {
                     let _ = evt.write(1);
                 }
                 None => tracing::warn!("virtio-mmio: notify for queue {v} that does not exist"),
             },
-            0x64 => self.interrupt.ack(v),
-            0x70 => self.set_status(v),
-            0x80 => self.update_queue(|q| q.set_desc_table_address(Some(v), None)),
-            0x84 => self.update_queue(|q| q.set_desc_table_address(None, Some(v))),
-            0x90 => self.update_queue(|q| q.set_avail_ring_address(Some(v), None)),
-            0x94 => self.update_queue(|q| q.set_avail_ring_address(None, Some(v))),
-            0xa0 => self.update_queue(|q| q.set_used_ring_address(Some(v), None)),
-            0xa4 => self.update_queue(|q| q.set_used_ring_address(None, Some(v))),
+            REG_INTERRUPT_ACK => self.interrupt.ack(v),
+            REG_STATUS => self.set_status(v),
+            REG_QUEUE_DESC_LOW => self.update_queue(|q| q.set_desc_table_address(Some(v), None)),
+            REG_QUEUE_DESC_HIGH => self.update_queue(|q| q.set_desc_table_address(None, Some(v))),
+            REG_QUEUE_AVAIL_LOW => self.update_queue(|q| q.set_avail_ring_address(Some(v), None)),
+            REG_QUEUE_AVAIL_HIGH => self.update_queue(|q| q.set_avail_ring_address(None, Some(v))),
+            REG_QUEUE_USED_LOW => self.update_queue(|q| q.set_used_ring_address(Some(v), None)),
+            REG_QUEUE_USED_HIGH => self.update_queue(|q| q.set_used_ring_address(None, Some(v))),
             _ => tracing::debug!("virtio-mmio: write of unknown register {offset:#x} = {v:#x}"),
         }
     }

@@ -18,7 +18,7 @@ use super::dma::MoveGate;
 use super::GuestMemory;
 use crate::bus::lock;
 
-pub const VIRTIO_ID_RNG: u32 = 4;
+pub use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 const QUEUE_SIZES: &[u16] = &[256];
 /// The most bytes one request is given: bounds the work a single guest request can cause.
 const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
@@ -225,7 +225,7 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
 
-    const VRING_DESC_F_WRITE: u16 = 2;
+    const VRING_DESC_F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 
     fn activated(mem: &GuestMemory, q: Queue) -> (Rng, Arc<Interrupt>) {
         let (mut rng, _handler) = Rng::new(Arc::default()).unwrap();
