@@ -5,7 +5,10 @@
 //! KVM itself. Data flows one way: guest access → bus → device → (allocator) → reply.
 
 pub mod bus;
+pub mod dma_memory;
+pub mod guest_memory;
 pub mod legacy;
 pub mod virtio;
+pub mod worker;
 
 pub use bus::{Bus, BusDevice, BusError};

@@ -14,7 +14,7 @@ case $mode in
   migrate) scenario=migrate-verify window=64M ;;
 esac
 # REGION=SIZE: a region of that size instead of the window's (e.g. headroom for moves).
-dmavisor run --api-sock $sock --memory size=256M --dma-window size=$window ${REGION:+--region size=$REGION} \
+dmavisor run --api-sock $sock --test-commands --pin-target "$dev" --memory size=256M --dma-window size=$window ${REGION:+--region size=$REGION} \
   --kernel "$kernel" --initrd "$initrd" \
   --cmdline "console=ttyS0 reboot=k panic=-1 quiet dmavisor.scenario=$scenario" <$in >$out 2>&1 &
 vmm=$!
@@ -25,7 +25,7 @@ waitfor DMAVISOR-SCENARIO
 n=0; until dmavisor stat --api-sock $sock | grep -q lending || [ $n -gt 600 ]; do sleep 0.1; n=$((n+1)); done
 case $mode in
   seed001|seed004)
-    [ "${CHURN:-1}" = 1 ] && api pin-churn target="$dev" io_kib=64 hold_us=200
+    [ "${CHURN:-1}" = 1 ] && api pin-churn io_kib=64 hold_us=200
     waitfor 'DMAVISOR-WAIT loaded'; echo go >&3
     waitfor 'DMAVISOR-WAIT done'
     api pin-churn-stop

@@ -19,7 +19,7 @@ fn driven(scenario: &str, window: &str, cmdline: &str, steps: &str) -> String {
          rm -f $out $sock $in; mkfifo $in; \
          dd if=/dev/zero of=/tmp/dmavisor-pinio.img bs=1M count=64 2>/dev/null; \
          dev=$(losetup -f) && losetup $dev /tmp/dmavisor-pinio.img || echo LOSETUP-FAILED; \
-         dmavisor run --api-sock $sock --memory size=256M --dma-window size={window} \
+         dmavisor run --api-sock $sock --test-commands --pin-target $dev --memory size=256M --dma-window size={window} \
            --kernel {k} --initrd {i} \
            --cmdline 'console=ttyS0 reboot=k panic=-1 quiet dmavisor.scenario={scenario} {cmdline}' \
            <$in >$out 2>&1 & \
@@ -36,7 +36,7 @@ fn driven(scenario: &str, window: &str, cmdline: &str, steps: &str) -> String {
 }
 
 /// Starts transient-pin churn on `$dev`.
-const CHURN: &str = "api pin-churn target=$dev io_kib=64 hold_us=200";
+const CHURN: &str = "api pin-churn io_kib=64 hold_us=200";
 
 /// The JSON replies of every `api CMD` the script ran, in order.
 fn replies(g: &GuestRun, cmd: &str) -> Vec<Value> {

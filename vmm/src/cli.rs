@@ -97,6 +97,12 @@ struct RunArgs {
     /// Serve the control API (JSON over this Unix socket; see `dmavisor stat`).
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Turn on the control API's test commands (pin churn, long-term pins, forced migration).
+    #[arg(long, requires = "api_sock")]
+    test_commands: bool,
+    /// The one file or block device that the `pin-churn` test command may overwrite.
+    #[arg(long, value_name = "PATH", requires = "test_commands")]
+    pin_target: Option<PathBuf>,
 }
 
 /// `--region` as given: only the keys present override the configuration.
@@ -152,9 +158,9 @@ impl Cli {
                 Ok(0)
             }
             Command::Stat(args) => {
-                let reply = crate::api::request(&args.api_sock, "stat")?;
+                let reply = crate::api::stat(&args.api_sock)?;
                 if args.json {
-                    println!("{reply}");
+                    println!("{}", serde_json::to_string(&reply)?);
                 } else {
                     print!("{}", crate::api::summary(&reply));
                 }
@@ -166,11 +172,15 @@ impl Cli {
 
 fn run(args: RunArgs) -> anyhow::Result<i32> {
     let api_sock = args.api_sock.clone();
+    let tests = crate::api::TestCommands {
+        enabled: args.test_commands,
+        pin_target: args.pin_target.clone(),
+    };
     let config = args.into_config()?;
     config.validate()?;
     tracing::info!(?config, "starting VM");
     let vm = Vm::build(&config).context("cannot start the VM")?;
-    let outcome = vm.run(api_sock.as_deref())?;
+    let outcome = vm.run(api_sock.as_deref(), tests)?;
     if outcome.guest_panicked {
         eprintln!("dmavisor: the guest kernel panicked");
     } else if outcome.exit_code() != 0 {

@@ -3,17 +3,25 @@
 
 use std::sync::Arc;
 
-use cma::{Allocator, AllocatorConfig, Backing, HugePageSize, Region};
-use devices::virtio::dma::{
-    check_window, CmaBackend, Config, Dma, DmaCore, Lending, MoveGate, WindowMapping,
-};
+use cma::{Backing, HugePageSize, Region};
+use devices::dma_memory::{DmaMemory, DmaMemoryError};
+use devices::guest_memory::GuestMemoryHandle;
+use devices::virtio::dma::{Config, Dma, RequestHandler};
 use devices::virtio::MmioTransport;
 use kvm_ioctls::VmFd;
 use linux_loader::loader::Cmdline;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api::DmaSlot;
+/// The guest's DMA path once the region thread has built it: the owner of its DMA memory and
+/// the virtio-dma device's request handler (for its counters).
+#[derive(Clone)]
+pub struct DmaPath {
+    pub memory: DmaMemory,
+    pub device: Arc<RequestHandler<DmaMemory>>,
+}
+
+/// Where the control API finds the DMA path once the region thread has built it.
+pub type DmaSlot = Arc<std::sync::OnceLock<DmaPath>>;
 use crate::config::{ByteSize, RegionBacking, RegionConfig};
 use crate::devices::{DeviceError, DeviceManager};
 
@@ -28,24 +36,18 @@ pub enum DmaError {
         backing: RegionBacking,
         source: cma::RegionError,
     },
-    #[error("setting up the allocator: {0}")]
-    Allocator(#[from] cma::ConfigError),
     #[error("the region cannot back the window: {0}")]
-    Backend(#[from] devices::virtio::dma::BackendError),
+    Memory(#[from] DmaMemoryError),
     #[error("--region backing=hugetlb needs {need} free 2M huge pages for {size}, the host has {free}; reserve them with `echo {need} > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages` or use backing=auto")]
     HugePages {
         size: ByteSize,
         need: u64,
         free: u64,
     },
-    #[error("the DMA window at {0:#x} has no host mapping")]
-    Window(u64),
     #[error(transparent)]
     Device(#[from] DeviceError),
     #[error("creating the device: {0}")]
     Io(std::io::Error),
-    #[error("lending the region to the window: {0}")]
-    Lend(std::io::Error),
 }
 
 /// Reserves the region as configured; `auto` falls back from huge pages to a memfd, saying so.
@@ -95,38 +97,28 @@ pub fn attach_device(
     vm: &VmFd,
     devices: &mut DeviceManager,
     cmdline: &mut Cmdline,
-    mem: &GuestMemoryMmap,
+    guest: &GuestMemoryHandle,
     window: (u64, u64),
     region_config: RegionConfig,
-    gate: Arc<MoveGate>,
 ) -> Result<DmaSlot, DmaError> {
-    let (base, size) = window;
-    let host_addr = mem
-        .get_host_address(GuestAddress(base))
-        .map_err(|_| DmaError::Window(base))? as usize;
-    precheck(&region_config, size)?;
+    precheck(&region_config, window.1)?;
+    let owner_guest = guest.clone();
     let slot = DmaSlot::default();
     let published = slot.clone();
     let build = std::thread::Builder::new()
         .name("region".into())
         .spawn(move || {
             lower_priority();
-            let window = WindowMapping {
-                base,
-                len: size,
-                host_addr,
-            };
-            let core = build_core(&region_config, window, gate)
-                .map(Arc::new)
-                .map_err(|e| e.to_string())?;
+            let path =
+                build_path(&region_config, &owner_guest, window).map_err(|e| e.to_string())?;
             // The control API reads the DMA path from here once it exists.
-            let _ = published.set(core.clone());
-            Ok(core)
+            let _ = published.set(path.clone());
+            Ok(path.device)
         })
         .map_err(DmaError::Io)?;
     let device = Dma::deferred(build);
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DmaError::Io)?;
-    let transport = MmioTransport::new(device, mem.clone(), irq).map_err(DmaError::Io)?;
+    let transport = MmioTransport::new(device, guest.clone(), irq).map_err(DmaError::Io)?;
     let (mmio, gsi) = devices.add_virtio_mmio(vm, cmdline, transport)?;
     tracing::info!(mmio = format_args!("{mmio:#x}"), gsi, "virtio-dma attached");
     Ok(slot)
@@ -164,45 +156,24 @@ fn precheck(config: &RegionConfig, window_size: u64) -> Result<(), DmaError> {
     Ok(())
 }
 
-fn build_core(
+fn build_path(
     config: &RegionConfig,
-    window: WindowMapping,
-    gate: Arc<MoveGate>,
-) -> Result<DmaCore<CmaBackend>, DmaError> {
-    let region = Arc::new(reserve_region(config, window.len)?);
-    check_window(&region, &window)?;
+    guest: &GuestMemoryHandle,
+    (base, len): (u64, u64),
+) -> Result<DmaPath, DmaError> {
+    let region = reserve_region(config, len)?;
     let largest_extent = region.largest_extent() as u64;
     let region_size = region.len() as u64;
-    let page = region.page_size();
-    let lending = Arc::new(Lending::new(region.clone(), window, gate));
-    // One frame per window page; no small-block caches: lent frames are what small requests
-    // would otherwise have cached.
-    let allocator_config = AllocatorConfig {
-        granule: page,
-        pageblock: page.max(2 << 20),
-        small_cache_batch: 0,
-        // One arena: a guest may ask for most of the region in one MAP, and an allocation
-        // never spans arenas. The device's few worker threads do not need more.
-        arenas: 1,
-        ..AllocatorConfig::default()
-    };
-    let allocator = Allocator::new(region, allocator_config, lending.clone())?;
-    let lent = lending.lend_window(&allocator).map_err(DmaError::Lend)?;
-    tracing::info!(
-        lent,
-        pages = lending.page_count(),
-        page,
-        "region lent to the window's pages"
-    );
-    let backend = CmaBackend::new(allocator, lending, window)?;
+    let memory = DmaMemory::new(region, guest, base, len)?;
     let config = Config {
-        window_base: window.base,
-        window_size: window.len,
-        granule: backend.granule() as u32,
+        window_base: base,
+        window_size: len,
+        granule: memory.granule() as u32,
         max_mappings: MAX_MAPPINGS,
         max_map_len: largest_extent,
         region_size,
     };
     tracing::info!(?config, "virtio-dma ready");
-    Ok(DmaCore::new(config, backend))
+    let device = Arc::new(RequestHandler::new(config, memory.clone()));
+    Ok(DmaPath { memory, device })
 }

@@ -1,17 +1,16 @@
-//! Host-side pins on guest memory, taken through the allocator's pin API and backed by real
-//! kernel pins, for the control API:
+//! Host-side pins on guest memory for the control API's test commands, backed by real kernel
+//! pins and taken through the DMA memory owner's pin interface:
 //!
-//! - transient: a churn thread that picks random window pages, pins the page's frame with
-//!   the allocator, does an `O_DIRECT` write of part of it to a file or block device (the
-//!   kernel pins the page for the I/O), optionally holds on, and unpins;
-//! - long-term: `io_uring` registered buffers over a guest range (a `FOLL_LONGTERM` kernel
-//!   pin). Lent pages are first moved out of the region, as Linux migrates pages out of CMA
-//!   before a long-term pin; pages of DMA mappings are pinned in place.
-//!
-//! Moves and MAPs never hand out a frame that one of these pins holds.
+//! - transient: a churn thread that picks random window pages, pins the page's frame with the
+//!   owner, does an `O_DIRECT` write of part of it to the one file or block device that
+//!   `--pin-target` allows (the kernel pins the page for the I/O), optionally holds on, and
+//!   unpins;
+//! - long-term: `io_uring` registered buffers over a guest range (a `FOLL_LONGTERM` kernel pin)
+//!   after the owner pinned the range long-term (lent pages moved out of the region first, as
+//!   Linux migrates pages out of CMA before a long-term pin; pages of DMA mappings in place).
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,11 +18,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use cma::{LongTermPin, PinGuard};
-use devices::virtio::dma::{CmaBackend, DmaCore, PageBacking};
-use serde_json::{json, Value};
-
-type Core = Arc<DmaCore<CmaBackend>>;
+use devices::dma_memory::{DmaMemory, DmaMemoryError, LongTermPin, PinHolder};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinsError {
@@ -33,14 +29,12 @@ pub enum PinsError {
         source: std::io::Error,
         hint: &'static str,
     },
-    #[error("{0:#x}..+{1:#x} is not inside the DMA window")]
-    Range(u64, u64),
     #[error("io_uring: {0}")]
     Uring(std::io::Error),
     #[error("starting the pin-churn thread: {0}")]
     Spawn(std::io::Error),
-    #[error("long-term pin of window page {page}: {reason}")]
-    LongTerm { page: usize, reason: String },
+    #[error(transparent)]
+    Memory(#[from] DmaMemoryError),
 }
 
 #[derive(Default)]
@@ -51,6 +45,22 @@ struct ChurnCounters {
     io_errors: AtomicU64,
     bytes: AtomicU64,
     pinned_ns: AtomicU64,
+}
+
+/// What the churn did so far.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChurnReport {
+    pub running: bool,
+    pub seconds: f64,
+    pub pins: u64,
+    /// Pins refused: the page was being moved, was in RAM, or its frame was being freed.
+    pub refused: u64,
+    pub ios: u64,
+    pub io_errors: u64,
+    pub bytes: u64,
+    pub mean_pin_us: u64,
+    /// Time with a pin held over time running.
+    pub pinned_fraction: f64,
 }
 
 /// A running transient-pin churn.
@@ -91,25 +101,28 @@ fn next(x: &mut u64) -> u64 {
     *x
 }
 
+/// How the churn runs: each pin lasts one `io_bytes` O_DIRECT write plus `hold`, then the
+/// thread sleeps `gap`.
+#[derive(Clone, Copy, Debug)]
+pub struct ChurnShape {
+    pub io_bytes: usize,
+    pub hold: Duration,
+    pub gap: Duration,
+}
+
 impl PinChurn {
-    /// Starts pinning random window pages: each pin lasts one `io_bytes` O_DIRECT write to
-    /// `target` plus `hold`, then the thread sleeps `gap`.
-    pub fn start(
-        core: Core,
-        target: &Path,
-        io_bytes: usize,
-        hold: Duration,
-        gap: Duration,
-    ) -> Result<Self, PinsError> {
+    /// Starts pinning random window pages, writing to `target`.
+    pub fn start(memory: DmaMemory, target: &Path, shape: ChurnShape) -> Result<Self, PinsError> {
         let file = open_direct(target)?;
-        let io_bytes = io_bytes.clamp(4096, core.backend().granule()) & !4095;
+        let io_bytes = shape.io_bytes.clamp(4096, memory.granule()) & !4095;
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(ChurnCounters::default());
         let thread = {
             let (stop, counters) = (stop.clone(), counters.clone());
+            let shape = ChurnShape { io_bytes, ..shape };
             std::thread::Builder::new()
                 .name("pin-churn".into())
-                .spawn(move || churn(&core, &file, io_bytes, hold, gap, &stop, &counters))
+                .spawn(move || churn(&memory, &file, shape, &stop, &counters))
                 .map_err(PinsError::Spawn)?
         };
         Ok(Self {
@@ -120,83 +133,72 @@ impl PinChurn {
         })
     }
 
-    pub fn report(&self) -> Value {
+    pub fn report(&self) -> ChurnReport {
         let c = &self.counters;
         let secs = self.started.elapsed().as_secs_f64().max(1e-9);
         let pinned = c.pinned_ns.load(Ordering::Relaxed);
         let pins = c.pins.load(Ordering::Relaxed);
-        json!({
-            "running": !self.stop.load(Ordering::Relaxed),
-            "seconds": secs,
-            "pins": pins,
-            "refused": c.refused.load(Ordering::Relaxed),
-            "ios": c.ios.load(Ordering::Relaxed),
-            "io_errors": c.io_errors.load(Ordering::Relaxed),
-            "bytes": c.bytes.load(Ordering::Relaxed),
-            "mean_pin_us": pinned / pins.max(1) / 1000,
-            "pinned_fraction": pinned as f64 / 1e9 / secs,
-        })
+        ChurnReport {
+            running: !self.stop.load(Ordering::Relaxed),
+            seconds: secs,
+            pins,
+            refused: c.refused.load(Ordering::Relaxed),
+            ios: c.ios.load(Ordering::Relaxed),
+            io_errors: c.io_errors.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            mean_pin_us: pinned / pins.max(1) / 1000,
+            pinned_fraction: pinned as f64 / 1e9 / secs,
+        }
     }
 
-    pub fn stop(mut self) -> Value {
+    pub fn stop(mut self) -> ChurnReport {
+        self.halt();
+        self.report()
+    }
+
+    fn halt(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.report()
     }
 }
 
 impl Drop for PinChurn {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.halt();
     }
 }
 
-fn churn(
-    core: &Core,
-    file: &File,
-    io_bytes: usize,
-    hold: Duration,
-    gap: Duration,
-    stop: &AtomicBool,
-    c: &ChurnCounters,
-) {
-    let backend = core.backend();
-    let (lending, allocator) = (backend.lending(), backend.allocator());
-    let pages = lending.page_count() as u64;
-    let page = lending.page_size();
+fn churn(memory: &DmaMemory, file: &File, shape: ChurnShape, stop: &AtomicBool, c: &ChurnCounters) {
+    let pages = memory.page_count() as u64;
+    let page = memory.granule();
+    let io_bytes = shape.io_bytes;
     let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let slots = (file_len / io_bytes as u64).max(1);
     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ std::process::id() as u64;
     while !stop.load(Ordering::Relaxed) {
         let p = (next(&mut x) % pages) as usize;
-        let pin: Option<PinGuard> = match lending.backing(p) {
-            Some(PageBacking::Lent(f)) => allocator.pin_occupant(f).ok(),
-            Some(PageBacking::Mapped(f)) => allocator.pin(f).ok(),
-            _ => continue,
-        };
-        let Some(pin) = pin else {
+        let Ok(pin) = memory.pin_transient(p) else {
             c.refused.fetch_add(1, Ordering::Relaxed);
             continue;
         };
         let t = Instant::now();
         c.pins.fetch_add(1, Ordering::Relaxed);
         // The I/O reads the frame through the region's own mapping: the kernel pins exactly
-        // the frame the allocator pin holds, even if the guest page is re-backed meanwhile.
+        // the frame the owner's pin holds, even if the guest page is re-backed meanwhile.
         let within = (next(&mut x) as usize % (page / io_bytes).max(1)) * io_bytes;
-        let src = lending.frame_ptr(pin.frame()).wrapping_add(within);
+        let (frame, frame_len) = pin.frame_bytes();
         let at = (next(&mut x) % slots) * io_bytes as u64;
-        // SAFETY: `src..src + io_bytes` lies inside the pinned frame of the region mapping
-        // (`within + io_bytes <= page`); the write only reads it. O_DIRECT needs the 4 KiB
-        // alignment that `src`, `io_bytes` and `at` have.
+        debug_assert!(within + io_bytes <= frame_len);
+        // SAFETY: `frame + within .. + io_bytes` lies inside the pinned frame of the region
+        // mapping (`within + io_bytes <= page`), which stays mapped and is not reused while
+        // `pin` lives; the write only reads it. O_DIRECT needs the 4 KiB alignment that the
+        // frame, `within`, `io_bytes` and `at` have.
         let rc = unsafe {
             libc::pwrite(
                 file.as_raw_fd(),
-                src.cast::<libc::c_void>(),
+                frame.add(within).cast::<libc::c_void>(),
                 io_bytes,
                 at as libc::off_t,
             )
@@ -207,118 +209,54 @@ fn churn(
             c.ios.fetch_add(1, Ordering::Relaxed);
             c.bytes.fetch_add(rc as u64, Ordering::Relaxed);
         }
-        if !hold.is_zero() {
-            std::thread::sleep(hold);
+        if !shape.hold.is_zero() {
+            std::thread::sleep(shape.hold);
         }
         drop(pin);
         c.pinned_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        lending.reap(allocator);
-        if !gap.is_zero() {
-            std::thread::sleep(gap);
+        if !shape.gap.is_zero() {
+            std::thread::sleep(shape.gap);
         }
     }
 }
 
 /// Guest pages registered as `io_uring` fixed buffers: the kernel holds them with
-/// `FOLL_LONGTERM` pins until the ring is closed.
-pub struct LongTermPins {
-    _ring: OwnedFd,
-    _guards: Vec<PinGuard>,
-    pub gpa: u64,
-    pub len: u64,
-    pub moved_out: usize,
-    pub pinned_in_place: usize,
+/// `FOLL_LONGTERM` pins until the ring is closed. The ring is declared first so that it is
+/// closed (the kernel's pins dropped) before the owner's pin record goes.
+pub struct UringPins {
+    _ring: io_uring::IoUring,
+    pub pin: LongTermPin,
 }
 
-const IORING_REGISTER_BUFFERS: libc::c_uint = 0;
+impl UringPins {
+    /// Pins `[gpa, gpa + len)` long-term and registers it with a new ring. All or nothing: on
+    /// failure nothing stays pinned and pages moved out for the pin are lent back.
+    pub fn take(memory: &DmaMemory, gpa: u64, len: u64) -> Result<Self, PinsError> {
+        let pin = memory.pin_longterm(gpa, len, PinHolder::IoUring)?;
+        match register(&pin) {
+            Ok(ring) => Ok(Self { _ring: ring, pin }),
+            Err(e) => {
+                drop(pin);
+                memory.relend();
+                Err(e)
+            }
+        }
+    }
+}
 
-impl LongTermPins {
-    pub fn take(core: &Core, gpa: u64, len: u64) -> Result<Self, PinsError> {
-        let backend = core.backend();
-        let (lending, allocator) = (backend.lending(), backend.allocator());
-        let w = backend.window();
-        let page = lending.page_size() as u64;
-        let gpa = gpa & !(page - 1);
-        let end = gpa.checked_add(len).map(|e| e.next_multiple_of(page));
-        let Some(end) = end.filter(|&e| gpa >= w.base && e <= w.base + w.len && e > gpa) else {
-            return Err(PinsError::Range(gpa, len));
-        };
-        let first = ((gpa - w.base) / page) as usize;
-        let n = ((end - gpa) / page) as usize;
-        let (mut moved_out, mut guards) = (0, Vec::new());
-        {
-            let _layout = lending.lock_layout();
-            for p in first..first + n {
-                let r = match lending.backing(p) {
-                    Some(PageBacking::Lent(f) | PageBacking::Mapped(f)) => {
-                        allocator.pin_longterm(f)
-                    }
-                    _ => continue,
-                };
-                match r {
-                    Ok(LongTermPin::MovedOut(_)) => moved_out += 1,
-                    Ok(LongTermPin::Held(g)) => guards.push(g),
-                    Err(e) => {
-                        return Err(PinsError::LongTerm {
-                            page: p,
-                            reason: e.to_string(),
-                        })
-                    }
-                }
-            }
-        }
-        // io_uring wants each registered buffer inside one kind of memory (anonymous, or one
-        // file): one buffer per run of pages in RAM or in the region.
-        let mut runs: Vec<libc::iovec> = Vec::new();
-        let mut last_kind = None;
-        for p in first..first + n {
-            let kind = lending.backing(p).and_then(PageBacking::frame).is_some();
-            match runs.last_mut() {
-                Some(run) if last_kind == Some(kind) => run.iov_len += page as usize,
-                _ => runs.push(libc::iovec {
-                    iov_base: lending.page_ptr(p).cast(),
-                    iov_len: page as usize,
-                }),
-            }
-            last_kind = Some(kind);
-        }
-        let ring = uring_with_buffers(&runs)?;
-        Ok(Self {
-            _ring: ring,
-            pinned_in_place: guards.len(),
-            _guards: guards,
-            gpa,
-            len: end - gpa,
-            moved_out,
+fn register(pin: &LongTermPin) -> Result<io_uring::IoUring, PinsError> {
+    let ring = io_uring::IoUring::new(1).map_err(PinsError::Uring)?;
+    let iovecs: Vec<libc::iovec> = pin
+        .buffers()
+        .iter()
+        .map(|b| libc::iovec {
+            iov_base: b.addr as *mut libc::c_void,
+            iov_len: b.len,
         })
-    }
-}
-
-/// An io_uring instance with `bufs` registered as fixed buffers.
-fn uring_with_buffers(bufs: &[libc::iovec]) -> Result<OwnedFd, PinsError> {
-    // struct io_uring_params is 120 bytes; zeroed asks for the defaults.
-    let mut params = [0u64; 15];
-    // SAFETY: io_uring_setup writes only into `params`, which is large enough.
-    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
-    if fd < 0 {
-        return Err(PinsError::Uring(std::io::Error::last_os_error()));
-    }
-    // SAFETY: a fresh file descriptor that nothing else owns.
-    let ring = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // SAFETY: `bufs` are valid iovecs describing guest memory that the VMM maps for the VM's
-    // lifetime; the kernel pins those pages until the ring is closed.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_io_uring_register,
-            ring.as_raw_fd(),
-            IORING_REGISTER_BUFFERS,
-            bufs.as_ptr(),
-            bufs.len() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(PinsError::Uring(std::io::Error::last_os_error()));
-    }
+        .collect();
+    // SAFETY: the iovecs describe guest pages that `pin` keeps mapped and in place for as long
+    // as it lives; `UringPins` drops the ring (and with it the kernel's pins) before the pin.
+    unsafe { ring.submitter().register_buffers(&iovecs) }.map_err(PinsError::Uring)?;
     Ok(ring)
 }

@@ -16,18 +16,19 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api::{ApiError, ApiServer, DmaSlot};
+use crate::api::{ApiError, ApiServer, TestCommands};
 use crate::arch::x86_64::layout::{
     GuestLayout, CMDLINE_MAX_SIZE, COM1_IRQ, COM1_PORT, KVM_TSS_ADDRESS,
 };
 use crate::arch::x86_64::{boot, mptable, regs};
 use crate::config::{ByteSize, VmConfig};
 use crate::devices::{DeviceError, DeviceManager};
-use crate::dma::{self, DmaError};
+use crate::dma::{self, DmaError, DmaSlot};
 use crate::hypervisor::{self, HypervisorError};
 use crate::memory::{self, MemoryError};
 use crate::vcpu::{ExitReason, ExitSignal, Vcpu, VcpuError};
-use devices::virtio::dma::MoveGate;
+use devices::guest_memory::GuestMemoryHandle;
+use devices::worker::Worker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -105,7 +106,7 @@ pub struct Vm {
     exit: Arc<ExitSignal>,
     panicked: Arc<AtomicBool>,
     dma: DmaSlot,
-    gate: Arc<MoveGate>,
+    guest: GuestMemoryHandle,
     stop_signals: Option<StopSignals>,
 }
 
@@ -174,23 +175,22 @@ impl Vm {
             None,
         )?;
 
-        let mut events: EventManager<Subscriber> =
+        let events: EventManager<Subscriber> =
             EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
-        let gate = Arc::new(MoveGate::default());
-        let (rng, rng_handler) = Rng::new(gate.clone()).map_err(VmError::EventFd)?;
+        // Devices get guest memory only through the move gate.
+        let guest = GuestMemoryHandle::new(mem.clone());
+        let rng = Rng::new().map_err(VmError::EventFd)?;
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        let transport = MmioTransport::new(rng, mem.clone(), irq).map_err(VmError::EventFd)?;
+        let transport = MmioTransport::new(rng, guest.clone(), irq).map_err(VmError::EventFd)?;
         devices.add_virtio_mmio(&vm, &mut cmdline, transport)?;
-        events.add_subscriber(Arc::new(Mutex::new(rng_handler)));
         let dma_slot = match layout.dma_window {
             Some(window) => dma::attach_device(
                 &vm,
                 &mut devices,
                 &mut cmdline,
-                &mem,
+                &guest,
                 window,
                 config.region.clone(),
-                gate.clone(),
             )?,
             None => DmaSlot::default(),
         };
@@ -225,24 +225,30 @@ impl Vm {
             exit,
             panicked,
             dma: dma_slot,
-            gate,
+            guest,
             stop_signals,
         })
     }
 
-    /// Starts the vCPUs and serves the console (and the control API on `api_sock`) until the
-    /// guest stops.
-    pub fn run(self, api_sock: Option<&std::path::Path>) -> Result<VmOutcome, VmError> {
+    /// Starts the vCPUs and serves the console until the guest stops. The control API on
+    /// `api_sock` is served on its own worker, so no command can stall the console, signals
+    /// or the exit.
+    pub fn run(
+        self,
+        api_sock: Option<&std::path::Path>,
+        test_commands: TestCommands,
+    ) -> Result<VmOutcome, VmError> {
         let _vm = self.vm;
         let pio = Arc::new(self.devices.pio);
         let mmio = Arc::new(self.devices.mmio);
         let mut manager = self.events;
-        if let Some(path) = api_sock {
-            manager.add_subscriber(Arc::new(Mutex::new(ApiServer::bind(
-                path,
-                self.dma.clone(),
-            )?)));
-        }
+        let _api = match api_sock {
+            Some(path) => {
+                let server = ApiServer::bind(path, self.dma.clone(), test_commands)?;
+                Some(Worker::spawn("api", server).map_err(VmError::EventFd)?)
+            }
+            None => None,
+        };
         let stop = Arc::new(Mutex::new(ExitWatcher {
             evt: self.exit.eventfd().try_clone().map_err(VmError::EventFd)?,
             fired: false,
@@ -261,7 +267,7 @@ impl Vm {
                 pio.clone(),
                 mmio.clone(),
                 self.exit.clone(),
-                self.gate.clone(),
+                self.guest.gate().clone(),
             )?;
         }
         while !stop.lock().unwrap_or_else(|e| e.into_inner()).fired {

@@ -6,8 +6,6 @@ use virtio_bindings::{virtio_config, virtio_mmio};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::GuestMemory;
-
 /// Feature bit: the device is a modern (virtio 1.x) device. (virtio-bindings gives the bit
 /// number; this is the mask.)
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
@@ -93,7 +91,7 @@ pub trait VirtioDevice: Send {
     /// notifies that queue.
     fn activate(
         &mut self,
-        mem: GuestMemory,
+        mem: crate::guest_memory::GuestMemoryHandle,
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
         interrupt: std::sync::Arc<Interrupt>,

@@ -13,8 +13,9 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use super::GuestMemory;
 use crate::bus::BusDevice;
+use crate::guest_memory::GuestMemoryHandle;
+use vm_memory::GuestAddressSpace;
 
 /// Guest-physical bytes each virtio-mmio device occupies.
 pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
@@ -61,7 +62,7 @@ const STATUS_FAILED: u32 = virtio_config::VIRTIO_CONFIG_S_FAILED;
 /// A virtio device behind its MMIO register page.
 pub struct MmioTransport<D: VirtioDevice> {
     device: D,
-    mem: GuestMemory,
+    mem: GuestMemoryHandle,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
     queue_evts: Vec<EventFd>,
@@ -76,7 +77,7 @@ pub struct MmioTransport<D: VirtioDevice> {
 
 impl<D: VirtioDevice> MmioTransport<D> {
     /// Wraps `device`; `interrupt_evt` is the eventfd the VMM wires to this slot's irqfd.
-    pub fn new(device: D, mem: GuestMemory, interrupt_evt: EventFd) -> std::io::Result<Self> {
+    pub fn new(device: D, mem: GuestMemoryHandle, interrupt_evt: EventFd) -> std::io::Result<Self> {
         let mut queues = Vec::new();
         let mut queue_evts = Vec::new();
         for &max in device.queue_max_sizes() {
@@ -209,7 +210,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         for (index, q) in self.queues.iter().enumerate() {
-            if q.ready() && !q.is_valid(&self.mem) {
+            if q.ready() && !q.is_valid(&*self.mem.memory()) {
                 tracing::warn!("virtio-mmio: queue {index} invalid at activation");
                 self.fail();
                 return;
@@ -396,7 +397,7 @@ mod tests {
         }
         fn activate(
             &mut self,
-            _mem: GuestMemory,
+            _mem: GuestMemoryHandle,
             queues: Vec<Queue>,
             evts: Vec<EventFd>,
             _interrupt: Arc<Interrupt>,
@@ -411,7 +412,9 @@ mod tests {
     }
 
     fn transport() -> MmioTransport<Dummy> {
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = GuestMemoryHandle::new(
+            vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
+        );
         let dev = Dummy {
             acked: 0,
             activations: 0,

@@ -7,6 +7,3 @@ pub mod rng;
 
 pub use device::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 pub use mmio::{MmioTransport, MMIO_DEVICE_SIZE};
-
-/// Guest memory as devices see it.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;

@@ -4,77 +4,45 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes};
+use vm_memory::{Address, Bytes, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use super::dma::MoveGate;
-use super::GuestMemory;
-use crate::bus::lock;
+use crate::guest_memory::GuestMemoryHandle;
+use crate::worker::Worker;
 
 pub use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 const QUEUE_SIZES: &[u16] = &[256];
 /// The most bytes one request is given: bounds the work a single guest request can cause.
 const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
 
-struct Active {
-    mem: GuestMemory,
-    queue: Queue,
-    queue_evt: EventFd,
-    interrupt: Arc<Interrupt>,
-}
-
-/// State shared between the device (driven by the transport on vCPU threads) and its event
-/// handler (driven by the VMM's event loop). The lock is held for one activation, reset or
-/// batch of requests.
-struct Shared {
-    active: Option<Active>,
-    entropy: File,
-    gate: Arc<MoveGate>,
-}
-
-/// The device half: what the transport talks to.
+/// The device half: what the transport talks to. Its queue is served by a [`Worker`] from
+/// activation to reset.
 pub struct Rng {
-    shared: Arc<Mutex<Shared>>,
-    activate_evt: EventFd,
+    entropy: File,
+    worker: Option<Worker>,
 }
 
-/// The event-loop half: serves the queue when the driver notifies it.
-pub struct RngHandler {
-    shared: Arc<Mutex<Shared>>,
-    activate_evt: EventFd,
-    queue_fd: Option<RawFd>,
+/// The queue, served on the worker each time the driver notifies it.
+struct RngQueue {
+    guest: GuestMemoryHandle,
+    queue: Queue,
+    kick: EventFd,
+    interrupt: Arc<Interrupt>,
+    entropy: File,
 }
 
 impl Rng {
-    /// A device and its event handler; register the handler with the VMM's event manager.
-    /// `gate`: the VMM's move gate; the device writes guest memory only while no guest page
-    /// is being moved.
-    pub fn new(gate: Arc<MoveGate>) -> std::io::Result<(Rng, RngHandler)> {
-        let shared = Arc::new(Mutex::new(Shared {
-            active: None,
+    pub fn new() -> std::io::Result<Rng> {
+        Ok(Rng {
             entropy: File::open("/dev/urandom")?,
-            gate,
-        }));
-        let activate_evt = EventFd::new(libc::EFD_NONBLOCK)?;
-        let handler = RngHandler {
-            shared: shared.clone(),
-            activate_evt: activate_evt.try_clone()?,
-            queue_fd: None,
-        };
-        Ok((
-            Rng {
-                shared,
-                activate_evt,
-            },
-            handler,
-        ))
+            worker: None,
+        })
     }
 }
 
@@ -97,42 +65,46 @@ impl VirtioDevice for Rng {
 
     fn activate(
         &mut self,
-        mem: GuestMemory,
+        guest: GuestMemoryHandle,
         mut queues: Vec<Queue>,
         mut queue_evts: Vec<EventFd>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        let (Some(queue), Some(queue_evt)) = (queues.pop(), queue_evts.pop()) else {
+        let (Some(queue), Some(kick)) = (queues.pop(), queue_evts.pop()) else {
             return Err(ActivateError::Device(
                 "virtio-rng needs its request queue".into(),
             ));
         };
-        lock(&self.shared).active = Some(Active {
-            mem,
+        let entropy = self
+            .entropy
+            .try_clone()
+            .map_err(|e| ActivateError::Device(format!("entropy source: {e}")))?;
+        let served = RngQueue {
+            guest,
             queue,
-            queue_evt,
+            kick,
             interrupt,
-        });
-        self.activate_evt
-            .write(1)
-            .map_err(|e| ActivateError::Device(format!("waking the event loop: {e}")))
+            entropy,
+        };
+        self.worker = Some(
+            Worker::spawn("virtio-rng", served)
+                .map_err(|e| ActivateError::Device(format!("starting virtio-rng: {e}")))?,
+        );
+        Ok(())
     }
 
     fn reset(&mut self) {
-        lock(&self.shared).active = None;
+        self.worker = None;
     }
 }
 
-impl Shared {
+impl RngQueue {
     /// Fills every available request with random bytes; returns how many were served.
     fn serve_requests(&mut self) -> usize {
-        let Some(active) = self.active.as_mut() else {
-            return 0;
-        };
-        let _access = self.gate.access();
+        let mem = self.guest.memory();
         let mut served = 0;
         let mut buf = vec![0u8; 4096];
-        while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+        while let Some(chain) = self.queue.pop_descriptor_chain(&*mem) {
             let head = chain.head_index();
             let mut written = 0usize;
             for desc in chain {
@@ -145,7 +117,7 @@ impl Shared {
                 while left > 0 {
                     let n = left.min(buf.len());
                     if self.entropy.read_exact(&mut buf[..n]).is_err()
-                        || active.mem.write_slice(&buf[..n], addr).is_err()
+                        || mem.write_slice(&buf[..n], addr).is_err()
                     {
                         // Unreadable entropy or a buffer outside guest memory: stop this request.
                         left = 0;
@@ -162,58 +134,30 @@ impl Shared {
                     break;
                 }
             }
-            if let Err(e) = active.queue.add_used(&active.mem, head, written as u32) {
+            if let Err(e) = self.queue.add_used(&*mem, head, written as u32) {
                 tracing::warn!("virtio-rng: returning request {head}: {e:?}");
                 break;
             }
             served += 1;
         }
-        if served > 0 {
-            let notify = active.queue.needs_notification(&active.mem).unwrap_or(true);
-            if notify {
-                if let Err(e) = active.interrupt.signal_used_queue() {
-                    tracing::warn!("virtio-rng: interrupt: {e}");
-                }
+        if served > 0 && self.queue.needs_notification(&*mem).unwrap_or(true) {
+            if let Err(e) = self.interrupt.signal_used_queue() {
+                tracing::warn!("virtio-rng: interrupt: {e}");
             }
         }
         served
     }
 }
 
-impl MutEventSubscriber for RngHandler {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.fd() == self.activate_evt.as_raw_fd() {
-            let _ = self.activate_evt.read();
-            let shared = lock(&self.shared);
-            if let Some(active) = &shared.active {
-                if let Some(old) = self.queue_fd.take() {
-                    let _ = ops.remove(Events::empty_raw(old));
-                }
-                let fd = active.queue_evt.as_raw_fd();
-                match ops.add(Events::new_raw(fd, EventSet::IN)) {
-                    Ok(()) => self.queue_fd = Some(fd),
-                    Err(e) => tracing::error!("virtio-rng: watching the queue: {e:?}"),
-                }
-            }
-            return;
-        }
-        let mut shared = lock(&self.shared);
-        match &shared.active {
-            Some(active) if active.queue_evt.as_raw_fd() == events.fd() => {
-                let _ = active.queue_evt.read();
-                shared.serve_requests();
-            }
-            _ => {
-                // The device was reset: its old queue is gone.
-                let _ = ops.remove(events);
-                self.queue_fd = None;
-            }
-        }
+impl MutEventSubscriber for RngQueue {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.kick.read();
+        self.serve_requests();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
-            tracing::error!("virtio-rng: watching activation: {e:?}");
+        if let Err(e) = ops.add(Events::new(&self.kick, EventSet::IN)) {
+            tracing::error!("virtio-rng: watching the queue: {e:?}");
         }
     }
 }
@@ -227,23 +171,29 @@ mod tests {
 
     const VRING_DESC_F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 
-    fn activated(mem: &GuestMemory, q: Queue) -> (Rng, Arc<Interrupt>) {
-        let (mut rng, _handler) = Rng::new(Arc::default()).unwrap();
+    fn served(mem: &GuestMemoryHandle, queue: Queue) -> (RngQueue, Arc<Interrupt>) {
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        rng.activate(
-            mem.clone(),
-            vec![q],
-            vec![EventFd::new(0).unwrap()],
-            irq.clone(),
+        let q = RngQueue {
+            guest: mem.clone(),
+            queue,
+            kick: EventFd::new(0).unwrap(),
+            interrupt: irq.clone(),
+            entropy: File::open("/dev/urandom").unwrap(),
+        };
+        (q, irq)
+    }
+
+    fn guest() -> GuestMemoryHandle {
+        GuestMemoryHandle::new(
+            vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
         )
-        .unwrap();
-        (rng, irq)
     }
 
     #[test]
     fn fills_writable_buffers_and_interrupts() {
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let vq = MockSplitQueue::new(&mem, 16);
+        let mem = guest();
+        let access = mem.memory();
+        let vq = MockSplitQueue::new(&*access, 16);
         let descs = [RawDescriptor::from(SplitDescriptor::new(
             0x8000,
             512,
@@ -251,12 +201,14 @@ mod tests {
             0,
         ))];
         vq.build_desc_chain(&descs).unwrap();
-        let (rng, irq) = activated(&mem, vq.create_queue().unwrap());
-        assert_eq!(lock(&rng.shared).serve_requests(), 1);
+        let (mut rng, irq) = served(&mem, vq.create_queue().unwrap());
+        assert_eq!(rng.serve_requests(), 1);
         let used = vq.used().ring().ref_at(0).unwrap().load();
         assert_eq!(used.len(), 512);
         let mut got = [0u8; 512];
-        mem.read_slice(&mut got, GuestAddress(0x8000)).unwrap();
+        mem.memory()
+            .read_slice(&mut got, GuestAddress(0x8000))
+            .unwrap();
         let distinct = got.iter().collect::<std::collections::HashSet<_>>().len();
         assert!(
             distinct > 100,
@@ -267,8 +219,9 @@ mod tests {
 
     #[test]
     fn hostile_requests_are_bounded_and_do_not_escape_memory() {
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let vq = MockSplitQueue::new(&mem, 16);
+        let mem = guest();
+        let access = mem.memory();
+        let vq = MockSplitQueue::new(&*access, 16);
         let descs = [
             // Device-readable: skipped. Outside guest memory: stops the request.
             RawDescriptor::from(SplitDescriptor::new(0x8000, 64, 0, 0)),
@@ -280,8 +233,8 @@ mod tests {
             )),
         ];
         vq.build_desc_chain(&descs).unwrap();
-        let (rng, _) = activated(&mem, vq.create_queue().unwrap());
-        assert_eq!(lock(&rng.shared).serve_requests(), 1);
+        let (mut rng, _) = served(&mem, vq.create_queue().unwrap());
+        assert_eq!(rng.serve_requests(), 1);
         assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 0);
     }
 }

@@ -1,107 +1,208 @@
-//! The virtio-dma device on its transport: configuration space, and one worker thread per
-//! queue, so an UNMAP on `ctrlq` never waits behind a MAP that is retrying on `mapq`.
+//! The virtio-dma device on its transport: configuration space, and one worker per queue, so an
+//! UNMAP on `ctrlq` never waits behind a MAP that is retrying on `mapq`.
+//!
+//! Guest memory is reached only through [`GuestMemoryHandle`], whose access guard keeps page
+//! moves out; a request is decoded under one guard, carried out with none held (a MAP may move
+//! guest pages), and answered under another.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueT, Reader};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::core::{DmaBackend, DmaCore};
+use super::handler::RequestHandler;
 use super::protocol::{
-    Request, Response, Status, CTRLQ, F_DEADLINE, F_DISCARD, F_HOST_PHYS, MAPQ, REQ_SIZE, RESP_SIZE,
+    Request, RequestHeader, Response, Status, CTRLQ, F_DEADLINE, F_DISCARD, F_HOST_PHYS, MAPQ,
+    REQ_SIZE, RESP_SIZE,
 };
+use crate::dma_memory::DmaMapper;
+use crate::guest_memory::GuestMemoryHandle;
 use crate::virtio::device::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::virtio::GuestMemory;
+use crate::worker::Worker;
 
 const QUEUE_SIZES: &[u16] = &[256, 256];
 
-/// Serves one descriptor chain; returns the bytes written into it.
+/// What a descriptor chain asks, read under one access guard: the request (or why it is
+/// invalid) and where the device may write its answer.
+struct Decoded {
+    head: u16,
+    request: Result<Request, Status>,
+    /// The device-writable buffers, in order.
+    writable: Vec<(GuestAddress, u32)>,
+}
+
+/// Reads the next chain of `queue`; `None` when the queue is empty.
 ///
 /// The chain must be device-readable descriptors (at least `REQ_SIZE` bytes, the header) then
 /// device-writable ones (room for the response). Anything else is answered `INVAL` if the
 /// response fits, and returned with nothing written otherwise.
-pub fn serve_chain<B: DmaBackend>(
-    core: &DmaCore<B>,
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-) -> u32 {
+fn decode_next(queue: &mut Queue, guest: &GuestMemoryHandle) -> Option<Decoded> {
+    let mem = guest.memory();
+    let chain = queue.pop_descriptor_chain(&*mem)?;
+    let head = chain.head_index();
     let mut seen_writable = false;
     let mut well_ordered = true;
+    let mut writable = Vec::new();
     for desc in chain.clone() {
         if desc.is_write_only() {
             seen_writable = true;
+            writable.push((desc.addr(), desc.len()));
         } else if seen_writable {
             well_ordered = false;
         }
     }
-    // Guest memory is accessed only under the backend's access guard, and never while the
-    // backend works on the request (it may move guest pages).
-    let access = core.backend().guest_access();
-    let Ok(mut writer) = Writer::<()>::new(mem, chain.clone()) else {
-        return 0;
-    };
-    if writer.available_bytes() < RESP_SIZE {
-        return 0;
-    }
-    let request = match Reader::<()>::new(mem, chain) {
-        Ok(mut reader) if well_ordered && reader.available_bytes() >= REQ_SIZE => {
-            let mut header = [0u8; REQ_SIZE];
-            match std::io::Read::read_exact(&mut reader, &mut header) {
-                Ok(()) => Request::parse(&header),
-                Err(_) => Err(Status::Inval),
-            }
-        }
+    let request = match Reader::<()>::new(&*mem, chain) {
+        Ok(mut reader) if well_ordered && reader.available_bytes() >= REQ_SIZE => reader
+            .read_obj::<RequestHeader>()
+            .map_err(|_| Status::Inval)
+            .and_then(Request::from_header),
         _ => Err(Status::Inval),
     };
-    drop(access);
-    let (response, stat) = match request {
-        Ok(req) if writer.available_bytes() < req.response_len() => {
-            (Response::status(Status::Inval), None)
+    Some(Decoded {
+        head,
+        request,
+        writable,
+    })
+}
+
+/// Writes `out` across the writable buffers; returns the bytes written, 0 if it did not fit or
+/// a buffer lies outside guest memory.
+fn write_reply(guest: &GuestMemoryHandle, writable: &[(GuestAddress, u32)], out: &[u8]) -> u32 {
+    let room: u64 = writable.iter().map(|&(_, len)| u64::from(len)).sum();
+    if room < out.len() as u64 {
+        return 0;
+    }
+    let mem = guest.memory();
+    let mut done = 0;
+    for &(addr, len) in writable {
+        if done == out.len() {
+            break;
         }
-        Ok(req) => core.handle(req),
+        let n = (len as usize).min(out.len() - done);
+        if mem.write_slice(&out[done..done + n], addr).is_err() {
+            return 0;
+        }
+        done += n;
+    }
+    done as u32
+}
+
+/// Serves one descriptor chain of `queue`: decodes it, carries it out and writes the answer.
+/// Returns the head index and the bytes written, or `None` when the queue is empty.
+pub fn serve_chain<M: DmaMapper>(
+    handler: &RequestHandler<M>,
+    guest: &GuestMemoryHandle,
+    queue: &mut Queue,
+) -> Option<(u16, u32)> {
+    let decoded = decode_next(queue, guest)?;
+    let room: u64 = decoded.writable.iter().map(|&(_, l)| u64::from(l)).sum();
+    if room < RESP_SIZE as u64 {
+        return Some((decoded.head, 0));
+    }
+    // No guard is held here: a MAP may move guest pages.
+    let (response, stat) = match decoded.request {
+        Ok(req) if room < req.response_len() as u64 => (Response::status(Status::Inval), None),
+        Ok(req) => handler.handle(req),
         Err(status) => (Response::status(status), None),
     };
-    let _access = core.backend().guest_access();
     let mut out = response.encode().to_vec();
     if let Some(stat) = stat {
         out.extend_from_slice(&stat.encode());
     }
-    match std::io::Write::write_all(&mut writer, &out) {
-        Ok(()) => writer.bytes_written() as u32,
-        Err(_) => 0,
+    Some((decoded.head, write_reply(guest, &decoded.writable, &out)))
+}
+
+/// One queue's worker: serves the queue each time the driver notifies it.
+struct QueueWorker<M: DmaMapper> {
+    handler: Arc<RequestHandler<M>>,
+    guest: GuestMemoryHandle,
+    queue: Queue,
+    kick: EventFd,
+    interrupt: Arc<Interrupt>,
+}
+
+impl<M: DmaMapper> QueueWorker<M> {
+    fn serve(&mut self) {
+        let mut served = 0;
+        while let Some((head, written)) = serve_chain(&self.handler, &self.guest, &mut self.queue) {
+            let mem = self.guest.memory();
+            if let Err(e) = self.queue.add_used(&*mem, head, written) {
+                tracing::warn!("virtio-dma: returning request {head}: {e:?}");
+                break;
+            }
+            served += 1;
+        }
+        let notify = served > 0
+            && self
+                .queue
+                .needs_notification(&*self.guest.memory())
+                .unwrap_or(true);
+        if notify {
+            if let Err(e) = self.interrupt.signal_used_queue() {
+                tracing::warn!("virtio-dma: interrupt: {e}");
+            }
+        }
     }
 }
 
-/// Where the device's core comes from: ready, or still being built on another thread (the
-/// host region is reserved while the guest boots; the guest first needs the device when its
-/// driver probes it).
-type CoreResult<B> = Result<Arc<DmaCore<B>>, String>;
+impl<M: DmaMapper + 'static> MutEventSubscriber for QueueWorker<M> {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.kick.read();
+        self.serve();
+    }
 
-/// The device half that the transport drives.
-pub struct Dma<B: DmaBackend + 'static> {
-    pending: std::sync::Mutex<Option<JoinHandle<CoreResult<B>>>>,
-    core: std::sync::OnceLock<CoreResult<B>>,
-    acked: u64,
-    workers: Vec<(EventFd, JoinHandle<()>)>,
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.kick, EventSet::IN)) {
+            tracing::error!(
+                "virtio-dma: watching queue fd {}: {e:?}",
+                self.kick.as_raw_fd()
+            );
+        }
+    }
 }
 
-impl<B: DmaBackend + 'static> Dma<B> {
-    /// A device whose core `build` is still making.
-    pub fn deferred(build: JoinHandle<CoreResult<B>>) -> Self {
+/// Where the device's request handler comes from: ready, or still being built on another
+/// thread (the host region is reserved while the guest boots; the guest first needs the device
+/// when its driver probes it).
+type HandlerResult<M> = Result<Arc<RequestHandler<M>>, String>;
+
+/// The device half that the transport drives.
+pub struct Dma<M: DmaMapper + 'static> {
+    pending: std::sync::Mutex<Option<JoinHandle<HandlerResult<M>>>>,
+    handler: std::sync::OnceLock<HandlerResult<M>>,
+    acked: u64,
+    workers: Vec<Worker>,
+}
+
+impl<M: DmaMapper + 'static> Dma<M> {
+    /// A device whose request handler `build` is still making.
+    pub fn deferred(build: JoinHandle<HandlerResult<M>>) -> Self {
         Self {
             pending: std::sync::Mutex::new(Some(build)),
-            core: std::sync::OnceLock::new(),
+            handler: std::sync::OnceLock::new(),
             acked: 0,
             workers: Vec::new(),
         }
     }
 
-    /// The core, waiting for it if it is still being built.
-    pub fn core(&self) -> Result<&Arc<DmaCore<B>>, &str> {
-        self.core
+    /// A device whose request handler is ready.
+    pub fn ready(handler: Arc<RequestHandler<M>>) -> Self {
+        Self {
+            pending: std::sync::Mutex::new(None),
+            handler: std::sync::OnceLock::from(Ok(handler)),
+            acked: 0,
+            workers: Vec::new(),
+        }
+    }
+
+    /// The request handler, waiting for it if it is still being built.
+    pub fn handler(&self) -> Result<&Arc<RequestHandler<M>>, &str> {
+        self.handler
             .get_or_init(|| {
                 let handle = self
                     .pending
@@ -120,83 +221,9 @@ impl<B: DmaBackend + 'static> Dma<B> {
                 e.as_str()
             })
     }
-
-    fn stop_workers(&mut self) {
-        for (stop, handle) in self.workers.drain(..) {
-            let _ = stop.write(1);
-            let _ = handle.join();
-        }
-    }
 }
 
-impl<B: DmaBackend + 'static> Drop for Dma<B> {
-    fn drop(&mut self) {
-        self.stop_workers();
-    }
-}
-
-/// Waits for a queue notification or the stop signal; true when a notification came.
-fn wait_for_kick(kick: &EventFd, stop: &EventFd) -> bool {
-    let mut fds = [
-        libc::pollfd {
-            fd: kick.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `fds` is a valid array of two pollfd structs that outlives the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if rc < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-            continue;
-        }
-        if rc < 0 || fds[1].revents != 0 {
-            return false;
-        }
-        let _ = kick.read();
-        return true;
-    }
-}
-
-fn run_queue<B: DmaBackend>(
-    core: &DmaCore<B>,
-    mem: &GuestMemory,
-    queue: &mut Queue,
-    kick: &EventFd,
-    stop: &EventFd,
-    interrupt: &Interrupt,
-) {
-    while wait_for_kick(kick, stop) {
-        let mut served = 0;
-        loop {
-            let access = core.backend().guest_access();
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
-            drop(access);
-            let head = chain.head_index();
-            let written = serve_chain(core, mem, chain);
-            let _access = core.backend().guest_access();
-            if let Err(e) = queue.add_used(mem, head, written) {
-                tracing::warn!("virtio-dma: returning request {head}: {e:?}");
-                break;
-            }
-            served += 1;
-        }
-        if served > 0 && queue.needs_notification(mem).unwrap_or(true) {
-            if let Err(e) = interrupt.signal_used_queue() {
-                tracing::warn!("virtio-dma: interrupt: {e}");
-            }
-        }
-    }
-}
-
-impl<B: DmaBackend + 'static> VirtioDevice for Dma<B> {
+impl<M: DmaMapper + 'static> VirtioDevice for Dma<M> {
     fn device_type(&self) -> u32 {
         super::protocol::VIRTIO_ID_DMA
     }
@@ -204,8 +231,8 @@ impl<B: DmaBackend + 'static> VirtioDevice for Dma<B> {
         QUEUE_SIZES
     }
     fn device_features(&self) -> u64 {
-        let phys = match self.core() {
-            Ok(core) if core.backend().host_phys() => F_HOST_PHYS,
+        let phys = match self.handler() {
+            Ok(h) if h.memory().host_phys() => F_HOST_PHYS,
             _ => 0,
         };
         VIRTIO_F_VERSION_1 | F_DEADLINE | F_DISCARD | phys
@@ -214,11 +241,11 @@ impl<B: DmaBackend + 'static> VirtioDevice for Dma<B> {
         self.acked = acked;
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let Ok(core) = self.core() else {
+        let Ok(handler) = self.handler() else {
             data.fill(0);
             return;
         };
-        let config = core.config().encode();
+        let config = handler.config().encode();
         let start = offset as usize;
         match start
             .checked_add(data.len())
@@ -234,7 +261,7 @@ impl<B: DmaBackend + 'static> VirtioDevice for Dma<B> {
 
     fn activate(
         &mut self,
-        mem: GuestMemory,
+        guest: GuestMemoryHandle,
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
         interrupt: Arc<Interrupt>,
@@ -244,38 +271,37 @@ impl<B: DmaBackend + 'static> VirtioDevice for Dma<B> {
                 "virtio-dma needs mapq and ctrlq".into(),
             ));
         }
-        let core = self
-            .core()
+        let handler = self
+            .handler()
             .map_err(|e| ActivateError::Device(e.to_string()))?
             .clone();
-        self.stop_workers();
-        for (index, (mut queue, kick)) in queues.into_iter().zip(queue_evts).enumerate() {
+        self.workers.clear();
+        for (index, (queue, kick)) in queues.into_iter().zip(queue_evts).enumerate() {
             let name = if index == MAPQ {
                 "virtio-dma-map"
             } else {
                 "virtio-dma-ctrl"
             };
             debug_assert!(index == MAPQ || index == CTRLQ);
-            let stop = EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|e| ActivateError::Device(format!("eventfd: {e}")))?;
-            let stop_worker = stop
-                .try_clone()
-                .map_err(|e| ActivateError::Device(format!("eventfd: {e}")))?;
-            let (core, mem, interrupt) = (core.clone(), mem.clone(), interrupt.clone());
-            let handle = std::thread::Builder::new()
-                .name(name.into())
-                .spawn(move || run_queue(&core, &mem, &mut queue, &kick, &stop_worker, &interrupt))
+            let worker = QueueWorker {
+                handler: handler.clone(),
+                guest: guest.clone(),
+                queue,
+                kick,
+                interrupt: interrupt.clone(),
+            };
+            let worker = Worker::spawn(name, worker)
                 .map_err(|e| ActivateError::Device(format!("starting {name}: {e}")))?;
-            self.workers.push((stop, handle));
+            self.workers.push(worker);
         }
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.stop_workers();
+        self.workers.clear();
         // A reset driver has forgotten its mappings; so does the device.
-        if let Ok(core) = self.core() {
-            core.unmap_all();
+        if let Ok(handler) = self.handler() {
+            handler.unmap_all();
         }
     }
 }
@@ -283,34 +309,37 @@ impl<B: DmaBackend + 'static> VirtioDevice for Dma<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::dma::core::{MapError, MapOptions, Placement};
+    use crate::dma_memory::{MapError, MapOptions, Placement};
     use crate::virtio::dma::protocol::{Config, REQ_MAP, REQ_STAT, STAT_SIZE};
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::GuestMemoryMmap;
 
-    const F_WRITE: u16 = 2;
-    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+    const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
 
-    struct Always;
-    impl DmaBackend for Always {
-        type Mapping = ();
-        fn map(&self, _g: u64, _l: u64, _o: MapOptions) -> Result<((), Placement), MapError> {
-            Ok((
-                (),
-                Placement {
-                    host_addr: 0x1000,
-                    host_phys: true,
-                    extent: 3,
-                    bytes_migrated: 0,
-                },
-            ))
+    /// Places every MAP at host-physical 0x1000 in extent 3.
+    struct FixedPlacement;
+    impl DmaMapper for FixedPlacement {
+        fn map(&self, _g: u64, _l: u64, _o: MapOptions) -> Result<Placement, MapError> {
+            Ok(Placement {
+                host_addr: 0x1000,
+                host_phys: true,
+                extent: 3,
+                bytes_migrated: 0,
+            })
         }
-        fn unmap(&self, _g: u64, _l: u64, _m: (), _d: bool) {}
+        fn unmap(&self, _g: u64, _l: u64) -> Result<(), MapError> {
+            Ok(())
+        }
+        fn host_phys(&self) -> bool {
+            true
+        }
     }
 
-    fn core() -> DmaCore<Always> {
-        DmaCore::new(
+    fn handler() -> RequestHandler<FixedPlacement> {
+        RequestHandler::new(
             Config {
                 window_base: 0x10_0000,
                 window_size: 0x10_0000,
@@ -319,31 +348,33 @@ mod tests {
                 max_map_len: 0x10_0000,
                 region_size: 0x10_0000,
             },
-            Always,
+            FixedPlacement,
         )
     }
 
     /// Builds a chain from (addr, len, flags) and serves it; returns (bytes written, response).
-    fn serve(mem: &GuestMemory, descs: &[(u64, u32, u16)]) -> (u32, Response) {
-        let vq = MockSplitQueue::new(mem, 16);
+    fn serve(guest: &GuestMemoryHandle, descs: &[(u64, u32, u16)]) -> (u32, Response) {
+        let mem = guest.memory();
+        let vq = MockSplitQueue::new(&*mem, 16);
         let raw: Vec<RawDescriptor> = descs
             .iter()
             .map(|&(a, l, f)| RawDescriptor::from(SplitDescriptor::new(a, l, f, 0)))
             .collect();
         vq.build_desc_chain(&raw).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
-        let chain = q.pop_descriptor_chain(mem).unwrap();
-        let written = serve_chain(&core(), mem, chain);
+        drop(mem);
+        let (_, written) = serve_chain(&handler(), guest, &mut q).unwrap();
+        let mem = guest.memory();
         let resp_at = descs.iter().find(|d| d.2 & F_WRITE != 0).map_or(0, |d| d.0);
         let mut b = [0xffu8; RESP_SIZE];
         let _ = mem.read_slice(&mut b, GuestAddress(resp_at));
         (written, Response::decode(&b))
     }
 
-    fn mem_with(header_at: u64, header: &[u8]) -> GuestMemory {
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    fn mem_with(header_at: u64, header: &[u8]) -> GuestMemoryHandle {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         mem.write_slice(header, GuestAddress(header_at)).unwrap();
-        mem
+        GuestMemoryHandle::new(mem)
     }
 
     #[test]
@@ -361,8 +392,12 @@ mod tests {
     fn header_split_across_descriptors_is_fine() {
         let mem = mem_with(0x8000, &Request::encode(REQ_MAP, 0, 0x10_0000, 0x1000, 0));
         let h = Request::encode(REQ_MAP, 0, 0x10_0000, 0x1000, 0);
-        mem.write_slice(&h[..10], GuestAddress(0x8000)).unwrap();
-        mem.write_slice(&h[10..], GuestAddress(0xa000)).unwrap();
+        mem.memory()
+            .write_slice(&h[..10], GuestAddress(0x8000))
+            .unwrap();
+        mem.memory()
+            .write_slice(&h[10..], GuestAddress(0xa000))
+            .unwrap();
         let (n, r) = serve(
             &mem,
             &[
@@ -381,7 +416,8 @@ mod tests {
         assert_eq!(r.status, Status::Inval as u32, "header too short");
         let (_, r) = serve(&mem, &[(0x9000, 24, F_WRITE | F_NEXT), (0x8000, 32, 0)]);
         assert_eq!(r.status, Status::Inval as u32, "readable after writable");
-        mem.write_slice(&Request::encode(REQ_STAT, 0, 0, 0, 0), GuestAddress(0x8000))
+        mem.memory()
+            .write_slice(&Request::encode(REQ_STAT, 0, 0, 0, 0), GuestAddress(0x8000))
             .unwrap();
         let (_, r) = serve(&mem, &[(0x8000, 32, F_NEXT), (0x9000, 24, F_WRITE)]);
         assert_eq!(r.status, Status::Inval as u32, "no room for the statistics");
@@ -398,7 +434,8 @@ mod tests {
     #[test]
     fn a_looping_chain_terminates_without_effect() {
         let mem = mem_with(0x8000, &Request::encode(REQ_MAP, 0, 0x10_0000, 0x1000, 0));
-        let vq = MockSplitQueue::new(&mem, 16);
+        let access = mem.memory();
+        let vq = MockSplitQueue::new(&*access, 16);
         // desc 0 -> desc 1 -> desc 0 -> ...
         let descs = [
             RawDescriptor::from(SplitDescriptor::new(0x8000, 32, F_NEXT, 1)),
@@ -406,10 +443,10 @@ mod tests {
         ];
         vq.add_desc_chains(&descs, 0).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
-        let chain = q.pop_descriptor_chain(&mem).unwrap();
-        let core = core();
-        serve_chain(&core, &mem, chain);
-        assert_eq!(core.stat().mappings, 0, "a looping chain maps nothing");
+        drop(access);
+        let handler = handler();
+        serve_chain(&handler, &mem, &mut q).unwrap();
+        assert_eq!(handler.stat().mappings, 0, "a looping chain maps nothing");
     }
 
     #[test]

@@ -1,14 +1,12 @@
 //! virtio-dma: the guest asks for host-contiguous, pinned backing of ranges of its DMA window
-//! (docs/virtio-dma.md).
+//! (docs/virtio-dma.md). The device decodes and checks requests (`handler.rs`) and serves
+//! them from guest DMA memory's owner ([`crate::dma_memory::DmaMemory`]) through the
+//! [`DmaMapper`](crate::dma_memory::DmaMapper) trait.
 
-mod backend;
-pub mod core;
 mod device;
-pub mod lending;
+mod handler;
 pub mod protocol;
 
-pub use self::core::{DmaBackend, DmaCore, MapError, MapOptions, Placement};
-pub use backend::{check_window, BackendError, CmaBackend, MapPercentiles, WindowMapping};
 pub use device::{serve_chain, Dma};
-pub use lending::{Lending, LendingStats, MoveGate, PageBacking};
+pub use handler::RequestHandler;
 pub use protocol::{Config, Request, Response, Stat, Status, VIRTIO_ID_DMA};

@@ -1,8 +1,9 @@
 //! What the device does with a decoded request: checks it against the window and the live
-//! mappings, asks the backend for host memory, and keeps the books.
+//! mappings, asks the DMA memory owner ([`DmaMapper`]) for host memory, and keeps the
+//! guest-visible mapping table and counters.
 //!
-//! Lock discipline: `DmaCore` sits behind one mutex, held only for checks and table updates,
-//! never while the backend places memory (which may wait up to a MAP's deadline). A MAP
+//! Lock discipline: the table sits behind one mutex, held only for checks and updates, never
+//! while the owner places memory (which may wait up to a MAP's deadline). A MAP
 //! reserves its guest range as *pending* first, so a concurrent MAP sees the overlap and an
 //! UNMAP of a range still being mapped gets NOENT. UNMAP never waits on a MAP.
 
@@ -11,44 +12,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::protocol::{Config, Request, Response, Stat, Status, RESP_HOST_PHYS};
-
-/// How a MAP may be placed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MapOptions {
-    /// Never wait; skip placements with pinned pages.
-    pub failfast: bool,
-    /// The guest does not need the range's current contents.
-    pub discard: bool,
-    /// How long the backend may retry (ignored with `failfast`).
-    pub deadline: Duration,
-}
-
-/// Where a mapping landed on the host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Placement {
-    /// Host-physical address if `host_phys`, else the offset in the region.
-    pub host_addr: u64,
-    pub host_phys: bool,
-    /// Index of the host-contiguous extent that holds the mapping.
-    pub extent: u64,
-    /// Bytes of other occupants moved to make room.
-    pub bytes_migrated: u64,
-}
-
-/// Why the backend could not place a mapping.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum MapError {
-    #[error("no host-contiguous extent is that large")]
-    TooBig,
-    #[error("no room in the region")]
-    NoMem,
-    #[error("every placement with room has a pinned page")]
-    Busy,
-    #[error("the deadline passed")]
-    Timeout,
-    #[error("host failure: {0}")]
-    Io(String),
-}
+use crate::dma_memory::{DmaMapper, MapError, MapOptions};
 
 impl MapError {
     fn status(&self) -> Status {
@@ -57,67 +21,46 @@ impl MapError {
             MapError::NoMem => Status::NoMem,
             MapError::Busy => Status::Busy,
             MapError::Timeout => Status::Timeout,
+            MapError::NotMapped => Status::NoEnt,
             MapError::Io(_) => Status::IoErr,
         }
     }
 }
 
-/// The host side of virtio-dma: makes guest ranges host-contiguous and gives them back.
-pub trait DmaBackend: Send + Sync {
-    /// What keeps a mapping alive; dropping it must not be the way to end one.
-    type Mapping: Send;
-    /// Backs `[gpa, gpa + len)` with host-contiguous, pinned memory.
-    fn map(
-        &self,
-        gpa: u64,
-        len: u64,
-        opts: MapOptions,
-    ) -> Result<(Self::Mapping, Placement), MapError>;
-    /// Ends a mapping, copying its contents back to ordinary memory unless `discard`. Must not
-    /// block on anything but that copy.
-    fn unmap(&self, gpa: u64, len: u64, mapping: Self::Mapping, discard: bool);
-    /// Whether placements carry host-physical addresses.
-    fn host_phys(&self) -> bool {
-        false
-    }
-    /// Held by the device's threads while they write guest memory, when the backend moves
-    /// guest pages behind the guest's back (see `lending::MoveGate`).
-    fn guest_access(&self) -> Option<std::sync::RwLockReadGuard<'_, ()>> {
-        None
-    }
-}
-
-enum Entry<M> {
+/// A guest range in the table: being placed, or mapped.
+#[derive(Clone, Copy)]
+enum Entry {
     Pending { len: u64 },
-    Mapped { len: u64, mapping: M },
+    Mapped { len: u64 },
 }
 
-impl<M> Entry<M> {
+impl Entry {
     fn len(&self) -> u64 {
         match self {
-            Entry::Pending { len } | Entry::Mapped { len, .. } => *len,
+            Entry::Pending { len } | Entry::Mapped { len } => *len,
         }
     }
 }
 
-struct Books<M> {
-    entries: BTreeMap<u64, Entry<M>>,
+/// The guest-visible mapping table and the device's counters.
+struct MappingTable {
+    entries: BTreeMap<u64, Entry>,
     stat: Stat,
 }
 
-/// The device's request logic, shared by the queue handlers.
-pub struct DmaCore<B: DmaBackend> {
+/// The device's request logic, shared by the queue workers.
+pub struct RequestHandler<M: DmaMapper> {
     config: Config,
-    backend: B,
-    books: Mutex<Books<B::Mapping>>,
+    memory: M,
+    table: Mutex<MappingTable>,
 }
 
-impl<B: DmaBackend> DmaCore<B> {
-    pub fn new(config: Config, backend: B) -> Self {
+impl<M: DmaMapper> RequestHandler<M> {
+    pub fn new(config: Config, memory: M) -> Self {
         Self {
             config,
-            backend,
-            books: Mutex::new(Books {
+            memory,
+            table: Mutex::new(MappingTable {
                 entries: BTreeMap::new(),
                 stat: Stat::default(),
             }),
@@ -128,16 +71,16 @@ impl<B: DmaBackend> DmaCore<B> {
         &self.config
     }
 
-    pub fn backend(&self) -> &B {
-        &self.backend
+    pub fn memory(&self) -> &M {
+        &self.memory
     }
 
-    fn books(&self) -> std::sync::MutexGuard<'_, Books<B::Mapping>> {
-        self.books.lock().unwrap_or_else(|e| e.into_inner())
+    fn table(&self) -> std::sync::MutexGuard<'_, MappingTable> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn stat(&self) -> Stat {
-        self.books().stat
+        self.table().stat
     }
 
     /// Range and alignment checks shared by MAP and UNMAP.
@@ -171,52 +114,52 @@ impl<B: DmaBackend> DmaCore<B> {
                 };
                 (self.map(gpa, len, opts), None)
             }
-            Request::Unmap { gpa, len, discard } => (self.unmap(gpa, len, discard), None),
+            Request::Unmap { gpa, len, .. } => (self.unmap(gpa, len), None),
             Request::Stat => (Response::status(Status::Ok), Some(self.stat())),
         }
     }
 
     fn map(&self, gpa: u64, len: u64, opts: MapOptions) -> Response {
-        let fail = |books: &mut Books<B::Mapping>, status: Status| {
-            books.stat.maps_failed += 1;
+        let fail = |table: &mut MappingTable, status: Status| {
+            table.stat.maps_failed += 1;
             match status {
-                Status::Busy => books.stat.maps_busy += 1,
-                Status::Timeout => books.stat.maps_timeout += 1,
+                Status::Busy => table.stat.maps_busy += 1,
+                Status::Timeout => table.stat.maps_timeout += 1,
                 _ => {}
             }
             Response::status(status)
         };
         {
-            let mut books = self.books();
+            let mut table = self.table();
             if let Err(status) = self.check_range(gpa, len) {
-                return fail(&mut books, status);
+                return fail(&mut table, status);
             }
             if len > self.config.max_map_len {
-                return fail(&mut books, Status::TooBig);
+                return fail(&mut table, Status::TooBig);
             }
-            let overlaps = books
+            let overlaps = table
                 .entries
                 .range(..gpa + len)
                 .next_back()
                 .is_some_and(|(&start, e)| start + e.len() > gpa);
             if overlaps {
-                return fail(&mut books, Status::Exists);
+                return fail(&mut table, Status::Exists);
             }
-            if books.entries.len() >= self.config.max_mappings as usize {
-                return fail(&mut books, Status::NoMem);
+            if table.entries.len() >= self.config.max_mappings as usize {
+                return fail(&mut table, Status::NoMem);
             }
-            books.entries.insert(gpa, Entry::Pending { len });
+            table.entries.insert(gpa, Entry::Pending { len });
         }
         // The slow part, without the lock: placement may migrate pages or wait for pins.
-        let result = self.backend.map(gpa, len, opts);
-        let mut books = self.books();
+        let result = self.memory.map(gpa, len, opts);
+        let mut table = self.table();
         match result {
-            Ok((mapping, placement)) => {
-                books.entries.insert(gpa, Entry::Mapped { len, mapping });
-                books.stat.maps_ok += 1;
-                books.stat.mappings += 1;
-                books.stat.mapped_bytes += len;
-                books.stat.bytes_migrated += placement.bytes_migrated;
+            Ok(placement) => {
+                table.entries.insert(gpa, Entry::Mapped { len });
+                table.stat.maps_ok += 1;
+                table.stat.mappings += 1;
+                table.stat.mapped_bytes += len;
+                table.stat.bytes_migrated += placement.bytes_migrated;
                 Response {
                     status: Status::Ok as u32,
                     flags: if placement.host_phys {
@@ -229,70 +172,74 @@ impl<B: DmaBackend> DmaCore<B> {
                 }
             }
             Err(e) => {
-                books.entries.remove(&gpa);
+                table.entries.remove(&gpa);
                 tracing::debug!(gpa, len, ?opts, "virtio-dma: MAP failed: {e}");
-                fail(&mut books, e.status())
+                fail(&mut table, e.status())
             }
         }
     }
 
-    fn unmap(&self, gpa: u64, len: u64, discard: bool) -> Response {
-        let mapping = {
-            let mut books = self.books();
+    fn unmap(&self, gpa: u64, len: u64) -> Response {
+        {
+            let mut table = self.table();
             if let Err(status) = self.check_range(gpa, len) {
                 return Response::status(status);
             }
-            match books.entries.get(&gpa) {
-                Some(Entry::Mapped { len: l, .. }) if *l == len => {}
+            match table.entries.get(&gpa) {
+                Some(Entry::Mapped { len: l }) if *l == len => {}
                 _ => return Response::status(Status::NoEnt),
             }
-            let Some(Entry::Mapped { mapping, .. }) = books.entries.remove(&gpa) else {
-                unreachable!("checked above under the same lock")
-            };
-            books.stat.unmaps += 1;
-            books.stat.mappings -= 1;
-            books.stat.mapped_bytes -= len;
-            mapping
-        };
-        self.backend.unmap(gpa, len, mapping, discard);
-        Response::status(Status::Ok)
+            table.entries.remove(&gpa);
+            table.stat.unmaps += 1;
+            table.stat.mappings -= 1;
+            table.stat.mapped_bytes -= len;
+        }
+        match self.memory.unmap(gpa, len) {
+            Ok(()) => Response::status(Status::Ok),
+            Err(e) => {
+                // The table said mapped and the owner did not: a bug, not a guest error.
+                tracing::error!(gpa, len, "virtio-dma: UNMAP: {e}");
+                Response::status(e.status())
+            }
+        }
     }
 
     /// Ends every mapping (device reset): the guest's view of the window stays RAM.
     pub fn unmap_all(&self) {
-        let entries = std::mem::take(&mut self.books().entries);
+        let entries = std::mem::take(&mut self.table().entries);
         for (gpa, entry) in entries {
-            if let Entry::Mapped { len, mapping } = entry {
-                // The driver that held these is gone: nobody needs the contents.
-                self.backend.unmap(gpa, len, mapping, true);
+            if let Entry::Mapped { len } = entry {
+                if let Err(e) = self.memory.unmap(gpa, len) {
+                    tracing::error!(gpa, len, "virtio-dma: reset: {e}");
+                }
             }
         }
-        let mut books = self.books();
-        books.stat.mappings = 0;
-        books.stat.mapped_bytes = 0;
+        let mut table = self.table();
+        table.stat.mappings = 0;
+        table.stat.mapped_bytes = 0;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dma_memory::Placement;
     use crate::virtio::dma::protocol::{MAP_FAILFAST, REQ_MAP, REQ_STAT, REQ_UNMAP};
     use std::sync::atomic::{AtomicU64, Ordering};
 
     const BASE: u64 = 0x2000_0000;
     const MIB: u64 = 1 << 20;
 
-    /// A backend that places mappings bump-style in a 16 MiB "region" and fails on command.
+    /// Places mappings bump-style in a 16 MiB "region" and fails on command.
     #[derive(Default)]
-    struct Fake {
+    struct BumpMapper {
         next: AtomicU64,
         fail_with: Mutex<Option<MapError>>,
         unmapped: Mutex<Vec<(u64, u64)>>,
     }
 
-    impl DmaBackend for Fake {
-        type Mapping = u64;
-        fn map(&self, _gpa: u64, len: u64, _o: MapOptions) -> Result<(u64, Placement), MapError> {
+    impl DmaMapper for BumpMapper {
+        fn map(&self, _gpa: u64, len: u64, _o: MapOptions) -> Result<Placement, MapError> {
             if let Some(e) = self.fail_with.lock().unwrap().clone() {
                 return Err(e);
             }
@@ -300,23 +247,24 @@ mod tests {
             if at + len > 16 * MIB {
                 return Err(MapError::NoMem);
             }
-            Ok((
-                at,
-                Placement {
-                    host_addr: at,
-                    host_phys: false,
-                    extent: 0,
-                    bytes_migrated: 0,
-                },
-            ))
+            Ok(Placement {
+                host_addr: at,
+                host_phys: false,
+                extent: 0,
+                bytes_migrated: 0,
+            })
         }
-        fn unmap(&self, gpa: u64, len: u64, _m: u64, _discard: bool) {
+        fn unmap(&self, gpa: u64, len: u64) -> Result<(), MapError> {
             self.unmapped.lock().unwrap().push((gpa, len));
+            Ok(())
+        }
+        fn host_phys(&self) -> bool {
+            false
         }
     }
 
-    fn core() -> DmaCore<Fake> {
-        DmaCore::new(
+    fn handler() -> RequestHandler<BumpMapper> {
+        RequestHandler::new(
             Config {
                 window_base: BASE,
                 window_size: 64 * MIB,
@@ -325,11 +273,11 @@ mod tests {
                 max_map_len: 8 * MIB,
                 region_size: 16 * MIB,
             },
-            Fake::default(),
+            BumpMapper::default(),
         )
     }
 
-    fn send(c: &DmaCore<Fake>, kind: u32, flags: u32, gpa: u64, len: u64) -> u32 {
+    fn send(c: &RequestHandler<BumpMapper>, kind: u32, flags: u32, gpa: u64, len: u64) -> u32 {
         let req = Request::parse(&Request::encode(kind, flags, gpa, len, 0)).unwrap();
         c.handle(req).0.status
     }
@@ -338,14 +286,11 @@ mod tests {
 
     #[test]
     fn map_then_unmap() {
-        let c = core();
+        let c = handler();
         assert_eq!(send(&c, REQ_MAP, 0, BASE, MIB), OK);
         assert_eq!(c.stat().mappings, 1);
         assert_eq!(send(&c, REQ_UNMAP, 0, BASE, MIB), OK);
-        assert_eq!(
-            c.backend.unmapped.lock().unwrap().as_slice(),
-            &[(BASE, MIB)]
-        );
+        assert_eq!(c.memory.unmapped.lock().unwrap().as_slice(), &[(BASE, MIB)]);
         let s = c.stat();
         assert_eq!(
             (s.mappings, s.mapped_bytes, s.maps_ok, s.unmaps),
@@ -355,7 +300,7 @@ mod tests {
 
     #[test]
     fn range_status_for_outside_or_wrapping() {
-        let c = core();
+        let c = handler();
         assert_eq!(
             send(&c, REQ_MAP, 0, BASE - 4096, 8192),
             Status::Range as u32
@@ -373,7 +318,7 @@ mod tests {
 
     #[test]
     fn unaligned_or_zero_length() {
-        let c = core();
+        let c = handler();
         assert_eq!(
             send(&c, REQ_MAP, 0, BASE + 1, 4096),
             Status::Unaligned as u32
@@ -384,7 +329,7 @@ mod tests {
 
     #[test]
     fn too_big_exists_nomem() {
-        let c = core();
+        let c = handler();
         assert_eq!(send(&c, REQ_MAP, 0, BASE, 16 * MIB), Status::TooBig as u32);
         assert_eq!(send(&c, REQ_MAP, 0, BASE + MIB, 2 * MIB), OK);
         for (gpa, len) in [
@@ -419,17 +364,17 @@ mod tests {
 
     #[test]
     fn backend_failures_map_to_statuses_and_change_nothing() {
-        let c = core();
+        let c = handler();
         for (e, st) in [
             (MapError::Busy, Status::Busy),
             (MapError::Timeout, Status::Timeout),
             (MapError::NoMem, Status::NoMem),
             (MapError::Io("remap".into()), Status::IoErr),
         ] {
-            *c.backend.fail_with.lock().unwrap() = Some(e);
+            *c.memory.fail_with.lock().unwrap() = Some(e);
             assert_eq!(send(&c, REQ_MAP, MAP_FAILFAST, BASE, MIB), st as u32);
         }
-        *c.backend.fail_with.lock().unwrap() = None;
+        *c.memory.fail_with.lock().unwrap() = None;
         assert_eq!(
             send(&c, REQ_MAP, 0, BASE, MIB),
             OK,
@@ -444,7 +389,7 @@ mod tests {
 
     #[test]
     fn unmap_needs_the_exact_mapping_once() {
-        let c = core();
+        let c = handler();
         assert_eq!(
             send(&c, REQ_UNMAP, 0, BASE, MIB),
             Status::NoEnt as u32,
@@ -471,14 +416,14 @@ mod tests {
 
     #[test]
     fn stat_reports_and_reset_unmaps_everything() {
-        let c = core();
+        let c = handler();
         send(&c, REQ_MAP, 0, BASE, MIB);
         send(&c, REQ_MAP, 0, BASE + MIB, MIB);
         let (r, s) = c.handle(Request::parse(&Request::encode(REQ_STAT, 0, 0, 0, 0)).unwrap());
         assert_eq!(r.status, OK);
         assert_eq!(s.unwrap().mapped_bytes, 2 * MIB);
         c.unmap_all();
-        assert_eq!(c.backend.unmapped.lock().unwrap().len(), 2);
+        assert_eq!(c.memory.unmapped.lock().unwrap().len(), 2);
         assert_eq!(c.stat().mappings, 0);
     }
 }

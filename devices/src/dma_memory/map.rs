@@ -1,0 +1,437 @@
+//! MAP and UNMAP: making a guest range host-contiguous, and giving it back.
+//!
+//! A MAP takes a host-contiguous piece of the region and makes the guest range use it by
+//! remapping the window's host mapping onto the region's pages. KVM follows the host mapping
+//! through its MMU notifier, and the VMM's view of guest memory is the same mapping, so the
+//! guest, its devices and the VMM all see the new backing at once. The usual case needs no copy:
+//! the range's pages are already lent on a suitable run of frames, which just change hands.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use cma::{AllocError, AllocRequest, Allocation, OccupyError, Policy};
+
+use super::window::{occupant, Backing};
+use super::{lock, DmaMemory, Owner, PIN_WAIT_SLICE};
+
+/// How a MAP may be placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapOptions {
+    /// Never wait; skip placements with pinned pages.
+    pub failfast: bool,
+    /// The guest does not need the range's current contents.
+    pub discard: bool,
+    /// How long the placement may retry (ignored with `failfast`).
+    pub deadline: Duration,
+}
+
+/// Where a mapping landed on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// Host-physical address if `host_phys`, else the offset in the region.
+    pub host_addr: u64,
+    pub host_phys: bool,
+    /// Index of the host-contiguous extent that holds the mapping.
+    pub extent: u64,
+    /// Bytes of other occupants moved to make room.
+    pub bytes_migrated: u64,
+}
+
+/// Why a MAP could not be placed. A failed MAP changed nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    #[error("no host-contiguous extent is that large")]
+    TooBig,
+    #[error("no room in the region")]
+    NoMem,
+    #[error("every placement with room has a pinned page")]
+    Busy,
+    #[error("the deadline passed")]
+    Timeout,
+    #[error("the range is not a mapping of that length")]
+    NotMapped,
+    #[error("host failure: {0}")]
+    Io(String),
+}
+
+/// What a device needs of guest DMA memory: make guest ranges host-contiguous and give them
+/// back. Implemented by [`DmaMemory`]; a host-wide manager serving several VMs would implement
+/// it per VM.
+pub trait DmaMapper: Send + Sync {
+    /// Backs `[gpa, gpa + len)` with host-contiguous, pinned memory.
+    fn map(&self, gpa: u64, len: u64, opts: MapOptions) -> Result<Placement, MapError>;
+    /// Ends the mapping at `gpa` of `len` bytes; the range keeps its contents. Never waits for
+    /// a MAP.
+    fn unmap(&self, gpa: u64, len: u64) -> Result<(), MapError>;
+    /// Whether placements carry host-physical addresses.
+    fn host_phys(&self) -> bool;
+}
+
+fn map_error(e: AllocError) -> MapError {
+    match e {
+        AllocError::LargerThanExtent { .. } => MapError::TooBig,
+        AllocError::NoRoom { .. } => MapError::NoMem,
+        AllocError::AllCandidatesPinned { .. } => MapError::Busy,
+        AllocError::DeadlinePassed { .. } | AllocError::PinWaitTimedOut { .. } => MapError::Timeout,
+        other => MapError::Io(other.to_string()),
+    }
+}
+
+/// The largest power of two that divides `len`, capped: a buffer is aligned to its own size up
+/// to a pageblock, as the guest's CMA aligns it.
+fn natural_align(len: u64) -> usize {
+    let low = 1u64 << len.trailing_zeros().min(63);
+    low.min(2 << 20) as usize
+}
+
+/// Why the range's own run of frames could not be claimed in place.
+enum InPlace {
+    /// The pages are not lent on a suitable run: go elsewhere.
+    NoRun,
+    /// The run is there but a frame of it is pinned or being moved: worth a short wait.
+    Busy,
+}
+
+impl DmaMapper for DmaMemory {
+    fn map(&self, gpa: u64, len: u64, opts: MapOptions) -> Result<Placement, MapError> {
+        let t = Instant::now();
+        let (first, n) = self
+            .pages_of(gpa, len)
+            .map_err(|e| MapError::Io(e.to_string()))?;
+        let page = self.granule() as u64;
+        if !len.is_multiple_of(page) || !gpa.is_multiple_of(page) {
+            return Err(MapError::Io(format!(
+                "MAP of {len:#x} at {gpa:#x} is not in whole {page}-byte pages"
+            )));
+        }
+        let (alloc, placement) = self.inner.map_pages(first, n, opts)?;
+        lock(&self.inner.mappings).insert(gpa, alloc);
+        self.inner
+            .samples
+            .record(t.elapsed().as_nanos() as u64, placement.bytes_migrated);
+        Ok(placement)
+    }
+
+    fn unmap(&self, gpa: u64, len: u64) -> Result<(), MapError> {
+        let alloc = {
+            let mut mappings = lock(&self.inner.mappings);
+            match mappings.get(&gpa) {
+                Some(a) if a.len() as u64 == len => {}
+                _ => return Err(MapError::NotMapped),
+            }
+            mappings.remove(&gpa).ok_or(MapError::NotMapped)?
+        };
+        self.inner
+            .unmap_pages(self.inner.window.page_of(gpa), alloc);
+        Ok(())
+    }
+
+    fn host_phys(&self) -> bool {
+        self.region().extents().iter().any(|e| e.phys.is_some())
+    }
+}
+
+impl DmaMemory {
+    /// Ends every mapping (the device was reset): the guest's view of the window stays RAM.
+    pub fn unmap_all(&self) {
+        let all = std::mem::take(&mut *lock(&self.inner.mappings));
+        for (gpa, alloc) in all {
+            self.inner
+                .unmap_pages(self.inner.window.page_of(gpa), alloc);
+        }
+    }
+}
+
+impl Owner {
+    fn placement(&self, alloc: &Allocation, copied: u64) -> Placement {
+        Placement {
+            host_addr: alloc.phys_addr().unwrap_or(alloc.offset() as u64),
+            host_phys: alloc.phys_addr().is_some(),
+            extent: alloc.extent() as u64,
+            bytes_migrated: alloc.migrated_frames() as u64 * self.window.page as u64 + copied,
+        }
+    }
+
+    /// Takes the layout lock once no page of `first..first + n` is pinned long-term: a pinned
+    /// page's host page cannot change, so the range cannot be re-backed. Waits within the
+    /// MAP's policy.
+    fn lock_unpinned(
+        &self,
+        first: usize,
+        n: usize,
+        opts: &MapOptions,
+        deadline: Instant,
+    ) -> Result<std::sync::MutexGuard<'_, ()>, MapError> {
+        loop {
+            let layout = lock(&self.layout);
+            let pinned = self.window.lock().table[first..first + n]
+                .iter()
+                .position(|s| s.pinned());
+            let Some(i) = pinned else {
+                return Ok(layout);
+            };
+            drop(layout);
+            if opts.failfast {
+                tracing::debug!(
+                    page = first + i,
+                    "MAP: a page of the range is pinned long-term"
+                );
+                return Err(MapError::Busy);
+            }
+            if Instant::now() >= deadline {
+                return Err(MapError::Timeout);
+            }
+            std::thread::sleep(PIN_WAIT_SLICE);
+        }
+    }
+
+    fn map_pages(
+        &self,
+        first: usize,
+        n: usize,
+        opts: MapOptions,
+    ) -> Result<(Allocation, Placement), MapError> {
+        let page = self.window.page;
+        let len = (n * page) as u64;
+        let deadline = Instant::now() + opts.deadline.min(Duration::from_secs(10));
+        let policy = if opts.failfast {
+            Policy::FailFast
+        } else {
+            Policy::Retry { deadline }
+        };
+        let align = natural_align(len).max(page);
+        let _layout = self.lock_unpinned(first, n, &opts, deadline)?;
+        self.reap();
+        // Without FAILFAST, a busy frame of the range's own run is worth waiting for as long as
+        // half the copy that going elsewhere would cost (at about 1 GiB/s): the wait then never
+        // makes the MAP slower than the move would have.
+        let budget = if opts.failfast {
+            Instant::now()
+        } else {
+            (Instant::now() + Duration::from_nanos(len / 2)).min(deadline)
+        };
+        if let Some(alloc) = self.claim_in_place_within(first, n, align, budget) {
+            let placement = self.placement(&alloc, 0);
+            return Ok((alloc, placement));
+        }
+        let request = AllocRequest::new(len as usize).align(align).policy(policy);
+        let t_alloc = Instant::now();
+        let alloc = self.allocator.alloc(request).map_err(map_error)?;
+        let alloc_time = t_alloc.elapsed();
+        self.check_contiguous(&alloc)?;
+        // The allocation may have moved some of the range's own pages: look now.
+        let before: Vec<Backing> = self.window.lock().table[first..first + n]
+            .iter()
+            .map(|s| s.backing)
+            .collect();
+        if before.iter().any(|b| matches!(b, Backing::Mapped(_))) {
+            return Err(MapError::Io("range overlaps a mapping".into()));
+        }
+        let lent: Vec<(usize, usize)> = before
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| match b {
+                Backing::Lent(f) => Some((first + i, *f)),
+                _ => None,
+            })
+            .collect();
+        if !opts.discard {
+            self.release_lent(&lent, &opts, deadline)?;
+        }
+        let f0 = alloc.frames().start;
+        let remapped = {
+            // Without DISCARD the guest's bytes move with the range: stop writers first.
+            let _moving = (!opts.discard).then(|| self.window.gate.begin());
+            let kept = if opts.discard {
+                Ok(())
+            } else {
+                self.window
+                    .protect(first, n, false)
+                    .and_then(|()| self.window.copy_into_frames(first, n, f0))
+            };
+            kept.and_then(|()| self.window.map_frames(first, f0, n))
+        };
+        if let Err(e) = remapped {
+            let _ = self.window.protect(first, n, true);
+            return Err(MapError::Io(format!("remapping the window: {e}")));
+        }
+        if opts.discard {
+            self.release_lent(&lent, &opts, deadline)?;
+        }
+        {
+            let mut pages = self.window.lock();
+            for i in 0..n {
+                pages.table[first + i].backing = Backing::Mapped(f0 + i);
+            }
+        }
+        let copied = if opts.discard { 0 } else { len };
+        let placement = self.placement(&alloc, copied);
+        tracing::debug!(
+            ?alloc_time,
+            total = ?t_alloc.elapsed(),
+            migrated = alloc.migrated_frames(),
+            failfast = opts.failfast,
+            "MAP placed elsewhere"
+        );
+        Ok((alloc, placement))
+    }
+
+    fn unmap_pages(&self, first: usize, alloc: Allocation) {
+        // The pages keep their frames and contents (and any pins on them): the mapping's frames
+        // are lent to them.
+        let n = alloc.frames().len();
+        let occupants: Vec<_> = (first..first + n).map(occupant).collect();
+        let mut pages = self.window.lock();
+        let f0 = alloc.frames().start;
+        match self.allocator.into_occupants(alloc, &occupants) {
+            Ok(()) => {
+                for i in 0..n {
+                    pages.table[first + i].backing = Backing::Lent(f0 + i);
+                }
+            }
+            Err((alloc, e)) => {
+                // The range keeps the region's pages; leaking the allocation is the safe
+                // choice: the guest may still use them.
+                tracing::error!("unmapping pages {first}..+{n}: {e}; region pages leaked");
+                std::mem::forget(alloc);
+            }
+        }
+    }
+
+    /// Never hand the guest a range that is not host-contiguous: the allocation must lie inside
+    /// one of the region's extents, at the physical address that extent implies.
+    fn check_contiguous(&self, alloc: &Allocation) -> Result<(), MapError> {
+        let (start, end) = (alloc.offset(), alloc.offset() + alloc.len());
+        let region = self.window.region();
+        let extent = region
+            .extents()
+            .get(alloc.extent())
+            .filter(|e| e.offset <= start && end <= e.end());
+        let phys_ok = match (extent.and_then(|e| e.phys), alloc.phys_addr()) {
+            (Some(base), Some(phys)) => {
+                phys == base + (start - extent.map_or(0, |e| e.offset)) as u64
+            }
+            (None, None) => true,
+            _ => false,
+        };
+        if extent.is_none() || !phys_ok {
+            tracing::error!(?alloc, "allocation is not inside one extent; refused");
+            return Err(MapError::Io(
+                "allocation straddles host-contiguous extents".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The address the guest is told for frame `f` (physical where known), for alignment.
+    fn frame_addr(&self, f: usize) -> u64 {
+        let off = f * self.window.page;
+        self.window
+            .region()
+            .extents()
+            .iter()
+            .find(|e| e.offset <= off && off < e.end())
+            .and_then(|e| e.phys.map(|p| p + (off - e.offset) as u64))
+            .unwrap_or(off as u64)
+    }
+
+    /// The MAP's fast path: the range's pages are lent on a suitably aligned run of frames, so
+    /// the frames just change hands. No copy, no remap.
+    fn claim_in_place(&self, first: usize, n: usize, align: usize) -> Result<Allocation, InPlace> {
+        let mut pages = self.window.lock();
+        let Backing::Lent(f0) = pages.table[first].backing else {
+            return Err(InPlace::NoRun);
+        };
+        let run = (0..n).all(|i| pages.table[first + i].backing == Backing::Lent(f0 + i));
+        if !run || !self.frame_addr(f0).is_multiple_of(align as u64) {
+            return Err(InPlace::NoRun);
+        }
+        let occupants: Vec<_> = (first..first + n).map(occupant).collect();
+        let alloc = self
+            .allocator
+            .claim_occupied(f0, &occupants)
+            .map_err(|e| match e {
+                OccupyError::Pinned { .. } | OccupyError::Migrating { .. } => InPlace::Busy,
+                _ => InPlace::NoRun,
+            })?;
+        for i in 0..n {
+            pages.table[first + i].backing = Backing::Mapped(f0 + i);
+        }
+        Ok(alloc)
+    }
+
+    /// The in-place claim, waiting out a busy frame for at most `budget` (a transient pin lasts
+    /// about one I/O; moving the range elsewhere costs a copy).
+    fn claim_in_place_within(
+        &self,
+        first: usize,
+        n: usize,
+        align: usize,
+        budget: Instant,
+    ) -> Option<Allocation> {
+        let mut waited = false;
+        loop {
+            match self.claim_in_place(first, n, align) {
+                Ok(alloc) => return Some(alloc),
+                Err(InPlace::Busy) if Instant::now() < budget => {
+                    if !waited {
+                        waited = true;
+                        self.pin_waits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_micros(50))
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Frees the frames the range's pages were lent on. Without DISCARD the contents still
+    /// matter, so a pinned frame (someone may be writing it) is waited for, within the request's
+    /// policy; with DISCARD it is left to be freed when unpinned (an orphan).
+    fn release_lent(
+        &self,
+        lent: &[(usize, usize)],
+        opts: &MapOptions,
+        deadline: Instant,
+    ) -> Result<(), MapError> {
+        let mut freed = Vec::new();
+        for &(p, f) in lent {
+            loop {
+                match self.allocator.vacate(f, occupant(p)) {
+                    Ok(()) => {
+                        freed.push((p, f));
+                        break;
+                    }
+                    Err(_) if opts.discard => {
+                        self.window.lock().orphans.push((f, occupant(p)));
+                        break;
+                    }
+                    Err(e) if opts.failfast || Instant::now() >= deadline => {
+                        // Give back what was already freed: nobody took it (MAPs hold the
+                        // layout lock, and nothing places occupants meanwhile).
+                        for &(p, f) in &freed {
+                            let _ = self.allocator.place_occupant_at(f, occupant(p));
+                        }
+                        tracing::debug!("MAP: page {p} of the range: {e}");
+                        return Err(if opts.failfast {
+                            MapError::Busy
+                        } else {
+                            MapError::Timeout
+                        });
+                    }
+                    Err(_) => std::thread::sleep(PIN_WAIT_SLICE),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn natural_alignment_is_capped_at_a_pageblock() {
+    assert_eq!(natural_align(4096), 4096);
+    assert_eq!(natural_align(3 * 4096), 4096);
+    assert_eq!(natural_align(64 << 10), 64 << 10);
+    assert_eq!(natural_align(16 << 20), 2 << 20);
+}

@@ -1,0 +1,346 @@
+//! The one owner of the host side of guest DMA memory.
+//!
+//! [`DmaMemory`] owns, for one VM: the host contiguous region, the allocator over it, the DMA
+//! window's page table (what backs each window page, [`PageState`]), the move gate's writer
+//! side, the DMA mappings, and every pin holder: transient pins ([`TransientPin`]: I/O in
+//! flight on a frame), long-term pins ([`LongTermPin`]: io_uring fixed buffers today, the IOMMU
+//! mappings of VFIO next, [`PinHolder`]). Devices use it through the [`DmaMapper`] trait; the
+//! control API holds a clone of the handle. Its locks are private; nothing outside takes them.
+//!
+//! Data flows one way: device → [`DmaMapper::map`] → allocator (`cma`) → the window as the
+//! allocator's mover (copy + remap) → placement back to the device.
+//!
+//! Lock order (every lock is private to this module):
+//! 1. `layout` (here): serializes what re-backs window pages: MAP, long-term pins, forced
+//!    migration, lending RAM pages back. Held across allocator calls, so the mover never takes
+//!    it. UNMAP does not take it: an UNMAP never waits for a MAP.
+//! 2. the window's `pages` (window.rs): the page table and orphans; short updates, and across
+//!    the allocator's in-place conversions.
+//! 3. the allocator's own map locks (inside `cma`), which it never holds while calling the mover.
+//!
+//! `mappings` (the allocations by guest address) is a leaf: taken alone, for a lookup or an
+//! insert.
+//!
+//! A later host-wide manager that serves several VMs from one region can sit behind the same
+//! interface: each VM keeps a `DmaMemory`-shaped handle (window, page table, pins) and the
+//! region and allocator move to the shared part; the allocator already tells occupants apart by
+//! owner id ([`window::WINDOW_OWNER`] is this VM's).
+
+mod map;
+mod pins;
+mod stats;
+mod window;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use cma::{AllocError, AllocRequest, Allocation, Allocator, AllocatorConfig, Region};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::guest_memory::GuestMemoryHandle;
+
+pub use map::{DmaMapper, MapError, MapOptions, Placement};
+pub use pins::{HostBuffer, LongTermPin, PinHolder, TransientPin};
+pub use stats::{DmaMemoryStats, LendingStats, MapPercentiles};
+pub use window::{Backing, PageState, WINDOW_OWNER};
+
+use stats::MapSamples;
+use window::{occupant, Window};
+
+/// Why the owner could not be set up, or refused a request. A refused request changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum DmaMemoryError {
+    #[error("a region with {0}-byte pages cannot be remapped into the window in pieces; use 2M huge pages or a memfd region")]
+    PageTooLarge(usize),
+    #[error("the DMA window [{base:#x}, +{len:#x}) is not one region of guest memory")]
+    NoWindow { base: u64, len: u64 },
+    #[error("the window's host mapping at {0:#x} is not aligned to the region's {1}-byte pages")]
+    Unaligned(usize, usize),
+    #[error("setting up the allocator: {0}")]
+    Allocator(#[from] cma::ConfigError),
+    #[error("lending the region to the window: {0}")]
+    Lend(std::io::Error),
+    #[error("[{gpa:#x}, +{len:#x}) is not inside the DMA window [{base:#x}, +{size:#x})")]
+    OutOfWindow {
+        gpa: u64,
+        len: u64,
+        base: u64,
+        size: u64,
+    },
+    #[error("window page {page} is in ordinary memory, not on a region frame")]
+    NotOnFrame { page: usize },
+    #[error("window page {page}: {source}")]
+    Pin { page: usize, source: cma::PinError },
+    #[error("forced migration: {0}")]
+    Migrate(AllocError),
+}
+
+/// Pages larger than this cannot be remapped piecewise at a useful granule.
+const MAX_REMAP_PAGE: usize = 2 << 20;
+
+/// How often a waiting MAP polls a pinned page of its own range.
+const PIN_WAIT_SLICE: Duration = Duration::from_micros(200);
+
+/// The host side of one VM's guest DMA memory. Cheap to clone: clones share the owner.
+#[derive(Clone)]
+pub struct DmaMemory {
+    inner: Arc<Owner>,
+}
+
+struct Owner {
+    allocator: Allocator,
+    window: Arc<Window>,
+    layout: Mutex<()>,
+    mappings: Mutex<BTreeMap<u64, Allocation>>,
+    samples: MapSamples,
+    /// MAPs that found a pin on their pages' own frames and waited for it.
+    pin_waits: AtomicU64,
+    /// Long-term pinned ranges alive now.
+    longterm_ranges: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section in this module leaves its data consistent at each step.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl DmaMemory {
+    /// Takes `region` as the host memory behind the window `[base, base + len)`, which must be
+    /// one region of `guest`, and lends the region's frames to the window's pages: page `i`
+    /// onto frame `i`, so a guest range lies on a run of frames and maps without a copy.
+    pub fn new(
+        region: Region,
+        guest: &GuestMemoryHandle,
+        base: u64,
+        len: u64,
+    ) -> Result<Self, DmaMemoryError> {
+        let page = region.page_size();
+        if page > MAX_REMAP_PAGE {
+            return Err(DmaMemoryError::PageTooLarge(page));
+        }
+        let host_addr = window_host_addr(guest, base, len)?;
+        if !host_addr.is_multiple_of(page) {
+            return Err(DmaMemoryError::Unaligned(host_addr, page));
+        }
+        let region = Arc::new(region);
+        let window = Arc::new(Window::new(
+            region.clone(),
+            base,
+            len,
+            host_addr,
+            guest.gate().clone(),
+        ));
+        // One frame per window page; no small-block caches (lent frames are what small requests
+        // would otherwise have cached); one arena: a guest may ask for most of the region in one
+        // MAP, and an allocation never spans arenas.
+        let config = AllocatorConfig {
+            granule: page,
+            pageblock: page.max(2 << 20),
+            small_cache_batch: 0,
+            arenas: 1,
+            ..AllocatorConfig::default()
+        };
+        let allocator = Allocator::new(region, config, window.clone())?;
+        let memory = Self {
+            inner: Arc::new(Owner {
+                allocator,
+                window,
+                layout: Mutex::new(()),
+                mappings: Mutex::new(BTreeMap::new()),
+                samples: MapSamples::default(),
+                pin_waits: AtomicU64::new(0),
+                longterm_ranges: AtomicU64::new(0),
+            }),
+        };
+        memory.lend_window().map_err(DmaMemoryError::Lend)?;
+        Ok(memory)
+    }
+
+    /// The region (read-only facts: backing, extents, contiguity).
+    pub fn region(&self) -> &Region {
+        self.inner.window.region()
+    }
+
+    /// The window's guest-physical base and length.
+    pub fn window(&self) -> (u64, u64) {
+        (self.inner.window.base, self.inner.window.len)
+    }
+
+    /// The smallest unit of MAP and of every page state: one region page.
+    pub fn granule(&self) -> usize {
+        self.inner.window.page
+    }
+
+    pub fn page_count(&self) -> usize {
+        self.inner.window.page_count()
+    }
+
+    /// Window page `page`'s backing and pins.
+    pub fn page_state(&self, page: usize) -> Option<PageState> {
+        self.inner.window.lock().table.get(page).copied()
+    }
+
+    /// The allocator's configuration (for reports).
+    pub fn allocator_config(&self) -> AllocatorConfig {
+        self.inner.allocator.config()
+    }
+
+    /// Lends the region to the window as far as it reaches; returns how many pages were lent.
+    fn lend_window(&self) -> std::io::Result<usize> {
+        let o = &self.inner;
+        let _layout = lock(&o.layout);
+        let n = o.window.page_count().min(o.allocator.frames());
+        let mut lent = 0;
+        for i in 0..n {
+            if o.allocator.place_occupant_at(i, occupant(i)).is_err() {
+                continue;
+            }
+            match o.window.lend_page(i, i) {
+                Ok(()) => {
+                    o.window.lock().table[i].backing = Backing::Lent(i);
+                    lent += 1;
+                }
+                Err(e) => {
+                    let _ = o.allocator.vacate(i, occupant(i));
+                    return Err(e);
+                }
+            }
+        }
+        tracing::info!(
+            lent,
+            pages = o.window.page_count(),
+            page = o.window.page,
+            "region lent to the window's pages"
+        );
+        Ok(lent)
+    }
+
+    /// Lends clean frames to the window pages in ordinary memory (moved out earlier, or beyond
+    /// an overcommitted region), except pages a long-term pin holds there. Returns how many
+    /// moved in.
+    pub fn relend(&self) -> usize {
+        let _layout = lock(&self.inner.layout);
+        self.inner.relend_locked(usize::MAX)
+    }
+
+    /// Forces migrations, for tests and benchmarks: takes `frames` frames as allocations
+    /// (which moves the pages lent there, out of the region if no clean frame is left),
+    /// releases them, and lends the freed frames to pages in RAM again. Returns the pages moved
+    /// in both steps. Pins block it for at most 5 s.
+    pub fn migrate(&self, frames: usize) -> Result<u64, DmaMemoryError> {
+        let o = &self.inner;
+        let before = o.window.counters.moves.load(Ordering::Relaxed);
+        let _layout = lock(&o.layout);
+        {
+            // One allocation cannot straddle extents (huge pages come back in physically
+            // contiguous runs, not always one): take the frames extent-sized piece by piece,
+            // holding every piece until all are taken.
+            let page = o.window.page;
+            let most = (o.allocator.region().largest_extent() / page).max(1);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut held = Vec::new();
+            let mut left = frames;
+            while left > 0 {
+                let n = left.min(most);
+                let req = AllocRequest::new(n * page)
+                    .align(page)
+                    // Pins come and go: wait them out for a while rather than fail at once.
+                    .policy(cma::Policy::Retry { deadline });
+                match o.allocator.alloc(req) {
+                    Ok(a) => held.push(a),
+                    Err(e) => {
+                        // Give back what was taken, and lend the pages it moved out back.
+                        drop(held);
+                        o.relend_locked(usize::MAX);
+                        return Err(DmaMemoryError::Migrate(e));
+                    }
+                }
+                left -= n;
+            }
+        }
+        o.relend_locked(usize::MAX);
+        Ok(o.window.counters.moves.load(Ordering::Relaxed) - before)
+    }
+
+    /// Checks that `[gpa, gpa + len)` is inside the window; returns its pages.
+    fn pages_of(&self, gpa: u64, len: u64) -> Result<(usize, usize), DmaMemoryError> {
+        let w = &self.inner.window;
+        let page = w.page as u64;
+        let out = || DmaMemoryError::OutOfWindow {
+            gpa,
+            len,
+            base: w.base,
+            size: w.len,
+        };
+        let start = gpa & !(page - 1);
+        let end = gpa
+            .checked_add(len)
+            .and_then(|e| e.checked_next_multiple_of(page))
+            .ok_or_else(out)?;
+        if len == 0 || start < w.base || end > w.base + w.len {
+            return Err(out());
+        }
+        Ok((w.page_of(start), ((end - start) / page) as usize))
+    }
+}
+
+impl Owner {
+    fn relend_locked(&self, max: usize) -> usize {
+        let ram: Vec<usize> = {
+            let pages = self.window.lock();
+            (0..pages.table.len())
+                .filter(|&p| pages.table[p].backing == Backing::Ram && !pages.table[p].pinned())
+                .take(max)
+                .collect()
+        };
+        let mut moved = 0;
+        for p in ram {
+            let Ok(f) = self.allocator.place_occupant(occupant(p)) else {
+                break;
+            };
+            match self.window.lend_page(p, f) {
+                Ok(()) => {
+                    self.window.lock().table[p].backing = Backing::Lent(f);
+                    self.window.counters.moves.fetch_add(1, Ordering::Relaxed);
+                    moved += 1;
+                }
+                Err(e) => {
+                    tracing::warn!("lending frame {f} to page {p}: {e}");
+                    let _ = self.allocator.vacate(f, occupant(p));
+                    break;
+                }
+            }
+        }
+        moved
+    }
+
+    /// Frees frames whose page moved away while a transient pin held them, once unpinned.
+    fn reap(&self) {
+        let mut pages = self.window.lock();
+        pages
+            .orphans
+            .retain(|&(f, occ)| self.allocator.vacate(f, occ).is_err());
+    }
+}
+
+/// The host address of the window, which must be exactly one region of guest memory.
+fn window_host_addr(
+    guest: &GuestMemoryHandle,
+    base: u64,
+    len: u64,
+) -> Result<usize, DmaMemoryError> {
+    let mem = guest.ungated();
+    let region = mem
+        .find_region(GuestAddress(base))
+        .filter(|r| r.start_addr() == GuestAddress(base) && r.len() == len)
+        .ok_or(DmaMemoryError::NoWindow { base, len })?;
+    let host = region
+        .get_host_address(vm_memory::MemoryRegionAddress(0))
+        .map_err(|_| DmaMemoryError::NoWindow { base, len })?;
+    Ok(host as usize)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,223 @@
+//! Pin holders: who may hold guest DMA memory in place, and how the owner keeps their pins
+//! attached to the guest pages they were taken on.
+//!
+//! - [`TransientPin`]: I/O in flight on one frame (`O_DIRECT` from a guest page, seed 001's
+//!   failure mode). It holds the *frame*: the I/O reads it through the region's mapping, so if
+//!   the page moves meanwhile (a MAP with DISCARD), the frame is orphaned and freed at unpin.
+//! - [`LongTermPin`]: a holder that registers guest pages with the kernel for long (io_uring
+//!   fixed buffers; the IOMMU mappings of VFIO), which pins the *host pages* behind them. Pages
+//!   lent from the region are first moved out of it (`FOLL_LONGTERM` semantics, seed 003), pages
+//!   of DMA mappings are pinned in place, pages in RAM stay there; every page of the range is
+//!   then recorded as pinned, and nothing re-backs a pinned page until its last pin goes.
+
+use std::sync::Arc;
+
+use cma::{LongTermPin as AllocatorLongTermPin, PinGuard};
+
+use super::window::Backing;
+use super::{lock, DmaMemory, DmaMemoryError, Owner};
+
+/// Who holds a long-term pin (for reports and logs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinHolder {
+    /// io_uring registered (fixed) buffers.
+    IoUring,
+    /// A VFIO device's IOMMU mapping of a DMA range.
+    Iommu,
+}
+
+/// A transient pin on the frame behind one window page; dropping it unpins.
+pub struct TransientPin {
+    owner: Arc<Owner>,
+    guard: Option<PinGuard>,
+}
+
+impl TransientPin {
+    /// The pinned frame's bytes in the region's mapping: valid, and the frame not reused, while
+    /// the pin lives. The guest may write them concurrently (as it may during real DMA).
+    pub fn frame_bytes(&self) -> (*const u8, usize) {
+        let f = self.guard.as_ref().map_or(0, PinGuard::frame);
+        (
+            self.owner.window.frame_ptr(f).cast_const(),
+            self.owner.window.page,
+        )
+    }
+}
+
+impl Drop for TransientPin {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        // A frame orphaned while this pin held it can be freed now.
+        self.owner.reap();
+    }
+}
+
+/// A long-term pinned guest range; dropping it unpins. Drop the kernel's pin (close the ring,
+/// unmap the IOMMU range) first.
+pub struct LongTermPin {
+    owner: Arc<Owner>,
+    first: usize,
+    n: usize,
+    guards: Vec<PinGuard>,
+    buffers: Vec<HostBuffer>,
+    holder: PinHolder,
+    pub gpa: u64,
+    pub len: u64,
+    /// Pages that were lent from the region and moved out of it for the pin.
+    pub moved_out: usize,
+    /// Pages of DMA mappings, pinned on their frames.
+    pub pinned_in_place: usize,
+}
+
+/// A run of the VMM's mapping of pinned guest pages that all live in one kind of memory
+/// (anonymous RAM, or the region's file), as io_uring wants each registered buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostBuffer {
+    pub addr: usize,
+    pub len: usize,
+}
+
+impl LongTermPin {
+    /// The host buffers to register with the kernel: valid while the pin lives.
+    pub fn buffers(&self) -> &[HostBuffer] {
+        &self.buffers
+    }
+
+    pub fn holder(&self) -> PinHolder {
+        self.holder
+    }
+}
+
+impl std::fmt::Debug for LongTermPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LongTermPin")
+            .field("holder", &self.holder)
+            .field("gpa", &self.gpa)
+            .field("len", &self.len)
+            .field("moved_out", &self.moved_out)
+            .field("pinned_in_place", &self.pinned_in_place)
+            .finish()
+    }
+}
+
+impl Drop for LongTermPin {
+    fn drop(&mut self) {
+        {
+            let mut pages = self.owner.window.lock();
+            for s in &mut pages.table[self.first..self.first + self.n] {
+                s.longterm_pins -= 1;
+            }
+        }
+        self.guards.clear();
+        self.owner
+            .longterm_ranges
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl DmaMemory {
+    /// Pins the frame behind window page `page` for I/O in flight. Refused while the page is in
+    /// RAM, being moved, or its frame is being freed.
+    pub fn pin_transient(&self, page: usize) -> Result<TransientPin, DmaMemoryError> {
+        let o = &self.inner;
+        let backing = o
+            .window
+            .lock()
+            .table
+            .get(page)
+            .map(|s| s.backing)
+            .ok_or(DmaMemoryError::NotOnFrame { page })?;
+        let guard = match backing {
+            Backing::Lent(f) => o.allocator.pin_occupant(f),
+            Backing::Mapped(f) => o.allocator.pin(f),
+            Backing::Ram => return Err(DmaMemoryError::NotOnFrame { page }),
+        }
+        .map_err(|source| DmaMemoryError::Pin { page, source })?;
+        Ok(TransientPin {
+            owner: o.clone(),
+            guard: Some(guard),
+        })
+    }
+
+    /// Pins `[gpa, gpa + len)` (rounded out to whole pages) long-term for `holder`: all pages or
+    /// none. On failure the pages moved out so far are lent back, and nothing stays pinned.
+    pub fn pin_longterm(
+        &self,
+        gpa: u64,
+        len: u64,
+        holder: PinHolder,
+    ) -> Result<LongTermPin, DmaMemoryError> {
+        let (first, n) = self.pages_of(gpa, len)?;
+        let o = &self.inner;
+        let _layout = lock(&o.layout);
+        let mut pin = LongTermPin {
+            owner: o.clone(),
+            first,
+            n: 0,
+            guards: Vec::new(),
+            buffers: Vec::new(),
+            holder,
+            gpa: o.window.base + (first * o.window.page) as u64,
+            len: (n * o.window.page) as u64,
+            moved_out: 0,
+            pinned_in_place: 0,
+        };
+        o.longterm_ranges
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for p in first..first + n {
+            let backing = o.window.lock().table[p].backing;
+            let taken = match backing {
+                Backing::Lent(f) | Backing::Mapped(f) => o.allocator.pin_longterm(f).map(Some),
+                Backing::Ram => Ok(None),
+            };
+            match taken {
+                Ok(Some(AllocatorLongTermPin::MovedOut(_))) => pin.moved_out += 1,
+                Ok(Some(AllocatorLongTermPin::Held(g))) => {
+                    pin.guards.push(g);
+                    pin.pinned_in_place += 1;
+                }
+                Ok(None) => {}
+                Err(source) => {
+                    let moved_out = pin.moved_out;
+                    // Unpins what was taken (the drop), then lends the moved-out pages back.
+                    drop(pin);
+                    if moved_out > 0 {
+                        o.relend_locked(usize::MAX);
+                    }
+                    return Err(DmaMemoryError::Pin { page: p, source });
+                }
+            }
+            o.window.lock().table[p].longterm_pins += 1;
+            pin.n += 1;
+        }
+        let pages = o.window.lock();
+        for p in first..first + n {
+            let in_region = pages.table[p].backing.frame().is_some();
+            let (addr, len) = o.window.pages_span(p, 1);
+            let addr = addr as usize;
+            match pin.buffers.last_mut() {
+                Some(b)
+                    if b.addr + b.len == addr && run_in_region(&pages.table, p) == in_region =>
+                {
+                    b.len += len
+                }
+                _ => pin.buffers.push(HostBuffer { addr, len }),
+            }
+        }
+        drop(pages);
+        tracing::debug!(
+            ?holder,
+            first,
+            n,
+            moved_out = pin.moved_out,
+            in_place = pin.pinned_in_place,
+            "long-term pin"
+        );
+        Ok(pin)
+    }
+}
+
+/// Whether the page before `p` is in the region (a buffer run continues only within one kind).
+fn run_in_region(table: &[super::PageState], p: usize) -> bool {
+    p > 0 && table[p - 1].backing.frame().is_some()
+}
