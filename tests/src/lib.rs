@@ -98,6 +98,8 @@ pub struct GuestRun {
     pub console: String,
     /// dmavisor's exit status; `None` if it never exited (timeout) or the sandbox failed.
     pub exit_code: Option<i32>,
+    /// The harness stopped the run because the sandbox host reported a stalled CPU.
+    pub sandbox_stalled: bool,
 }
 
 impl GuestRun {
@@ -270,7 +272,40 @@ fn execute(
         timeout.as_secs(),
         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     );
-    execute_once(make(), timeout, label, input)
+    let stalled = if first.sandbox_stalled {
+        "the sandbox host reported a stalled CPU"
+    } else {
+        "no exit status within the time limit"
+    };
+    let second = execute_once(make(), timeout, label, input);
+    let outcome = if second.exit_code.is_some() {
+        "the retry finished"
+    } else {
+        "the retry did not finish either"
+    };
+    record_retry(&format!("{label}: {stalled}; {outcome}"));
+    second
+}
+
+/// Where every retry of a run is recorded, one line each. `resources/test.sh` empties it before
+/// the suite and prints it after, pass or fail: a retry is a failure deferred, never invisible.
+pub fn retry_log() -> PathBuf {
+    std::env::var_os("DMAVISOR_RETRY_LOG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/harness-retries.log"))
+}
+
+fn record_retry(line: &str) {
+    use std::io::Write;
+    let path = retry_log();
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| writeln!(f, "{line}"));
+    if let Err(e) = written {
+        eprintln!("[harness] recording a retry in {}: {e}", path.display());
+    }
 }
 
 /// Runs `cmd` with a time limit, typing `input` once its output shows the marker; collects
@@ -312,6 +347,7 @@ fn execute_once(
     // The sandbox enforces its own limit; this one is a backstop for both modes.
     let limit = timeout + Duration::from_secs(30);
     let mut polls = 0u32;
+    let mut stalled = false;
     let status = loop {
         if let Some(s) = child.try_wait().expect("waiting for the command") {
             break Some(s);
@@ -337,6 +373,7 @@ fn execute_once(
             }
             let _ = child.kill();
             let _ = child.wait();
+            stalled = true;
             break None;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -352,7 +389,11 @@ fn execute_once(
         "[harness] {label} -> {exit_code:?} in {:.1}s",
         started.elapsed().as_secs_f64()
     );
-    GuestRun { console, exit_code }
+    GuestRun {
+        console,
+        exit_code,
+        sandbox_stalled: stalled,
+    }
 }
 
 /// Whether the sandbox host's kernel reported a CPU that stopped responding: an RCU stall, or a

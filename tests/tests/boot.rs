@@ -188,10 +188,11 @@ fn console_input_reaches_the_guest() {
 #[test]
 fn elf_vmlinux_boots_through_pvh() {
     let vmlinux = root().join("target/guest/linux/vmlinux");
-    if !vmlinux.exists() {
-        eprintln!("skipped: {} not built", vmlinux.display());
-        return;
-    }
+    assert!(
+        vmlinux.exists(),
+        "{} is not built: resources/build-guest.sh builds it with the bzImage",
+        vmlinux.display()
+    );
     let mut boot = Boot::scenario("info");
     boot.kernel = vmlinux;
     let g = boot.run();

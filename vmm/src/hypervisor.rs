@@ -9,8 +9,8 @@ pub const SANDBOX_HINT: &str = "run it inside the sandbox host instead: resource
 
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
-    #[error("/dev/kvm does not exist: this host has no KVM. Load kvm-intel or kvm-amd on a CPU with VT-x/AMD-V, or {SANDBOX_HINT}")]
-    Missing,
+    #[error("{0} does not exist: this host has no KVM. Load kvm-intel or kvm-amd on a CPU with VT-x/AMD-V, or {SANDBOX_HINT}")]
+    Missing(String),
     #[error("cannot open /dev/kvm: permission denied; run dmavisor as root or add your user to the `kvm` group")]
     PermissionDenied,
     #[error("cannot open /dev/kvm: {0}")]
@@ -34,14 +34,23 @@ pub fn host_kvm_is_pvm() -> bool {
     !has_hw_virt
 }
 
+/// The KVM device: `/dev/kvm`, or `DMAVISOR_KVM` where set (a KVM device node elsewhere, e.g.
+/// in a container; tests point it at a missing path to check the message).
+fn kvm_path() -> String {
+    std::env::var("DMAVISOR_KVM").unwrap_or_else(|_| "/dev/kvm".into())
+}
+
 /// Opens KVM and checks that it can run a stock Linux guest with the capabilities we use.
 pub fn open() -> Result<Kvm, HypervisorError> {
-    if !Path::new("/dev/kvm").exists() {
-        return Err(HypervisorError::Missing);
+    let path = kvm_path();
+    if !Path::new(&path).exists() {
+        return Err(HypervisorError::Missing(path));
     }
-    let kvm = Kvm::new().map_err(|e| match e.errno() {
+    let cpath =
+        std::ffi::CString::new(path.clone()).map_err(|_| HypervisorError::Missing(path.clone()))?;
+    let kvm = Kvm::new_with_path(&cpath).map_err(|e| match e.errno() {
         libc::EACCES | libc::EPERM => HypervisorError::PermissionDenied,
-        libc::ENOENT | libc::ENODEV | libc::ENXIO => HypervisorError::Missing,
+        libc::ENOENT | libc::ENODEV | libc::ENXIO => HypervisorError::Missing(path.clone()),
         _ => HypervisorError::Open(e),
     })?;
     if host_kvm_is_pvm() && std::env::var_os("DMAVISOR_ALLOW_PVM").is_none() {
