@@ -41,7 +41,11 @@ pub fn create(layout: &GuestLayout) -> Result<GuestMemoryMmap, MemoryError> {
         let host =
             map_aligned(len as usize).map_err(|e| map_err(FromRangesError::MmapRegion(e)))?;
         // SAFETY: `host` is a fresh private anonymous mapping of `len` bytes with exactly these
-        // protection and flags, used for nothing else and never unmapped.
+        // protection and flags, never unmapped. The one other user is the DMA window's owner
+        // (devices::dma_memory), which re-backs pages of the window range in place with
+        // `mmap(MAP_FIXED)`/`mremap(MREMAP_FIXED)`: the range stays mapped at the same address,
+        // read-write except while a page moves (under the move gate, which every device access
+        // through `GuestMemoryHandle` waits for).
         let mapping = unsafe {
             MmapRegionBuilder::new(len as usize)
                 .with_raw_mmap_pointer(host)

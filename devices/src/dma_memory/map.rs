@@ -152,37 +152,22 @@ impl Owner {
         }
     }
 
-    /// Takes the layout lock once no page of `first..first + n` is pinned long-term: a pinned
-    /// page's host page cannot change, so the range cannot be re-backed. Waits within the
-    /// MAP's policy.
-    fn lock_unpinned(
-        &self,
-        first: usize,
-        n: usize,
-        opts: &MapOptions,
-        deadline: Instant,
-    ) -> Result<std::sync::MutexGuard<'_, ()>, MapError> {
-        loop {
-            let layout = lock(&self.layout);
-            let pinned = self.window.lock().table[first..first + n]
-                .iter()
-                .position(|s| s.pinned());
-            let Some(i) = pinned else {
-                return Ok(layout);
-            };
-            drop(layout);
-            if opts.failfast {
-                tracing::debug!(
-                    page = first + i,
-                    "MAP: a page of the range is pinned long-term"
-                );
-                return Err(MapError::Busy);
-            }
-            if Instant::now() >= deadline {
-                return Err(MapError::Timeout);
-            }
-            std::thread::sleep(PIN_WAIT_SLICE);
+    /// Takes the layout lock if no page of `first..first + n` is pinned long-term. A pinned
+    /// page's host page cannot change, so the range cannot be re-backed; a long-term pin is not
+    /// worth waiting for (it lasts as long as its holder wants), so the MAP fails at once with
+    /// BUSY, FAILFAST or not, as Linux's `alloc_contig_range()` fails on a long-term pinned page
+    /// and `cma_alloc()` moves on to another range.
+    fn lock_unpinned(&self, first: usize, n: usize) -> Result<std::sync::MutexGuard<'_, ()>, MapError> {
+        let layout = lock(&self.layout);
+        let pinned = self.window.lock().table[first..first + n]
+            .iter()
+            .position(|s| s.pinned());
+        if let Some(i) = pinned {
+            tracing::debug!(page = first + i, "MAP: a page of the range is pinned long-term");
+            self.longterm_refusals.fetch_add(1, Ordering::Relaxed);
+            return Err(MapError::Busy);
         }
+        Ok(layout)
     }
 
     fn map_pages(
@@ -200,7 +185,7 @@ impl Owner {
             Policy::Retry { deadline }
         };
         let align = natural_align(len).max(page);
-        let _layout = self.lock_unpinned(first, n, &opts, deadline)?;
+        let _layout = self.lock_unpinned(first, n)?;
         self.reap();
         // Without FAILFAST, a busy frame of the range's own run is worth waiting for as long as
         // half the copy that going elsewhere would cost (at about 1 GiB/s): the wait then never

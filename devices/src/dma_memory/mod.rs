@@ -99,6 +99,8 @@ struct Owner {
     pin_waits: AtomicU64,
     /// Long-term pinned ranges alive now.
     longterm_ranges: AtomicU64,
+    /// MAPs refused because a page of their range was pinned long-term.
+    longterm_refusals: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -152,6 +154,7 @@ impl DmaMemory {
                 samples: MapSamples::default(),
                 pin_waits: AtomicU64::new(0),
                 longterm_ranges: AtomicU64::new(0),
+                longterm_refusals: AtomicU64::new(0),
             }),
         };
         memory.lend_window().map_err(DmaMemoryError::Lend)?;

@@ -85,6 +85,8 @@ pub struct DmaMemoryStats {
     pub usage: Usage,
     pub mappings: u64,
     pub longterm_ranges: u64,
+    /// MAPs refused (BUSY) because a page of their range was pinned long-term.
+    pub longterm_refusals: u64,
 }
 
 impl DmaMemory {
@@ -133,6 +135,7 @@ impl DmaMemory {
             usage: o.allocator.usage(),
             mappings: lock(&o.mappings).len() as u64,
             longterm_ranges: o.longterm_ranges.load(Ordering::Relaxed),
+            longterm_refusals: o.longterm_refusals.load(Ordering::Relaxed),
         }
     }
 }

@@ -135,6 +135,7 @@ struct vdma {
 	u32 raw_status;
 	atomic64_t unmaps_sent;
 	atomic64_t cma_retries;
+	atomic64_t host_busy_skips;
 };
 
 /* Only one device is expected; the heaps and debugfs are per device, named for the first. */
@@ -399,6 +400,8 @@ static struct vdma_chunk *vdma_chunk_create(struct vdma *v, unsigned long pageco
 {
 	struct vdma_request *r = kzalloc(sizeof(*r), GFP_KERNEL);
 	struct vdma_chunk *c = kzalloc(sizeof(*c), GFP_KERNEL);
+	struct page *busy[8];
+	unsigned int nbusy = 0;
 	unsigned long until;
 	unsigned int align;
 	int ret = -ENOMEM;
@@ -421,22 +424,43 @@ static struct vdma_chunk *vdma_chunk_create(struct vdma *v, unsigned long pageco
 	 */
 	until = jiffies + msecs_to_jiffies(failfast ? 0 : deadline_ms);
 	for (;;) {
+		int status;
+
 		c->pages = cma_alloc(v->cma, pagecount, align, !failfast);
-		if (c->pages || failfast || time_after(jiffies, until))
-			break;
-		atomic64_inc(&v->cma_retries);
-		msleep(1);
+		if (!c->pages) {
+			if (failfast || time_after(jiffies, until))
+				break;
+			atomic64_inc(&v->cma_retries);
+			msleep(1);
+			continue;
+		}
+		/* DISCARD: buffers are zeroed through the new host-contiguous backing. */
+		vdma_fill(&r->req, REQ_MAP, MAP_DISCARD | (failfast ? MAP_FAILFAST : 0),
+			  page_to_phys(c->pages), pagecount << PAGE_SHIFT, failfast ? 0 : deadline_ms);
+		status = vdma_request_sync(v, r);
+		/*
+		 * BUSY without FAILFAST: the host holds a page of this range with a long-term pin
+		 * (it waits out short ones itself). Keep the range aside so that the next cma_alloc()
+		 * looks elsewhere, as Linux's cma_alloc() moves past a range it cannot migrate.
+		 */
+		if (status == VDMA_BUSY && !failfast && nbusy < ARRAY_SIZE(busy) &&
+		    !time_after(jiffies, until)) {
+			busy[nbusy++] = c->pages;
+			c->pages = NULL;
+			atomic64_inc(&v->host_busy_skips);
+			continue;
+		}
+		ret = vdma_status_errno(v, status);
+		if (ret) {
+			cma_release(v->cma, c->pages, pagecount);
+			c->pages = NULL;
+		}
+		break;
 	}
+	while (nbusy > 0)
+		cma_release(v->cma, busy[--nbusy], pagecount);
 	if (!c->pages)
 		goto free;
-	/* DISCARD: buffers are zeroed through the new host-contiguous backing. */
-	vdma_fill(&r->req, REQ_MAP, MAP_DISCARD | (failfast ? MAP_FAILFAST : 0),
-		  page_to_phys(c->pages), pagecount << PAGE_SHIFT, failfast ? 0 : deadline_ms);
-	ret = vdma_status_errno(v, vdma_request_sync(v, r));
-	if (ret) {
-		cma_release(v->cma, c->pages, pagecount);
-		goto free;
-	}
 	c->host_addr = le64_to_cpu(r->resp.host_addr);
 	c->resp_flags = le32_to_cpu(r->resp.flags);
 	c->extent = le64_to_cpu(r->resp.extent);
@@ -664,9 +688,10 @@ static int vdma_stats_show(struct seq_file *s, void *unused)
 	if (status == VDMA_OK && r->resp_len >= sizeof(r->resp))
 		for (i = 0; i < ARRAY_SIZE(names); i++)
 			seq_printf(s, " %s=%llu", names[i], le64_to_cpu(r->resp.stat[i]));
-	seq_printf(s, " unmaps_sent=%lld cma_retries=%lld window_base=%#llx window_size=%llu granule=%llu max_map_len=%llu\n",
+	seq_printf(s, " unmaps_sent=%lld cma_retries=%lld host_busy_skips=%lld window_base=%#llx window_size=%llu granule=%llu max_map_len=%llu\n",
 		   (long long)atomic64_read(&v->unmaps_sent),
-		   (long long)atomic64_read(&v->cma_retries), v->window_base, v->window_size,
+		   (long long)atomic64_read(&v->cma_retries),
+		   (long long)atomic64_read(&v->host_busy_skips), v->window_base, v->window_size,
 		   v->granule, v->max_map_len);
 	kfree(r);
 	return 0;

@@ -250,6 +250,7 @@ impl ApiServer {
         v.pins = Some(PinsStat {
             churn: lock(&self.churn).as_ref().map(PinChurn::report),
             longterm_ranges: st.longterm_ranges,
+            longterm_refusals: st.longterm_refusals,
             pins_taken: s.pins,
             pin_refusals: s.pin_refusals,
             longterm_moved_out: s.longterm_moved_out,

@@ -176,6 +176,8 @@ pub struct MapsStat {
 pub struct PinsStat {
     pub churn: Option<ChurnReport>,
     pub longterm_ranges: u64,
+    /// MAPs refused (BUSY) because a page of their range was pinned long-term.
+    pub longterm_refusals: u64,
     pub pins_taken: u64,
     pub pin_refusals: u64,
     pub longterm_moved_out: u64,
