@@ -5,8 +5,8 @@
 //! allocator's map lock. Each frame therefore has one atomic `u64`:
 //!
 //! ```text
-//!  63      62..58   57..56   55..40      39..20      19..0
-//!  FROZEN  unused   tag      revocable   long-term   transient
+//!  63      62..58   57..56   55..40   39..20      19..0
+//!  FROZEN  unused   tag      unused   long-term   transient
 //! ```
 //!
 //! `tag` is OCCUPIED while a movable occupant lives on the frame and FREE otherwise
@@ -29,7 +29,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub(crate) const TRANSIENT_ONE: u64 = 1;
 pub(crate) const LONGTERM_ONE: u64 = 1 << 20;
-pub(crate) const REVOCABLE_ONE: u64 = 1 << 40;
 const COUNT_MASK: u64 = (1 << 20) - 1;
 const PINS_MASK: u64 = (1 << 40) - 1;
 const TAG_SHIFT: u32 = 56;
@@ -87,11 +86,6 @@ pub(crate) fn longterm_of(w: u64) -> u32 {
     ((w >> 20) & COUNT_MASK) as u32
 }
 
-/// Pins that did not register a revoke callback.
-pub(crate) fn unrevocable_of(w: u64) -> u32 {
-    pins_of(w) - ((w >> 40) & 0xffff) as u32
-}
-
 pub(crate) fn is_frozen(w: u64) -> bool {
     w & FROZEN != 0
 }
@@ -124,30 +118,17 @@ pub(crate) enum PinRefused {
 
 /// Add one pin to an OCCUPIED frame, lock-free. Returns the word before the pin.
 /// `Free` means "not an occupant": the caller may try `pin_locked`.
-pub(crate) fn try_pin<W: Word>(
-    word: &W,
-    kind: PinKind,
-    revocable: bool,
-) -> Result<u64, PinRefused> {
-    add_pin(word, kind, revocable, true)
+pub(crate) fn try_pin<W: Word>(word: &W, kind: PinKind) -> Result<u64, PinRefused> {
+    add_pin(word, kind, true)
 }
 
 /// Add one pin to a frame the caller, holding the map lock, has checked is
 /// allocated (its tag is FREE). Returns the word before the pin.
-pub(crate) fn pin_locked<W: Word>(
-    word: &W,
-    kind: PinKind,
-    revocable: bool,
-) -> Result<u64, PinRefused> {
-    add_pin(word, kind, revocable, false)
+pub(crate) fn pin_locked<W: Word>(word: &W, kind: PinKind) -> Result<u64, PinRefused> {
+    add_pin(word, kind, false)
 }
 
-fn add_pin<W: Word>(
-    word: &W,
-    kind: PinKind,
-    revocable: bool,
-    need_occupant: bool,
-) -> Result<u64, PinRefused> {
+fn add_pin<W: Word>(word: &W, kind: PinKind, need_occupant: bool) -> Result<u64, PinRefused> {
     update(word, |w| {
         if need_occupant && tag_of(w) == Tag::Free {
             return Err(PinRefused::Free);
@@ -159,19 +140,19 @@ fn add_pin<W: Word>(
             PinKind::Transient => (TRANSIENT_ONE, w & COUNT_MASK),
             PinKind::LongTerm => (LONGTERM_ONE, (w >> 20) & COUNT_MASK),
         };
-        if count == COUNT_MASK || (revocable && (w >> 40) & 0xffff == 0xffff) {
+        if count == COUNT_MASK {
             return Err(PinRefused::Overflow);
         }
-        Ok(w + one + if revocable { REVOCABLE_ONE } else { 0 })
+        Ok(w + one)
     })
 }
 
 /// Drop one pin taken by `try_pin`. Returns the word after the unpin.
-pub(crate) fn unpin<W: Word>(word: &W, kind: PinKind, revocable: bool) -> u64 {
+pub(crate) fn unpin<W: Word>(word: &W, kind: PinKind) -> u64 {
     let one = match kind {
         PinKind::Transient => TRANSIENT_ONE,
         PinKind::LongTerm => LONGTERM_ONE,
-    } + if revocable { REVOCABLE_ONE } else { 0 };
+    };
     let old = update::<_, ()>(word, |w| Ok(w - one)).unwrap_or_default();
     old - one
 }
@@ -225,30 +206,21 @@ mod tests {
     #[test]
     fn pin_counts_and_tags() {
         let w = AtomicU64::new(0);
-        assert_eq!(
-            try_pin(&w, PinKind::Transient, false),
-            Err(PinRefused::Free)
-        );
+        assert_eq!(try_pin(&w, PinKind::Transient), Err(PinRefused::Free));
         set_tag(&w, Tag::Occupied);
-        try_pin(&w, PinKind::Transient, false).unwrap();
-        try_pin(&w, PinKind::LongTerm, true).unwrap();
+        try_pin(&w, PinKind::Transient).unwrap();
+        try_pin(&w, PinKind::LongTerm).unwrap();
         let v = Word::get(&w);
-        assert_eq!((pins_of(v), longterm_of(v), unrevocable_of(v)), (2, 1, 1));
+        assert_eq!((pins_of(v), longterm_of(v)), (2, 1));
         assert!(try_freeze(&w, Tag::Occupied).is_err());
-        unpin(&w, PinKind::Transient, false);
-        assert_eq!(pins_of(unpin(&w, PinKind::LongTerm, true)), 0);
+        unpin(&w, PinKind::Transient);
+        assert_eq!(pins_of(unpin(&w, PinKind::LongTerm)), 0);
         try_freeze(&w, Tag::Occupied).unwrap();
-        assert_eq!(
-            try_pin(&w, PinKind::Transient, false),
-            Err(PinRefused::Frozen)
-        );
+        assert_eq!(try_pin(&w, PinKind::Transient), Err(PinRefused::Frozen));
         thaw(&w, Tag::Free);
         // Free or allocated: only the locked path may pin it.
-        assert_eq!(
-            try_pin(&w, PinKind::Transient, false),
-            Err(PinRefused::Free)
-        );
-        pin_locked(&w, PinKind::LongTerm, false).unwrap();
+        assert_eq!(try_pin(&w, PinKind::Transient), Err(PinRefused::Free));
+        pin_locked(&w, PinKind::LongTerm).unwrap();
         assert_eq!(longterm_of(Word::get(&w)), 1);
     }
 
@@ -265,11 +237,11 @@ mod tests {
                 let (w2, p2, m2) = (w.clone(), pinned.clone(), migrating.clone());
                 let pinner = thread::spawn(move || {
                     for _ in 0..2 {
-                        if try_pin(&*w2, PinKind::Transient, false).is_ok() {
+                        if try_pin(&*w2, PinKind::Transient).is_ok() {
                             p2.store(true, Ordering::SeqCst);
                             assert!(!m2.load(Ordering::SeqCst), "pinned a migrating frame");
                             p2.store(false, Ordering::SeqCst);
-                            unpin(&*w2, PinKind::Transient, false);
+                            unpin(&*w2, PinKind::Transient);
                         }
                     }
                 });
@@ -305,13 +277,13 @@ mod tests {
                 {
                     let g = allocated.lock().unwrap();
                     assert!(*g);
-                    pin_locked(&*w, PinKind::Transient, false).unwrap();
+                    pin_locked(&*w, PinKind::Transient).unwrap();
                     held.store(true, Ordering::SeqCst);
                 }
                 let (w2, h2) = (w.clone(), held.clone());
                 let io = thread::spawn(move || {
                     h2.store(false, Ordering::SeqCst);
-                    unpin(&*w2, PinKind::Transient, false);
+                    unpin(&*w2, PinKind::Transient);
                 });
                 let a2 = allocated.clone();
                 let owner = thread::spawn(move || *a2.lock().unwrap() = false);

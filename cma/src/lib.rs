@@ -39,6 +39,6 @@ pub use allocator::{
 pub use error::{AllocError, ConfigError, MoveError, OccupyError, PinError, RegionError};
 pub use frame::PinKind;
 pub use migrate::{Destination, FrameMove, MemcpyMover, MigrationPlan, Mover, Occupant};
-pub use pin::{LongTermPin, PinGuard, PinnedAs, Revoke, RevokeRequest};
+pub use pin::{LongTermPin, PinGuard, PinnedAs};
 pub use region::{Backing, Contiguity, Extent, HugePageSize, Region};
 pub use stats::{HistogramSnapshot, StatsSnapshot};

@@ -132,7 +132,6 @@ counters! {
     pin_refusals: "Pins refused (free or migrating frame).",
     pin_waits: "Waits for a pin's release.",
     pin_wait_timeouts: "Waits that timed out.",
-    revoke_requests: "Revoke callbacks invoked.",
     longterm_moved_out: "Occupants moved out of the region for a long-term pin.",
     occupants_placed: "Occupants placed in the region.",
     occupants_vacated: "Occupants removed from the region.",

@@ -210,7 +210,6 @@ struct SweepFail {
     pinned: usize,
     move_failed: usize,
     first_pinned: Option<PinnedCandidate>,
-    first_revocable: Option<PinnedCandidate>,
 }
 
 impl Allocator {
@@ -288,9 +287,6 @@ impl Allocator {
         let (n, align) = self.validate(&req)?;
         let mut backoff = Duration::from_micros(50);
         let mut sweeps = 0u32;
-        // Revocable holders are asked once per request and range, not on every
-        // sweep: the ask is a request to let go soon, repeating it adds nothing.
-        let mut asked: Option<usize> = None;
         let mut drained = false;
         loop {
             sweeps += 1;
@@ -336,13 +332,6 @@ impl Allocator {
             match req.policy {
                 Policy::FailFast => return Err(busy()),
                 Policy::Retry { deadline } => {
-                    if fail.first_pinned.is_some() && fail.candidates == fail.pinned {
-                        if let Some(pc) = fail.first_revocable {
-                            if asked.replace(pc.start) != Some(pc.start) {
-                                self.request_revoke(pc.start, n);
-                            }
-                        }
-                    }
                     let now = Instant::now();
                     if now >= deadline {
                         return Err(AllocError::DeadlinePassed {
@@ -357,12 +346,9 @@ impl Allocator {
                     backoff = (backoff * 2).min(Duration::from_millis(5));
                 }
                 Policy::WaitForPin { timeout } => {
-                    let Some(pc) = fail.first_revocable.or(fail.first_pinned) else {
+                    let Some(pc) = fail.first_pinned else {
                         return Err(busy());
                     };
-                    if pc.revocable && asked.replace(pc.start) != Some(pc.start) {
-                        self.request_revoke(pc.start, n);
-                    }
                     let left = timeout.saturating_sub(t0.elapsed());
                     if left.is_zero() || !self.wait_unpinned(pc.frame, left) {
                         return Err(AllocError::PinWaitTimedOut {
@@ -443,7 +429,6 @@ impl Allocator {
                 fail.pinned += b.pinned;
                 Stats::bump(&s.stats.c().candidates_pinned, b.pinned as u64);
                 fail.first_pinned = fail.first_pinned.or(b.first_pinned);
-                fail.first_revocable = fail.first_revocable.or(b.first_revocable);
                 pos = b.next.max(pos + 1);
                 let Some(c) = b.best else { continue };
                 debug!(start = c.start, cost = c.cost, "candidate chosen");
@@ -453,11 +438,8 @@ impl Allocator {
                         // A pin arrived after evaluation. Resume right past it, so the
                         // other candidates of this batch still get their one try.
                         fail.pinned += 1;
-                        fail.first_pinned.get_or_insert(PinnedCandidate {
-                            start: c.start,
-                            frame: f,
-                            revocable: false,
-                        });
+                        fail.first_pinned
+                            .get_or_insert(PinnedCandidate { frame: f });
                         pos = pos.min(f + 1);
                         continue;
                     }

@@ -20,13 +20,10 @@ pub(super) struct Candidate {
     pub(super) cost: usize,
 }
 
-/// A range rejected because of a pin; kept for WaitForPin and revocation.
+/// A range rejected because of a pin: the pinned frame WaitForPin waits for.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct PinnedCandidate {
-    pub(super) start: usize,
     pub(super) frame: usize,
-    /// Every pin in the range registered a revoke callback.
-    pub(super) revocable: bool,
 }
 
 /// Result of evaluating one batch of candidates.
@@ -36,7 +33,6 @@ pub(super) struct Batch {
     pub(super) evaluated: usize,
     pub(super) pinned: usize,
     pub(super) first_pinned: Option<PinnedCandidate>,
-    pub(super) first_revocable: Option<PinnedCandidate>,
     /// Where the next batch starts; the arena's end when its sweep is complete.
     pub(super) next: usize,
 }
@@ -81,14 +77,13 @@ impl Shared {
         }
     }
 
-    /// First pinned (or frozen) frame in `[start, start+n)`, and whether all pins in
-    /// the range so far are revocable. Pageblocks whose hint says "no pinned frame"
-    /// are skipped without touching their frames; a frozen frame in such a block
-    /// (an occupant in flight) is caught later by the freeze in `prepare`.
-    pub(super) fn first_pinned(&self, start: usize, n: usize) -> Option<(usize, bool)> {
+    /// First pinned (or frozen) frame in `[start, start+n)`. Pageblocks whose hint
+    /// says "no pinned frame" are skipped without touching their frames; a frozen
+    /// frame in such a block (an occupant in flight) is caught later by the freeze
+    /// in `prepare`.
+    pub(super) fn first_pinned(&self, start: usize, n: usize) -> Option<usize> {
         let end = start + n;
         let mut f = start;
-        let mut found: Option<(usize, bool)> = None;
         while f < end {
             let block_end = ((self.block_of(f) + 1) * self.block_frames).min(end);
             if self.block_pins[self.block_of(f)].load(std::sync::atomic::Ordering::Acquire) == 0 {
@@ -97,20 +92,13 @@ impl Shared {
             }
             for g in f..block_end {
                 let w = self.words[g].get();
-                if frame::is_frozen(w) {
-                    return Some((g, false));
-                }
-                if frame::pins_of(w) > 0 {
-                    let rev = frame::unrevocable_of(w) == 0;
-                    if !rev {
-                        return Some((found.map_or(g, |x| x.0), false));
-                    }
-                    found.get_or_insert((g, true));
+                if frame::is_frozen(w) || frame::pins_of(w) > 0 {
+                    return Some(g);
                 }
             }
             f = block_end;
         }
-        found
+        None
     }
 
     /// Evaluate up to `candidates_per_hold` ranges from `from` on: the cheapest
@@ -139,23 +127,10 @@ impl Shared {
                 return b;
             };
             b.evaluated += 1;
-            if let Some((f, revocable)) = self.first_pinned(a, n) {
+            if let Some(f) = self.first_pinned(a, n) {
                 b.pinned += 1;
-                let pc = PinnedCandidate {
-                    start: a,
-                    frame: f,
-                    revocable,
-                };
-                b.first_pinned.get_or_insert(pc);
-                if revocable {
-                    b.first_revocable.get_or_insert(pc);
-                }
-                trace!(
-                    start = a,
-                    pinned_frame = f,
-                    revocable,
-                    "candidate skipped: pinned"
-                );
+                b.first_pinned.get_or_insert(PinnedCandidate { frame: f });
+                trace!(start = a, pinned_frame = f, "candidate skipped: pinned");
                 // Every window overlapping `f` is blocked too: resume past it, as
                 // cma_alloc() moves to the next aligned offset after a busy range.
                 pos = f + 1;
@@ -192,7 +167,7 @@ impl Shared {
         start: usize,
         n: usize,
     ) -> Result<(), usize> {
-        if let Some((f, _)) = self.first_pinned(start, n) {
+        if let Some(f) = self.first_pinned(start, n) {
             return Err(f);
         }
         m.tree.set_alloc(start, n, true);

@@ -21,7 +21,6 @@ use crate::error::{ConfigError, OccupyError};
 use crate::frame::{self, Tag};
 use crate::freetree::ArenaTree;
 use crate::migrate::{Mover, Occupant};
-use crate::pin::RevokeRegistry;
 use crate::region::Region;
 use crate::release::{ReleaseNode, ReleaseQueue};
 use crate::stats::{Stats, StatsSnapshot};
@@ -174,10 +173,9 @@ pub(crate) struct Arena {
     pub(crate) end: usize,
     /// The map lock. Protects this arena's free-run tree and occupant table. Held
     /// only for tree queries and updates and for per-frame compare-and-swaps of the
-    /// range being claimed: never while the `Mover` copies, never while a revoke
-    /// callback runs, never while sleeping. At most one arena's map lock is held at
-    /// a time. Lock order: `map` before a cache shard's lock and before
-    /// `revokers`; the pin event mutex is a leaf and is never held while taking
+    /// range being claimed: never while the `Mover` copies, never while sleeping.
+    /// At most one arena's map lock is held at a time. Lock order: `map` before a
+    /// cache shard's lock; the pin event mutex is a leaf and is never held while taking
     /// another lock. A parking_lot mutex: it spins briefly before parking, which
     /// suits critical sections this short (a futex sleep/wake costs more than the
     /// section).
@@ -247,7 +245,6 @@ pub(crate) struct Shared {
     pub(crate) arenas: Box<[Arena]>,
     /// Frames per arena (the last one may be shorter).
     pub(crate) arena_frames: usize,
-    pub(crate) revokers: RevokeRegistry,
     /// Wakes threads waiting for a pin release or a free (Retry / WaitForPin).
     pub(crate) event: Mutex<()>,
     pub(crate) event_cv: Condvar,
@@ -402,7 +399,6 @@ impl Allocator {
                 .collect(),
             arenas,
             arena_frames,
-            revokers: RevokeRegistry::default(),
             event: Mutex::new(()),
             event_cv: Condvar::new(),
             waiters: AtomicUsize::new(0),
