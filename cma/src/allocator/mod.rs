@@ -505,7 +505,9 @@ impl Allocator {
 
     /// Like [`Allocator::place_occupant`], and let `init` write the occupant's bytes
     /// before anyone can pin or migrate it: the frame stays frozen (and the map lock
-    /// is not held) while `init` runs.
+    /// is not held) while `init` runs. Feature `test-util`: the tests use it to
+    /// place occupants with known bytes while other threads migrate.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn place_occupant_with(
         &self,
         occupant: Occupant,
