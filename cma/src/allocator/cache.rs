@@ -33,8 +33,10 @@
 //! holding the blocks first. A cache may hold blocks of any arena; a refill takes
 //! blocks from the arena it holds locked.
 
-use std::cell::{Cell, UnsafeCell};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
 
 use super::{AllocRequest, FrameExtent, MapState, Shared};
 use crate::freetree::Class;
@@ -55,87 +57,12 @@ pub(crate) struct Shard {
 }
 
 /// A shard on its own cache lines, so that two threads' shards never share one.
+/// Its lock is a `parking_lot` mutex: nearly always uncontended and held for a few
+/// instructions. No holder ever waits for another lock or sleeps while holding it
+/// (see the lock order above); the fast paths only `try_lock` it, and the rare
+/// waiter (a drain, a lookup, a refill) spins briefly before it would park.
 #[repr(align(128))]
-pub(crate) struct Padded(pub(crate) ShardLock<Shard>);
-
-/// A test-and-set lock for a shard: taking it is one atomic swap and releasing it a
-/// plain release store, where a general mutex pays a compare-and-swap for each. It
-/// suits a lock that is nearly always uncontended and held for a few instructions.
-/// No holder ever waits for another lock or sleeps while holding it (see the lock
-/// order above), so the rare waiter (a drain, a lookup, a refill) only spins and
-/// yields for a moment.
-pub(crate) struct ShardLock<T> {
-    locked: AtomicBool,
-    data: UnsafeCell<T>,
-}
-
-// SAFETY: `data` is only reached through a `ShardGuard`, and at most one guard
-// exists at a time (the `locked` flag, taken with Acquire and released with
-// Release), so sharing the lock between threads hands `T` from one thread to
-// another, never to two at once: `T: Send` is enough.
-unsafe impl<T: Send> Sync for ShardLock<T> {}
-
-pub(crate) struct ShardGuard<'a, T> {
-    lock: &'a ShardLock<T>,
-}
-
-impl<T> ShardLock<T> {
-    fn new(t: T) -> Self {
-        ShardLock {
-            locked: AtomicBool::new(false),
-            data: UnsafeCell::new(t),
-        }
-    }
-
-    #[inline]
-    pub(crate) fn try_lock(&self) -> Option<ShardGuard<'_, T>> {
-        if self.locked.swap(true, Ordering::Acquire) {
-            None
-        } else {
-            Some(ShardGuard { lock: self })
-        }
-    }
-
-    pub(crate) fn lock(&self) -> ShardGuard<'_, T> {
-        let mut spins = 0u32;
-        loop {
-            if let Some(g) = self.try_lock() {
-                return g;
-            }
-            while self.locked.load(Ordering::Relaxed) {
-                spins += 1;
-                if spins < 64 {
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
-                }
-            }
-        }
-    }
-}
-
-impl<T> std::ops::Deref for ShardGuard<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        // SAFETY: this guard holds the lock, so no other reference to the data
-        // exists until it is dropped.
-        unsafe { &*self.lock.data.get() }
-    }
-}
-
-impl<T> std::ops::DerefMut for ShardGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: as in `deref`; `&mut self` makes this the only borrow of the guard.
-        unsafe { &mut *self.lock.data.get() }
-    }
-}
-
-impl<T> Drop for ShardGuard<'_, T> {
-    #[inline]
-    fn drop(&mut self) {
-        self.lock.locked.store(false, Ordering::Release);
-    }
-}
+pub(crate) struct Padded(pub(crate) Mutex<Shard>);
 
 pub(crate) struct Caches {
     pub(crate) shards: Box<[Padded]>,
@@ -215,7 +142,7 @@ impl Caches {
         }
         let shards = (0..nshards)
             .map(|_| {
-                Padded(ShardLock::new(Shard {
+                Padded(Mutex::new(Shard {
                     lists: std::array::from_fn(|k| Vec::with_capacity(2 * b[k])),
                     hits: 0,
                     frees: 0,
@@ -237,7 +164,7 @@ impl Caches {
 
     /// The calling thread's shard.
     #[inline]
-    pub(crate) fn mine(&self) -> &ShardLock<Shard> {
+    pub(crate) fn mine(&self) -> &Mutex<Shard> {
         &self.shards[self.index()].0
     }
 
@@ -563,38 +490,6 @@ mod tests {
             placed += 1;
         }
         assert_eq!(placed, FRAMES as u64);
-    }
-
-    #[test]
-    fn shard_lock_excludes() {
-        let l = Arc::new(super::ShardLock::new(0u64));
-        let threads: Vec<_> = (0..4)
-            .map(|i| {
-                let l = l.clone();
-                std::thread::spawn(move || {
-                    for j in 0..20_000 {
-                        let mut g = if (i + j) % 2 == 0 {
-                            l.lock()
-                        } else {
-                            loop {
-                                if let Some(g) = l.try_lock() {
-                                    break g;
-                                }
-                            }
-                        };
-                        let v = *g;
-                        std::hint::black_box(&v);
-                        *g = v + 1;
-                    }
-                })
-            })
-            .collect();
-        threads.into_iter().for_each(|t| t.join().unwrap());
-        assert_eq!(*l.lock(), 80_000);
-        let g = l.lock();
-        assert!(l.try_lock().is_none());
-        drop(g);
-        assert!(l.try_lock().is_some());
     }
 
     #[test]
