@@ -43,19 +43,19 @@ mod freetree;
 #[cfg(any(test, feature = "test-util"))]
 mod memcpy_mover;
 mod migrate;
-mod pin;
 mod region;
 mod release;
+mod shard;
 mod stats;
 
 pub use allocator::{
-    AllocRequest, Allocation, Allocator, AllocatorConfig, FrameInfo, FrameState, Policy, Usage,
+    AllocRequest, Allocation, Allocator, AllocatorConfig, FrameInfo, FrameState, LongTermPin,
+    PinGuard, PinnedAs, Policy, Usage,
 };
-pub use error::{AllocError, ConfigError, MoveError, OccupyError, PinError, RegionError};
+pub use error::{AllocError, ConfigError, OccupyError, PinError, RegionError};
 pub use frame::PinKind;
 #[cfg(any(test, feature = "test-util"))]
 pub use memcpy_mover::MemcpyMover;
-pub use migrate::{Destination, FrameMove, MigrationPlan, Mover, Occupant};
-pub use pin::{LongTermPin, PinGuard, PinnedAs};
+pub use migrate::{Destination, FrameMove, MigrationPlan, MoveError, Mover, Occupant};
 pub use region::{Backing, Contiguity, Extent, HugePageSize, Region};
 pub use stats::{HistogramSnapshot, StatsSnapshot};

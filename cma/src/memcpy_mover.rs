@@ -4,8 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::error::MoveError;
-use crate::migrate::{Destination, FrameMove, MigrationPlan, Mover, Occupant};
+use crate::migrate::{Destination, FrameMove, MigrationPlan, MoveError, Mover, Occupant};
 use crate::region::Region;
 
 /// Copies frames with `memcpy` inside the region; occupants sent out of the region

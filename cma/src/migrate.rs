@@ -5,7 +5,7 @@
 //! map and any IOMMU). A plan is handed over as a batch so that the VMM can
 //! write-protect, copy and flush once per request instead of once per page.
 
-use crate::error::MoveError;
+use thiserror::Error;
 
 /// A movable occupant of a frame: an opaque owner id (e.g. a guest) and the page
 /// index inside that owner.
@@ -69,4 +69,15 @@ impl MigrationPlan {
 /// may block (it copies), but it is always made without allocator locks held.
 pub trait Mover: Send + Sync {
     fn move_frames(&self, plan: &MigrationPlan) -> Result<(), MoveError>;
+}
+
+/// A [`Mover`] failure. Moves are carried out in plan order; `completed` says
+/// how many took effect before the failure (the rest did not).
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("move {completed} of {total} failed (frame {frame}): {reason}")]
+pub struct MoveError {
+    pub completed: usize,
+    pub total: usize,
+    pub frame: usize,
+    pub reason: String,
 }

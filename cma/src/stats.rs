@@ -173,7 +173,7 @@ impl Stats {
     /// The calling thread's shard.
     #[inline]
     pub(crate) fn local(&self) -> &StatShard {
-        &self.shards[crate::allocator::thread_shard() & self.mask]
+        &self.shards[crate::shard::thread_shard() & self.mask]
     }
 
     /// The calling thread's counters.

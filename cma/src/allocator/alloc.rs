@@ -186,7 +186,7 @@ impl Allocation {
             return false;
         }
         let Some(mut sh) = s.caches.mine().try_lock() else {
-            super::cache::rehome();
+            crate::shard::rehome();
             return false;
         };
         let list = &mut sh.lists[k];
@@ -217,7 +217,7 @@ impl Allocator {
     /// is busy. Never panics on bad input; see [`AllocError`] for every reason.
     pub fn alloc(&self, req: AllocRequest) -> Result<Allocation, AllocError> {
         let s = &self.shared;
-        if let Some(k) = s.cache_order(&req) {
+        if let Some(k) = s.cache_order(req.len, req.align) {
             if let Some(a) = self.cache_pop(k) {
                 return Ok(a);
             }
@@ -484,7 +484,7 @@ impl Allocator {
         let s = &self.shared;
         let node = {
             let Some(mut sh) = s.caches.mine().try_lock() else {
-                super::cache::rehome();
+                crate::shard::rehome();
                 return None;
             };
             let node = sh.lists[k].pop()?;

@@ -33,14 +33,12 @@
 //! holding the blocks first. A cache may hold blocks of any arena; a refill takes
 //! blocks from the arena it holds locked.
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use parking_lot::Mutex;
 
-use super::{AllocRequest, FrameExtent, MapState, Shared};
+use super::{FrameExtent, MapState, Shared};
 use crate::freetree::Class;
 use crate::release::ReleaseNode;
+use crate::shard::thread_shard;
 
 /// Cached sizes: 2^0 ..= 2^(ORDERS-1) frames.
 pub(crate) const ORDERS: usize = 5;
@@ -80,50 +78,6 @@ pub(crate) struct Caches {
 #[repr(align(128))]
 pub(crate) struct ShardRef {
     pub(crate) shared: std::sync::Arc<Shared>,
-}
-
-thread_local! {
-    /// This thread's shard number: the CPU it ran on when it first asked, and again
-    /// each time it found its shard or its home arena busy. Two threads that keep
-    /// meeting on one shard are then (most likely) on two CPUs, so re-picking by CPU
-    /// separates them, the way per-CPU lists separate CPUs in Linux, while the
-    /// number stays a plain thread-local read on the fast path (no `getcpu` per
-    /// request).
-    static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
-}
-static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
-
-/// The CPU this thread runs on now (round-robin numbers where that is unknown).
-fn current_cpu() -> usize {
-    // SAFETY: sched_getcpu takes no arguments and touches no memory of ours.
-    let c = unsafe { libc::sched_getcpu() };
-    if c >= 0 {
-        c as usize
-    } else {
-        NEXT_SHARD.fetch_add(1, Ordering::Relaxed)
-    }
-}
-
-/// The calling thread's shard number before masking (the caches, the stats and
-/// the home arena all reduce it to their own count).
-#[inline]
-pub(crate) fn thread_shard() -> usize {
-    SHARD.with(|c| {
-        let v = c.get();
-        if v != usize::MAX {
-            return v;
-        }
-        let v = current_cpu();
-        c.set(v);
-        v
-    })
-}
-
-/// The calling thread met another one on its shard or home arena: pick again by
-/// the CPU it runs on now.
-#[cold]
-pub(crate) fn rehome() {
-    SHARD.with(|c| c.set(current_cpu()));
 }
 
 impl Caches {
@@ -181,16 +135,16 @@ impl Caches {
 }
 
 impl Shared {
-    /// The cache order that can serve `req` (a well-formed request of 1..=16 frames,
-    /// a power of two, aligned to at most its size), if caches are enabled for it.
+    /// The cache order that can serve a request of `len` bytes aligned to `align`
+    /// (a well-formed request of 1..=16 frames, a power of two, aligned to at most
+    /// its size), if caches are enabled for it.
     #[inline]
-    pub(crate) fn cache_order(&self, req: &AllocRequest) -> Option<usize> {
+    pub(crate) fn cache_order(&self, len: usize, align: usize) -> Option<usize> {
         let g = self.config.granule;
-        if req.len == 0 || !req.align.is_power_of_two() || req.len > g << (ORDERS - 1) {
+        if len == 0 || !align.is_power_of_two() || len > g << (ORDERS - 1) {
             return None;
         }
-        self.caches
-            .order(req.len.div_ceil(g), (req.align / g).max(1))
+        self.caches.order(len.div_ceil(g), (align / g).max(1))
     }
 
     /// Under the map lock, after a clean fit of order `k` was claimed for the

@@ -1,13 +1,13 @@
 //! The allocator: shared state, construction, occupants and frame queries.
 //! Allocation lives in `alloc.rs`, claiming and migrating ranges in `claim.rs`,
-//! pins in `crate::pin`.
+//! pins in `pin.rs`, lending in place in `lend.rs`, small-block caches in
+//! `cache.rs`.
 
 mod alloc;
 mod cache;
 mod claim;
 mod lend;
-
-pub(crate) use cache::thread_shard;
+mod pin;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
@@ -16,6 +16,7 @@ use std::time::Duration;
 use tracing::trace;
 
 pub use alloc::{AllocRequest, Allocation, Policy};
+pub use pin::{LongTermPin, PinGuard, PinnedAs};
 
 use crate::error::{ConfigError, OccupyError};
 use crate::frame::{self, Tag};
@@ -207,7 +208,7 @@ impl Arena {
             return m;
         }
         Stats::bump(&stats.c().home_arena_busy, 1);
-        cache::rehome();
+        crate::shard::rehome();
         self.lock()
     }
 
@@ -621,7 +622,7 @@ impl Shared {
     /// The calling thread's home arena: where its requests look first.
     #[inline]
     pub(crate) fn home_arena(&self) -> usize {
-        cache::thread_shard() % self.arenas.len()
+        crate::shard::thread_shard() % self.arenas.len()
     }
 
     /// Allocated frames in the whole region (error reports only).
@@ -713,7 +714,7 @@ fn assert_send_sync() {
     fn is<T: Send + Sync>() {}
     is::<Allocator>();
     is::<Allocation>();
-    is::<crate::PinGuard>();
+    is::<PinGuard>();
     is::<Region>();
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tracing::debug_span;
 
-use crate::allocator::{Allocator, Shared};
+use super::{Allocator, Shared};
 use crate::error::PinError;
 use crate::frame::{self, PinKind, PinRefused, Tag, Word};
 use crate::migrate::{Destination, FrameMove, MigrationPlan, Occupant};
