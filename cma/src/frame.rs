@@ -25,7 +25,7 @@
 //! The functions are generic over [`Word`] so the same code runs under the shuttle
 //! model checker in the tests below.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 pub(crate) const TRANSIENT_ONE: u64 = 1;
 pub(crate) const LONGTERM_ONE: u64 = 1 << 20;
@@ -185,6 +185,73 @@ pub(crate) fn freeze_as<W: Word>(word: &W, tag: Tag) {
 /// Set the tag, keeping pins (an occupant placed on a clean frame).
 pub(crate) fn set_tag<W: Word>(word: &W, tag: Tag) {
     let _ = update::<_, ()>(word, |w| Ok(with_tag(w, tag)));
+}
+
+/// The lock-free state of every frame: one word per frame (the layout above), and
+/// per pageblock a hint counting its frames that have at least one pin.
+pub(crate) struct FrameWords {
+    words: Box<[AtomicU64]>,
+    /// Per-pageblock count of frames with at least one pin: a hint that lets a
+    /// candidate skip the per-frame pin check for pin-free pageblocks. Updated after
+    /// the word's pin count crosses zero, so it can lag (and briefly wrap); the
+    /// frame word's compare-and-swap at freeze time is what decides.
+    pub(crate) block_pins: Box<[AtomicU32]>,
+    /// Frames per pageblock (a power of two).
+    pub(crate) block_frames: usize,
+}
+
+impl FrameWords {
+    /// `frames` words, all free and unpinned, in pageblocks of `block_frames`.
+    pub(crate) fn new(frames: usize, block_frames: usize) -> Self {
+        debug_assert!(block_frames.is_power_of_two());
+        FrameWords {
+            words: (0..frames).map(|_| AtomicU64::new(0)).collect(),
+            block_pins: (0..frames.div_ceil(block_frames))
+                .map(|_| AtomicU32::new(0))
+                .collect(),
+            block_frames,
+        }
+    }
+
+    /// The pageblock holding frame `f`.
+    #[inline]
+    pub(crate) fn block_of(&self, f: usize) -> usize {
+        // block_frames is a power of two (checked in `Allocator::new`): a shift, not
+        // a divide.
+        f >> self.block_frames.trailing_zeros()
+    }
+
+    /// First pinned (or frozen) frame in `[start, start+n)`. Pageblocks whose hint
+    /// says "no pinned frame" are skipped without touching their frames; a frozen
+    /// frame in such a block (an occupant in flight) is caught later by the freeze
+    /// that claims the range.
+    pub(crate) fn first_pinned(&self, start: usize, n: usize) -> Option<usize> {
+        let end = start + n;
+        let mut f = start;
+        while f < end {
+            let block_end = ((self.block_of(f) + 1) * self.block_frames).min(end);
+            if self.block_pins[self.block_of(f)].load(Ordering::Acquire) == 0 {
+                f = block_end;
+                continue;
+            }
+            for g in f..block_end {
+                let w = self.words[g].get();
+                if is_frozen(w) || pins_of(w) > 0 {
+                    return Some(g);
+                }
+            }
+            f = block_end;
+        }
+        None
+    }
+}
+
+impl std::ops::Index<usize> for FrameWords {
+    type Output = AtomicU64;
+    #[inline]
+    fn index(&self, f: usize) -> &AtomicU64 {
+        &self.words[f]
+    }
 }
 
 #[cfg(test)]

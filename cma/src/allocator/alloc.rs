@@ -119,7 +119,7 @@ impl Allocation {
 
     /// Host physical address of the first byte, when the region knows it.
     pub fn phys_addr(&self) -> Option<u64> {
-        let e = self.owner.shared.extents[self.extent];
+        let e = self.owner.shared.layout.extents[self.extent];
         e.phys_frame.map(|pf| {
             (pf + (self.start - e.start) as u64) * self.owner.shared.config.granule as u64
         })
@@ -127,7 +127,7 @@ impl Allocation {
 
     /// Index of the extent (see [`crate::Region::extents`]) holding the allocation.
     pub fn extent(&self) -> usize {
-        self.owner.shared.extents[self.extent].region_extent
+        self.owner.shared.layout.extents[self.extent].region_extent
     }
 
     /// Frames whose occupants were migrated to make room for this allocation.
@@ -145,13 +145,13 @@ impl Drop for Allocation {
             return;
         }
         if self.try_cache() {
-            self.owner.shared.notify_inner(true);
+            self.owner.shared.wakeups.try_notify();
             return;
         }
         let s = &self.owner.shared;
         // Nothing per frame: allocated frames carry no lock-free state (see
         // `crate::frame`), so a release is one tree update, or one queue push.
-        let arena = s.arena_of(self.start);
+        let arena = s.layout.arena_of(self.start);
         match arena.try_lock() {
             Some(mut m) => {
                 m.tree.set_alloc(self.start, self.frames, false);
@@ -167,7 +167,7 @@ impl Drop for Allocation {
             }
         }
         Stats::bump(&s.stats.c().frees, 1);
-        s.notify_inner(true);
+        s.wakeups.try_notify();
     }
 }
 
@@ -264,7 +264,7 @@ impl Allocator {
         if !req.align.is_power_of_two() {
             return Err(invalid("alignment is not a power of two"));
         }
-        let largest = self.shared.largest_extent;
+        let largest = self.shared.layout.largest_extent;
         if req.len > largest && req.len <= self.shared.region.largest_extent() {
             return Err(invalid(
                 "larger than one arena: an allocation never spans two arenas; configure fewer (AllocatorConfig::arenas)",
@@ -313,7 +313,7 @@ impl Allocator {
             let requested = req.len;
             let busy = || {
                 if no_room {
-                    let allocated = s.allocated_total() * s.config.granule;
+                    let allocated = s.layout.allocated_total() * s.config.granule;
                     AllocError::NoRoom {
                         requested,
                         align: req.align,
@@ -342,7 +342,7 @@ impl Allocator {
                     }
                     let slice = backoff.min(deadline - now);
                     trace!(?slice, sweeps, "retry: backing off");
-                    s.wait_event(slice, || true);
+                    s.wakeups.wait(slice, || true);
                     backoff = (backoff * 2).min(Duration::from_millis(5));
                 }
                 Policy::WaitForPin { timeout } => {
@@ -368,8 +368,8 @@ impl Allocator {
     fn sweep(&self, n: usize, align: usize) -> Result<Allocation, SweepFail> {
         let s = &self.shared;
         let order = s.caches.order(n, align);
-        let (home, count) = (s.home_arena(), s.arenas.len());
-        let arenas = || (0..count).map(move |i| &s.arenas[(home + i) % count]);
+        let (home, count) = (s.layout.home_arena(), s.layout.arenas.len());
+        let arenas = || (0..count).map(move |i| &s.layout.arenas[(home + i) % count]);
         // For a cacheable size, the nodes of a refill batch are allocated before the
         // lock is taken.
         let mut spare: Vec<Box<ReleaseNode>> = match order {
@@ -380,7 +380,7 @@ impl Allocator {
         };
         for arena in arenas() {
             let clean = {
-                let m = if std::ptr::eq(arena, &s.arenas[home]) {
+                let m = if std::ptr::eq(arena, &s.layout.arenas[home]) {
                     Some(arena.lock_home(&s.stats))
                 } else {
                     arena.try_lock()
@@ -417,7 +417,7 @@ impl Allocator {
         let mut fail = SweepFail::default();
         for arena in arenas() {
             let mut pos = arena.start;
-            let is_home = std::ptr::eq(arena, &s.arenas[home]);
+            let is_home = std::ptr::eq(arena, &s.layout.arenas[home]);
             while pos < arena.end {
                 let mut m = if is_home {
                     arena.lock_home(&s.stats)
@@ -490,9 +490,10 @@ impl Allocator {
             let node = sh.lists[k].pop()?;
             // A pin taken before the pop is seen here (see `cache.rs`); the check
             // reads only the pageblock hint unless the pageblock has pins.
-            if s.first_pinned(node.start, node.frames).is_some() {
+            if s.words.first_pinned(node.start, node.frames).is_some() {
                 drop(sh);
-                s.lock_frame(node.start)
+                s.layout
+                    .lock_frame(node.start)
                     .tree
                     .set_alloc(node.start, node.frames, false);
                 return None;
@@ -523,7 +524,7 @@ impl Allocator {
                 s.stats.local().pin_wait_latency.record(t.elapsed());
                 return false;
             }
-            s.wait_event(left.min(Duration::from_millis(5)), pinned);
+            s.wakeups.wait(left.min(Duration::from_millis(5)), pinned);
         }
         s.stats.local().pin_wait_latency.record(t.elapsed());
         true

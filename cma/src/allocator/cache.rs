@@ -198,7 +198,7 @@ impl Shared {
     /// caller holds no map lock). Returns the frames returned.
     pub(crate) fn drain_caches(&self) -> usize {
         let mut frames = 0;
-        for a in self.arenas.iter() {
+        for a in self.layout.arenas.iter() {
             let mut m = a.lock();
             for sh in self.caches.shards.iter() {
                 let mut sh = sh.0.lock();
@@ -253,7 +253,7 @@ impl Shared {
     /// Is `[start, start + n)` aligned to `n` frames (physically, where known), as a
     /// cached block of order log2(n) must be?
     pub(crate) fn block_aligned(&self, extent: usize, start: usize, n: usize) -> bool {
-        let e: FrameExtent = self.extents[extent];
+        let e: FrameExtent = self.layout.extents[extent];
         e.align_up(start, n) == start
     }
 }

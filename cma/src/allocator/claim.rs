@@ -45,10 +45,6 @@ pub(super) struct Prepared {
 }
 
 impl Shared {
-    pub(super) fn extent_of(&self, f: usize) -> usize {
-        self.extents.partition_point(|e| e.end <= f)
-    }
-
     /// Leftmost aligned `a >= from` with `[a, a+n)` free in `class` and inside one
     /// extent. Each step is a tree descent, so this is O(log frames) per free run
     /// considered rather than O(frames).
@@ -63,8 +59,8 @@ impl Shared {
         let mut pos = from;
         loop {
             let p = m.tree.next_fit(class, pos, n)?;
-            let x = self.extent_of(p);
-            let e = self.extents[x];
+            let x = self.layout.extent_of(p);
+            let e = self.layout.extents[x];
             let a = e.align_up(p, align);
             if a + n > e.end {
                 pos = e.end;
@@ -75,30 +71,6 @@ impl Shared {
             }
             pos = a + 1;
         }
-    }
-
-    /// First pinned (or frozen) frame in `[start, start+n)`. Pageblocks whose hint
-    /// says "no pinned frame" are skipped without touching their frames; a frozen
-    /// frame in such a block (an occupant in flight) is caught later by the freeze
-    /// in `prepare`.
-    pub(super) fn first_pinned(&self, start: usize, n: usize) -> Option<usize> {
-        let end = start + n;
-        let mut f = start;
-        while f < end {
-            let block_end = ((self.block_of(f) + 1) * self.block_frames).min(end);
-            if self.block_pins[self.block_of(f)].load(std::sync::atomic::Ordering::Acquire) == 0 {
-                f = block_end;
-                continue;
-            }
-            for g in f..block_end {
-                let w = self.words[g].get();
-                if frame::is_frozen(w) || frame::pins_of(w) > 0 {
-                    return Some(g);
-                }
-            }
-            f = block_end;
-        }
-        None
     }
 
     /// Evaluate up to `candidates_per_hold` ranges from `from` on: the cheapest
@@ -127,7 +99,7 @@ impl Shared {
                 return b;
             };
             b.evaluated += 1;
-            if let Some(f) = self.first_pinned(a, n) {
+            if let Some(f) = self.words.first_pinned(a, n) {
                 b.pinned += 1;
                 b.first_pinned.get_or_insert(PinnedCandidate { frame: f });
                 trace!(start = a, pinned_frame = f, "candidate skipped: pinned");
@@ -167,7 +139,7 @@ impl Shared {
         start: usize,
         n: usize,
     ) -> Result<(), usize> {
-        if let Some(f) = self.first_pinned(start, n) {
+        if let Some(f) = self.words.first_pinned(start, n) {
             return Err(f);
         }
         m.tree.set_alloc(start, n, true);
@@ -256,9 +228,9 @@ impl Shared {
         let end = start + n;
         let mut f = start;
         while f < end {
-            let b = self.block_of(f);
-            let block_end = ((b + 1) * self.block_frames).min(end);
-            if self.block_pins[b].load(std::sync::atomic::Ordering::Acquire) != 0 {
+            let b = self.words.block_of(f);
+            let block_end = ((b + 1) * self.words.block_frames).min(end);
+            if self.words.block_pins[b].load(std::sync::atomic::Ordering::Acquire) != 0 {
                 for g in f..block_end {
                     if !m.tree.is_occ(g) && frame::pins_of(self.words[g].get()) != 0 {
                         return Some(g);

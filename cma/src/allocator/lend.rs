@@ -32,11 +32,11 @@ impl Allocator {
                 frames: s.frames,
             });
         };
-        let extent = s.extent_of(start);
-        if s.extents.get(extent).is_none_or(|e| end > e.end) {
+        let extent = s.layout.extent_of(start);
+        if s.layout.extents.get(extent).is_none_or(|e| end > e.end) {
             return Err(OccupyError::Straddles { start, end });
         }
-        let mut m = s.lock_frame(start);
+        let mut m = s.layout.lock_frame(start);
         for (i, (f, &occ)) in (start..end).zip(occupants).enumerate() {
             let failure = if m.tree.is_alloc(f) || m.occupants[f] != Some(occ) {
                 Some(OccupyError::WrongOccupant {
@@ -101,7 +101,7 @@ impl Allocator {
                 },
             ));
         }
-        let mut m = s.lock_frame(start);
+        let mut m = s.layout.lock_frame(start);
         m.tree.set_alloc(start, n, false);
         m.tree.set_occ(start, n, true);
         for (f, &occ) in (start..start + n).zip(occupants) {

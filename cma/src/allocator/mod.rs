@@ -9,7 +9,7 @@ mod claim;
 mod lend;
 mod pin;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ pub use alloc::{AllocRequest, Allocation, Policy};
 pub use pin::{LongTermPin, PinGuard, PinnedAs};
 
 use crate::error::{ConfigError, OccupyError};
-use crate::frame::{self, Tag};
+use crate::frame::{self, FrameWords, Tag};
 use crate::freetree::ArenaTree;
 use crate::migrate::{Mover, Occupant};
 use crate::region::Region;
@@ -227,29 +227,42 @@ impl Arena {
     }
 }
 
-pub(crate) struct Shared {
-    pub(crate) region: Arc<Region>,
-    pub(crate) config: AllocatorConfig,
-    pub(crate) frames: usize,
-    pub(crate) block_frames: usize,
-    pub(crate) extents: Vec<FrameExtent>,
-    /// Bytes in the largest extent (checked on every request).
-    pub(crate) largest_extent: usize,
-    /// Per-frame state words (see `crate::frame`). Lock-free.
-    pub(crate) words: Box<[AtomicU64]>,
-    /// Per-pageblock count of frames with at least one pin: a hint that lets a
-    /// candidate skip the per-frame pin check for pin-free pageblocks. Updated after
-    /// the word's pin count crosses zero, so it can lag (and briefly wrap); the
-    /// frame word's compare-and-swap at freeze time is what decides.
-    pub(crate) block_pins: Box<[AtomicU32]>,
+/// Where each frame lives: the arenas (each with its map lock, tree and occupant
+/// table) and the region's extents in frame units, cut at arena boundaries.
+pub(crate) struct Layout {
     /// The arenas, in region order (see `Arena` for the locking).
     pub(crate) arenas: Box<[Arena]>,
     /// Frames per arena (the last one may be shorter).
     pub(crate) arena_frames: usize,
-    /// Wakes threads waiting for a pin release or a free (Retry / WaitForPin).
-    pub(crate) event: Mutex<()>,
-    pub(crate) event_cv: Condvar,
-    pub(crate) waiters: AtomicUsize,
+    /// The region's extents, cut at arena boundaries, in region order.
+    pub(crate) extents: Vec<FrameExtent>,
+    /// Bytes in the largest extent (checked on every request).
+    pub(crate) largest_extent: usize,
+}
+
+/// How threads that wait for a pin release or a free (Retry / WaitForPin) are
+/// woken: a condvar, and a count of waiters so that releases with nobody waiting
+/// touch no lock.
+pub(crate) struct Wakeups {
+    /// A leaf mutex: it protects nothing, it only closes the lost-wake-up window.
+    event: Mutex<()>,
+    cv: Condvar,
+    waiters: AtomicUsize,
+}
+
+/// Everything an allocator handle shares, in named parts.
+pub(crate) struct Shared {
+    pub(crate) region: Arc<Region>,
+    pub(crate) config: AllocatorConfig,
+    /// Frames in the region.
+    pub(crate) frames: usize,
+    /// Per-frame state words and per-pageblock pin hints (see `crate::frame`).
+    /// Lock-free.
+    pub(crate) words: FrameWords,
+    /// The arenas and extents.
+    pub(crate) layout: Layout,
+    /// Wakes threads waiting for a pin release or a free.
+    pub(crate) wakeups: Wakeups,
     pub(crate) mover: Arc<dyn Mover>,
     pub(crate) stats: Stats,
     /// Per-shard caches of small pre-claimed blocks (`cache.rs`).
@@ -391,18 +404,14 @@ impl Allocator {
                 ..config
             },
             frames,
-            block_frames,
-            extents,
-            words: (0..frames).map(|_| AtomicU64::new(0)).collect(),
-            largest_extent,
-            block_pins: (0..frames.div_ceil(block_frames))
-                .map(|_| AtomicU32::new(0))
-                .collect(),
-            arenas,
-            arena_frames,
-            event: Mutex::new(()),
-            event_cv: Condvar::new(),
-            waiters: AtomicUsize::new(0),
+            words: FrameWords::new(frames, block_frames),
+            layout: Layout {
+                arenas,
+                arena_frames,
+                extents,
+                largest_extent,
+            },
+            wakeups: Wakeups::new(),
             mover,
             stats: Stats::new(caches.shards.len()),
             caches,
@@ -458,7 +467,7 @@ impl Allocator {
             occupied: 0,
             largest_clean_run: 0,
         };
-        for a in self.shared.arenas.iter() {
+        for a in self.shared.layout.arenas.iter() {
             let m = a.lock();
             u.allocated += m.tree.allocated_total();
             u.occupied += m.tree.occupied_total();
@@ -471,7 +480,7 @@ impl Allocator {
 
     /// Number of arenas (see [`AllocatorConfig::arenas`]).
     pub fn arenas(&self) -> usize {
-        self.shared.arenas.len()
+        self.shared.layout.arenas.len()
     }
 
     /// What frame `frame` holds, with its pin counts.
@@ -479,7 +488,7 @@ impl Allocator {
         if frame >= self.shared.frames {
             return None;
         }
-        let m = self.shared.lock_frame(frame);
+        let m = self.shared.layout.lock_frame(frame);
         let w = frame::Word::get(&self.shared.words[frame]);
         let state = if frame::is_frozen(w) {
             FrameState::Migrating
@@ -540,7 +549,7 @@ impl Allocator {
     pub fn place_occupant_at(&self, frame: usize, occupant: Occupant) -> Result<(), OccupyError> {
         let s = &self.shared;
         self.check_frame(frame)?;
-        let mut m = s.lock_frame(frame);
+        let mut m = s.layout.lock_frame(frame);
         if m.tree.is_alloc(frame) {
             // A block in a small-block cache is free: take it back from the cache.
             s.uncache(&mut m, frame);
@@ -564,7 +573,7 @@ impl Allocator {
     pub fn vacate(&self, frame: usize, occupant: Occupant) -> Result<(), OccupyError> {
         let s = &self.shared;
         self.check_frame(frame)?;
-        let mut m = s.lock_frame(frame);
+        let mut m = s.layout.lock_frame(frame);
         if m.occupants[frame] != Some(occupant) || m.tree.is_alloc(frame) {
             let found = if m.tree.is_alloc(frame) {
                 None
@@ -592,7 +601,7 @@ impl Allocator {
         frame::thaw(&s.words[frame], Tag::Free);
         Stats::bump(&s.stats.c().occupants_vacated, 1);
         drop(m);
-        s.notify();
+        s.wakeups.notify();
         Ok(())
     }
 }
@@ -606,8 +615,7 @@ pub struct Usage {
     pub largest_clean_run: usize,
 }
 
-impl Shared {
-    /// Take the map lock and fold in releases queued while it was busy.
+impl Layout {
     /// The arena holding frame `f`.
     #[inline]
     pub(crate) fn arena_of(&self, f: usize) -> &Arena {
@@ -633,13 +641,63 @@ impl Shared {
             .sum()
     }
 
+    /// Index of the extent holding frame `f`.
+    pub(crate) fn extent_of(&self, f: usize) -> usize {
+        self.extents.partition_point(|e| e.end <= f)
+    }
+}
+
+impl Wakeups {
+    fn new() -> Self {
+        Wakeups {
+            event: Mutex::new(()),
+            cv: Condvar::new(),
+            waiters: AtomicUsize::new(0),
+        }
+    }
+
+    /// Wake waiters (pin released, range freed). Takes the event mutex, so that a
+    /// waiter between its check and its sleep cannot miss the wake-up.
+    pub(crate) fn notify(&self) {
+        if self.waiters.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        drop(self.event.lock().unwrap_or_else(|e| e.into_inner()));
+        self.cv.notify_all();
+    }
+
+    /// Wake waiters without ever blocking (the release path): the event mutex is
+    /// only tried, and a waiter that misses the wake-up times out of its bounded
+    /// wait slice instead.
+    pub(crate) fn try_notify(&self) {
+        if self.waiters.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        drop(self.event.try_lock().ok());
+        self.cv.notify_all();
+    }
+
+    /// Sleep until notified or `timeout`, whichever comes first, while `still_blocked`
+    /// holds. Checking the condition under the event mutex closes the lost-wake-up
+    /// window for notifiers that take the mutex.
+    pub(crate) fn wait(&self, timeout: Duration, still_blocked: impl Fn() -> bool) {
+        self.waiters.fetch_add(1, Ordering::AcqRel);
+        let g = self.event.lock().unwrap_or_else(|e| e.into_inner());
+        if still_blocked() {
+            let _ = self.cv.wait_timeout(g, timeout);
+        }
+        self.waiters.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Shared {
     /// Put `occupant` on the highest clean, unpinned frame of the region (arenas
     /// from the last down), frozen if `frozen`. Frames in small-block caches are
     /// taken back once before the region is reported full.
     fn place_top_down(&self, occupant: Occupant, frozen: bool) -> Result<usize, OccupyError> {
         let mut drained = false;
         loop {
-            for a in self.arenas.iter().rev() {
+            for a in self.layout.arenas.iter().rev() {
                 let mut m = a.lock();
                 let mut before = a.end;
                 while let Some(f) = m.tree.last_clean(before) {
@@ -666,45 +724,6 @@ impl Shared {
         m.tree.set_occ(f, 1, true);
         frame::set_tag(&self.words[f], Tag::Occupied);
         Stats::bump(&self.stats.c().occupants_placed, 1);
-    }
-
-    pub(crate) fn block_of(&self, f: usize) -> usize {
-        // block_frames is a power of two (checked in `new`): a shift, not a divide.
-        f >> self.block_frames.trailing_zeros()
-    }
-
-    /// Wake waiters (pin released, range freed). Never blocks: with `try` the event
-    /// mutex is only tried, and a waiter that misses the wake-up times out of its
-    /// bounded wait slice instead.
-    pub(crate) fn notify_inner(&self, try_only: bool) {
-        if self.waiters.load(std::sync::atomic::Ordering::Acquire) == 0 {
-            return;
-        }
-        let guard = if try_only {
-            self.event.try_lock().ok()
-        } else {
-            Some(self.event.lock().unwrap_or_else(|e| e.into_inner()))
-        };
-        drop(guard);
-        self.event_cv.notify_all();
-    }
-
-    pub(crate) fn notify(&self) {
-        self.notify_inner(false)
-    }
-
-    /// Sleep until notified or `timeout`, whichever comes first, while `still_blocked`
-    /// holds. Checking the condition under the event mutex closes the lost-wake-up
-    /// window for notifiers that take the mutex.
-    pub(crate) fn wait_event(&self, timeout: Duration, still_blocked: impl Fn() -> bool) {
-        self.waiters
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let g = self.event.lock().unwrap_or_else(|e| e.into_inner());
-        if still_blocked() {
-            let _ = self.event_cv.wait_timeout(g, timeout);
-        }
-        self.waiters
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

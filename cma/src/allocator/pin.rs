@@ -64,8 +64,8 @@ impl Drop for PinGuard {
         let s = &self.shared;
         let after = frame::unpin(&s.words[self.frame], self.kind);
         if frame::pins_of(after) == 0 {
-            s.block_pins[s.block_of(self.frame)].fetch_sub(1, Ordering::AcqRel);
-            s.notify();
+            s.words.block_pins[s.words.block_of(self.frame)].fetch_sub(1, Ordering::AcqRel);
+            s.wakeups.notify();
         }
     }
 }
@@ -98,7 +98,7 @@ impl Shared {
         let r = match frame::try_pin(&self.words[f], kind) {
             Err(PinRefused::Free) if !allow_locked => Err(PinRefused::NotOccupant),
             Err(PinRefused::Free) => {
-                let m = self.lock_frame(f);
+                let m = self.layout.lock_frame(f);
                 // A block in a small-block cache is free, though the tree holds it.
                 if !m.tree.is_alloc(f) || self.cached(&m, f) {
                     Err(PinRefused::Free)
@@ -107,7 +107,8 @@ impl Shared {
                     // The hint must be raised before the lock is dropped: once the
                     // allocation is freed, `claim_clean` relies on it to see this pin.
                     if matches!(r, Ok(before) if frame::pins_of(before) == 0) {
-                        self.block_pins[self.block_of(f)].fetch_add(1, Ordering::AcqRel);
+                        self.words.block_pins[self.words.block_of(f)]
+                            .fetch_add(1, Ordering::AcqRel);
                     }
                     drop(m);
                     r.map(|w| (w, PinnedAs::Allocated))
@@ -119,7 +120,7 @@ impl Shared {
             Ok((before, pinned_as)) => {
                 // For occupants the hint may lag the word: the freeze CAS decides.
                 if pinned_as == PinnedAs::Occupied && frame::pins_of(before) == 0 {
-                    self.block_pins[self.block_of(f)].fetch_add(1, Ordering::AcqRel);
+                    self.words.block_pins[self.words.block_of(f)].fetch_add(1, Ordering::AcqRel);
                 }
                 Stats::bump(&self.stats.c().pins, 1);
                 Ok(PinGuard {
@@ -171,7 +172,7 @@ impl Allocator {
                 frames: s.frames,
             });
         }
-        let m = s.lock_frame(f);
+        let m = s.layout.lock_frame(f);
         let w = s.words[f].get();
         let occupant = match (frame::tag_of(w), m.occupants[f]) {
             (Tag::Free, _) if m.tree.is_alloc(f) && !s.cached(&m, f) => {
@@ -205,7 +206,7 @@ impl Allocator {
             }],
         };
         let r = s.mover.move_frames(&plan);
-        let mut m = s.lock_frame(f);
+        let mut m = s.layout.lock_frame(f);
         match r {
             Ok(()) => {
                 m.occupants[f] = None;
@@ -215,7 +216,7 @@ impl Allocator {
                 Stats::bump(&s.stats.c().longterm_moved_out, 1);
                 Stats::bump(&s.stats.c().pages_migrated, 1);
                 Stats::bump(&s.stats.c().bytes_migrated, s.config.granule as u64);
-                s.notify();
+                s.wakeups.notify();
                 Ok(LongTermPin::MovedOut(occupant))
             }
             Err(source) => {
