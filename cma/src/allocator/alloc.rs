@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use tracing::{debug, debug_span, trace};
 
 use super::cache::ShardRef;
-use super::claim::{Batch, PinnedCandidate};
+use super::claim::{Batch, Committed, PinnedCandidate};
 use super::Allocator;
 use crate::error::AllocError;
-use crate::frame::{self, Word};
+use crate::frame::{self, AtomicFrameWord};
 use crate::freetree::Class;
 use crate::release::ReleaseNode;
 use crate::stats::Stats;
@@ -447,7 +447,7 @@ impl Allocator {
                 drop(m);
                 let done = s.migrate(&prepared);
                 let mut m = arena.lock();
-                if s.commit(&mut m, prepared, done) {
+                if s.commit(&mut m, prepared, done) == Committed::Allocation {
                     let node = m.node(c.start, n);
                     drop(m);
                     return Ok(self.handle(c.start, n, c.extent, done, node));

@@ -6,7 +6,7 @@ use std::time::Instant;
 use tracing::{debug, trace};
 
 use super::{MapState, Shared};
-use crate::frame::{self, Tag, Word};
+use crate::frame::{self, AtomicFrameWord, FrameKind};
 use crate::freetree::Class;
 use crate::migrate::{Destination, FrameMove, MigrationPlan};
 use crate::stats::Stats;
@@ -35,6 +35,16 @@ pub(super) struct Batch {
     pub(super) first_pinned: Option<PinnedCandidate>,
     /// Where the next batch starts; the arena's end when its sweep is complete.
     pub(super) next: usize,
+}
+
+/// What `commit` made of a prepared range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Committed {
+    /// Every move took effect: the range is the caller's allocation.
+    Allocation,
+    /// A move failed: the completed moves stand, the rest were rolled back, and
+    /// the range is free again.
+    RolledBack,
 }
 
 /// A claimed range whose occupants are frozen and whose plan is ready.
@@ -164,7 +174,7 @@ impl Shared {
         let mut failed = None;
         let (tree, occupants) = (&m.tree, &m.occupants);
         tree.for_each_occ(start, start + n, |f| {
-            if frame::try_freeze(&self.words[f], Tag::Occupied).is_err() {
+            if frame::try_freeze(&self.words[f], FrameKind::Occupied).is_err() {
                 failed = Some(f);
                 return false;
             }
@@ -185,7 +195,7 @@ impl Shared {
         }
         if let Some(f) = failed {
             for &g in &frozen {
-                frame::thaw(&self.words[g], Tag::Occupied);
+                frame::thaw(&self.words[g], FrameKind::Occupied);
             }
             m.scratch.moves = moves;
             m.scratch.frozen = frozen;
@@ -207,7 +217,7 @@ impl Shared {
                 continue;
             }
             m.occupants[d] = Some(mv.occupant);
-            frame::freeze_as(&self.words[d], Tag::Occupied);
+            frame::freeze_as(&self.words[d], FrameKind::Occupied);
             mv.dst = Destination::Frame(d);
         }
         m.scratch.dsts = dsts;
@@ -263,9 +273,9 @@ impl Shared {
     }
 
     /// Commit the first `done` moves. If that is all of them the range becomes an
-    /// allocation (returns true); otherwise the rest is rolled back and the range
-    /// returned to the tree. The plan's buffer is kept for the next one.
-    pub(super) fn commit(&self, m: &mut MapState, p: Prepared, done: usize) -> bool {
+    /// allocation; otherwise the rest is rolled back and the range returned to the
+    /// tree. The plan's buffer is kept for the next one.
+    pub(super) fn commit(&self, m: &mut MapState, p: Prepared, done: usize) -> Committed {
         let all = done == p.plan.len();
         if all {
             // Every occupied frame of the range was a source: one tree update.
@@ -278,17 +288,17 @@ impl Shared {
                 if !all {
                     m.tree.set_occ(mv.src, 1, false);
                 }
-                frame::thaw(&self.words[mv.src], Tag::Free);
+                frame::thaw(&self.words[mv.src], FrameKind::FreeOrAllocated);
             } else {
-                frame::thaw(&self.words[mv.src], Tag::Occupied);
+                frame::thaw(&self.words[mv.src], FrameKind::Occupied);
             }
             if let Destination::Frame(d) = mv.dst {
                 if moved {
-                    frame::thaw(&self.words[d], Tag::Occupied);
+                    frame::thaw(&self.words[d], FrameKind::Occupied);
                 } else {
                     m.occupants[d] = None;
                     m.tree.set_occ(d, 1, false);
-                    frame::thaw(&self.words[d], Tag::Free);
+                    frame::thaw(&self.words[d], FrameKind::FreeOrAllocated);
                 }
             }
         }
@@ -297,9 +307,9 @@ impl Shared {
         Stats::bump(&self.stats.c().bytes_migrated, done as u64 * g);
         m.scratch.moves = p.plan.moves;
         if all {
-            return true;
+            return Committed::Allocation;
         }
         m.tree.set_alloc(p.start, p.frames, false);
-        false
+        Committed::RolledBack
     }
 }

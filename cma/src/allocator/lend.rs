@@ -7,7 +7,7 @@
 //! back. Both directions are all-or-nothing.
 
 use crate::error::OccupyError;
-use crate::frame::{self, Tag};
+use crate::frame::{self, FrameKind};
 use crate::migrate::Occupant;
 use crate::stats::Stats;
 
@@ -49,7 +49,7 @@ impl Allocator {
                     },
                 })
             } else {
-                frame::try_freeze(&s.words[f], Tag::Occupied)
+                frame::try_freeze(&s.words[f], FrameKind::Occupied)
                     .err()
                     .map(|w| {
                         if frame::is_frozen(w) {
@@ -64,14 +64,14 @@ impl Allocator {
             };
             if let Some(e) = failure {
                 for g in start..start + i {
-                    frame::thaw(&s.words[g], Tag::Occupied);
+                    frame::thaw(&s.words[g], FrameKind::Occupied);
                 }
                 return Err(e);
             }
         }
         for f in start..end {
             m.occupants[f] = None;
-            frame::thaw(&s.words[f], Tag::Free);
+            frame::thaw(&s.words[f], FrameKind::FreeOrAllocated);
         }
         m.tree.set_occ(start, n, false);
         m.tree.set_alloc(start, n, true);
@@ -106,7 +106,7 @@ impl Allocator {
         m.tree.set_occ(start, n, true);
         for (f, &occ) in (start..start + n).zip(occupants) {
             m.occupants[f] = Some(occ);
-            frame::set_tag(&s.words[f], Tag::Occupied);
+            frame::set_kind(&s.words[f], FrameKind::Occupied);
         }
         drop(m);
         // The frames are accounted for: the allocation's drop must not free them.

@@ -19,7 +19,7 @@ pub use alloc::{AllocRequest, Allocation, Policy};
 pub use pin::{LongTermPin, PinGuard, PinnedAs};
 
 use crate::error::{ConfigError, OccupyError};
-use crate::frame::{self, FrameWords, Tag};
+use crate::frame::{self, FrameKind, FrameWords};
 use crate::freetree::ArenaTree;
 use crate::migrate::{Mover, Occupant};
 use crate::region::Region;
@@ -489,10 +489,10 @@ impl Allocator {
             return None;
         }
         let m = self.shared.layout.lock_frame(frame);
-        let w = frame::Word::get(&self.shared.words[frame]);
+        let w = frame::AtomicFrameWord::get(&self.shared.words[frame]);
         let state = if frame::is_frozen(w) {
             FrameState::Migrating
-        } else if frame::tag_of(w) == Tag::Occupied {
+        } else if frame::kind_of(w) == FrameKind::Occupied {
             m.occupants[frame].map_or(FrameState::Migrating, FrameState::Occupied)
         } else if m.tree.is_alloc(frame) && !self.shared.cached(&m, frame) {
             FrameState::Allocated
@@ -510,7 +510,7 @@ impl Allocator {
     /// the region down, while DMA allocations are placed first-fit from the bottom,
     /// so the two meet as late as possible and most requests need no migration.
     pub fn place_occupant(&self, occupant: Occupant) -> Result<usize, OccupyError> {
-        self.shared.place_top_down(occupant, false)
+        self.shared.place_top_down(occupant, PlaceAs::Ready)
     }
 
     /// Like [`Allocator::place_occupant`], and let `init` write the occupant's bytes
@@ -524,7 +524,7 @@ impl Allocator {
         init: impl FnOnce(&mut [u8]),
     ) -> Result<usize, OccupyError> {
         let s = &self.shared;
-        let f = s.place_top_down(occupant, true)?;
+        let f = s.place_top_down(occupant, PlaceAs::Frozen)?;
         let g = s.config.granule;
         // SAFETY: frame `f` lies inside the region mapping (f < frames), which lives
         // as long as `s`. It is frozen: no pin, migration, vacate or allocation can
@@ -532,7 +532,7 @@ impl Allocator {
         let bytes =
             unsafe { std::slice::from_raw_parts_mut(s.region.host_addr().as_ptr().add(f * g), g) };
         init(bytes);
-        frame::thaw(&s.words[f], Tag::Occupied);
+        frame::thaw(&s.words[f], FrameKind::Occupied);
         Ok(f)
     }
 
@@ -554,7 +554,7 @@ impl Allocator {
             // A block in a small-block cache is free: take it back from the cache.
             s.uncache(&mut m, frame);
         }
-        let w = frame::Word::get(&s.words[frame]);
+        let w = frame::AtomicFrameWord::get(&s.words[frame]);
         let found = if m.tree.is_alloc(frame) {
             "allocated"
         } else if m.tree.is_occ(frame) {
@@ -586,7 +586,7 @@ impl Allocator {
                 found,
             });
         }
-        if let Err(w) = frame::try_freeze(&s.words[frame], Tag::Occupied) {
+        if let Err(w) = frame::try_freeze(&s.words[frame], FrameKind::Occupied) {
             return Err(if frame::is_frozen(w) {
                 OccupyError::Migrating { frame }
             } else {
@@ -598,12 +598,22 @@ impl Allocator {
         }
         m.occupants[frame] = None;
         m.tree.set_occ(frame, 1, false);
-        frame::thaw(&s.words[frame], Tag::Free);
+        frame::thaw(&s.words[frame], FrameKind::FreeOrAllocated);
         Stats::bump(&s.stats.c().occupants_vacated, 1);
         drop(m);
         s.wakeups.notify();
         Ok(())
     }
+}
+
+/// How `place_top_down` leaves the frame it placed an occupant on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PlaceAs {
+    /// Pinnable and migratable at once.
+    Ready,
+    /// Frozen, for the caller to write the occupant's bytes and then thaw.
+    #[cfg_attr(not(any(test, feature = "test-util")), allow(dead_code))]
+    Frozen,
 }
 
 /// Region usage in frames.
@@ -692,9 +702,9 @@ impl Wakeups {
 
 impl Shared {
     /// Put `occupant` on the highest clean, unpinned frame of the region (arenas
-    /// from the last down), frozen if `frozen`. Frames in small-block caches are
-    /// taken back once before the region is reported full.
-    fn place_top_down(&self, occupant: Occupant, frozen: bool) -> Result<usize, OccupyError> {
+    /// from the last down), left frozen if `how` says so. Frames in small-block
+    /// caches are taken back once before the region is reported full.
+    fn place_top_down(&self, occupant: Occupant, how: PlaceAs) -> Result<usize, OccupyError> {
         let mut drained = false;
         loop {
             for a in self.layout.arenas.iter().rev() {
@@ -702,10 +712,10 @@ impl Shared {
                 let mut before = a.end;
                 while let Some(f) = m.tree.last_clean(before) {
                     // A frame freed while still pinned keeps its pins; skip it.
-                    if frame::pins_of(frame::Word::get(&self.words[f])) == 0 {
+                    if frame::pins_of(frame::AtomicFrameWord::get(&self.words[f])) == 0 {
                         self.occupy(&mut m, f, occupant);
-                        if frozen {
-                            frame::freeze_as(&self.words[f], Tag::Occupied);
+                        if how == PlaceAs::Frozen {
+                            frame::freeze_as(&self.words[f], FrameKind::Occupied);
                         }
                         return Ok(f);
                     }
@@ -722,7 +732,7 @@ impl Shared {
     fn occupy(&self, m: &mut MapState, f: usize, occupant: Occupant) {
         m.occupants[f] = Some(occupant);
         m.tree.set_occ(f, 1, true);
-        frame::set_tag(&self.words[f], Tag::Occupied);
+        frame::set_kind(&self.words[f], FrameKind::Occupied);
         Stats::bump(&self.stats.c().occupants_placed, 1);
     }
 }

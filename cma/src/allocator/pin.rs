@@ -13,7 +13,7 @@ use tracing::debug_span;
 
 use super::{Allocator, Shared};
 use crate::error::PinError;
-use crate::frame::{self, PinKind, PinRefused, Tag, Word};
+use crate::frame::{self, AtomicFrameWord, FrameKind, PinKind, PinRefused};
 use crate::migrate::{Destination, FrameMove, MigrationPlan, Occupant};
 use crate::stats::Stats;
 
@@ -80,12 +80,21 @@ pub enum LongTermPin {
     MovedOut(Occupant),
 }
 
+/// Which frames a pin request accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pinnable {
+    /// Occupants only, lock-free (`pin_occupant`).
+    OccupantsOnly,
+    /// Occupants lock-free, and allocated frames under the map lock.
+    OccupiedOrAllocated,
+}
+
 impl Shared {
     fn take_pin(
         self: &Arc<Self>,
         f: usize,
         kind: PinKind,
-        allow_locked: bool,
+        pinnable: Pinnable,
     ) -> Result<PinGuard, PinError> {
         if f >= self.frames {
             return Err(PinError::OutOfRange {
@@ -93,15 +102,20 @@ impl Shared {
                 frames: self.frames,
             });
         }
+        let refused = |r: PinRefused| match r {
+            PinRefused::NotOccupied => PinError::NotOccupied { frame: f },
+            PinRefused::Frozen => PinError::Migrating { frame: f },
+            PinRefused::Overflow => PinError::TooManyPins { frame: f },
+        };
         // Occupants: lock-free. Anything else: under the map lock, where the tree
         // says whether the frame is allocated (pinnable) or free (not).
         let r = match frame::try_pin(&self.words[f], kind) {
-            Err(PinRefused::Free) if !allow_locked => Err(PinRefused::NotOccupant),
-            Err(PinRefused::Free) => {
+            Ok(before) => Ok((before, PinnedAs::Occupied)),
+            Err(PinRefused::NotOccupied) if pinnable == Pinnable::OccupiedOrAllocated => {
                 let m = self.layout.lock_frame(f);
                 // A block in a small-block cache is free, though the tree holds it.
                 if !m.tree.is_alloc(f) || self.cached(&m, f) {
-                    Err(PinRefused::Free)
+                    Err(PinError::FrameFree { frame: f })
                 } else {
                     let r = frame::pin_locked(&self.words[f], kind);
                     // The hint must be raised before the lock is dropped: once the
@@ -111,10 +125,10 @@ impl Shared {
                             .fetch_add(1, Ordering::AcqRel);
                     }
                     drop(m);
-                    r.map(|w| (w, PinnedAs::Allocated))
+                    r.map(|w| (w, PinnedAs::Allocated)).map_err(refused)
                 }
             }
-            r => r.map(|w| (w, PinnedAs::Occupied)),
+            Err(r) => Err(refused(r)),
         };
         match r {
             Ok((before, pinned_as)) => {
@@ -130,14 +144,9 @@ impl Shared {
                     pinned_as,
                 })
             }
-            Err(r) => {
+            Err(e) => {
                 Stats::bump(&self.stats.c().pin_refusals, 1);
-                Err(match r {
-                    PinRefused::Free => PinError::FrameFree { frame: f },
-                    PinRefused::NotOccupant => PinError::NotOccupied { frame: f },
-                    PinRefused::Frozen => PinError::Migrating { frame: f },
-                    PinRefused::Overflow => PinError::TooManyPins { frame: f },
-                })
+                Err(e)
             }
         }
     }
@@ -147,7 +156,8 @@ impl Allocator {
     /// Take a transient pin (I/O in flight) on an allocated or occupied frame.
     /// Allocations skip ranges with pinned frames, or wait, per their policy.
     pub fn pin(&self, frame: usize) -> Result<PinGuard, PinError> {
-        self.shared.take_pin(frame, PinKind::Transient, true)
+        self.shared
+            .take_pin(frame, PinKind::Transient, Pinnable::OccupiedOrAllocated)
     }
 
     /// Take a transient pin on a frame only if it holds a movable occupant: one
@@ -156,7 +166,8 @@ impl Allocator {
     ///
     /// [`pin`]: Allocator::pin
     pub fn pin_occupant(&self, frame: usize) -> Result<PinGuard, PinError> {
-        self.shared.take_pin(frame, PinKind::Transient, false)
+        self.shared
+            .take_pin(frame, PinKind::Transient, Pinnable::OccupantsOnly)
     }
 
     /// Long-term pin (FOLL_LONGTERM semantics). On a DMA allocation's frame: pinned
@@ -174,18 +185,18 @@ impl Allocator {
         }
         let m = s.layout.lock_frame(f);
         let w = s.words[f].get();
-        let occupant = match (frame::tag_of(w), m.occupants[f]) {
-            (Tag::Free, _) if m.tree.is_alloc(f) && !s.cached(&m, f) => {
+        let occupant = match (frame::kind_of(w), m.occupants[f]) {
+            (FrameKind::FreeOrAllocated, _) if m.tree.is_alloc(f) && !s.cached(&m, f) => {
                 drop(m);
                 return s
-                    .take_pin(f, PinKind::LongTerm, true)
+                    .take_pin(f, PinKind::LongTerm, Pinnable::OccupiedOrAllocated)
                     .map(LongTermPin::Held);
             }
-            (Tag::Free, _) => return Err(PinError::FrameFree { frame: f }),
-            (Tag::Occupied, None) => return Err(PinError::Migrating { frame: f }),
-            (Tag::Occupied, Some(o)) => o,
+            (FrameKind::FreeOrAllocated, _) => return Err(PinError::FrameFree { frame: f }),
+            (FrameKind::Occupied, None) => return Err(PinError::Migrating { frame: f }),
+            (FrameKind::Occupied, Some(o)) => o,
         };
-        if let Err(w) = frame::try_freeze(&s.words[f], Tag::Occupied) {
+        if let Err(w) = frame::try_freeze(&s.words[f], FrameKind::Occupied) {
             return Err(if frame::is_frozen(w) {
                 PinError::Migrating { frame: f }
             } else {
@@ -211,7 +222,7 @@ impl Allocator {
             Ok(()) => {
                 m.occupants[f] = None;
                 m.tree.set_occ(f, 1, false);
-                frame::thaw(&s.words[f], Tag::Free);
+                frame::thaw(&s.words[f], FrameKind::FreeOrAllocated);
                 drop(m);
                 Stats::bump(&s.stats.c().longterm_moved_out, 1);
                 Stats::bump(&s.stats.c().pages_migrated, 1);
@@ -220,7 +231,7 @@ impl Allocator {
                 Ok(LongTermPin::MovedOut(occupant))
             }
             Err(source) => {
-                frame::thaw(&s.words[f], Tag::Occupied);
+                frame::thaw(&s.words[f], FrameKind::Occupied);
                 Stats::bump(&s.stats.c().move_failures, 1);
                 Err(PinError::MoveOutFailed {
                     frame: f,
