@@ -105,10 +105,19 @@ impl GuestMemoryHandle {
         &self.gate
     }
 
-    /// The memory without the gate, for the DMA memory owner (which moves pages under the
-    /// gate itself) and for setting up the owner's window.
-    pub(crate) fn ungated(&self) -> &GuestMemoryMmap {
-        &self.mem
+    /// The VMM's address of `[base, base + len)` if that is exactly one region of guest memory:
+    /// for the DMA memory owner, which re-backs that range under the gate itself. Nothing else
+    /// gets guest memory around the gate.
+    pub(crate) fn whole_region_host_addr(&self, base: u64, len: u64) -> Option<usize> {
+        use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+        let region = self
+            .mem
+            .find_region(GuestAddress(base))
+            .filter(|r| r.start_addr() == GuestAddress(base) && r.len() == len)?;
+        region
+            .get_host_address(MemoryRegionAddress(0))
+            .ok()
+            .map(|p| p as usize)
     }
 }
 

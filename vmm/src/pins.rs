@@ -247,14 +247,7 @@ impl UringPins {
 
 fn register(pin: &LongTermPin) -> Result<io_uring::IoUring, PinsError> {
     let ring = io_uring::IoUring::new(1).map_err(PinsError::Uring)?;
-    let iovecs: Vec<libc::iovec> = pin
-        .buffers()
-        .iter()
-        .map(|b| libc::iovec {
-            iov_base: b.addr as *mut libc::c_void,
-            iov_len: b.len,
-        })
-        .collect();
+    let iovecs = pin.iovecs();
     // SAFETY: the iovecs describe guest pages that `pin` keeps mapped and in place for as long
     // as it lives; `UringPins` drops the ring (and with it the kernel's pins) before the pin.
     unsafe { ring.submitter().register_buffers(&iovecs) }.map_err(PinsError::Uring)?;

@@ -157,13 +157,20 @@ impl Owner {
     /// worth waiting for (it lasts as long as its holder wants), so the MAP fails at once with
     /// BUSY, FAILFAST or not, as Linux's `alloc_contig_range()` fails on a long-term pinned page
     /// and `cma_alloc()` moves on to another range.
-    fn lock_unpinned(&self, first: usize, n: usize) -> Result<std::sync::MutexGuard<'_, ()>, MapError> {
+    fn lock_unpinned(
+        &self,
+        first: usize,
+        n: usize,
+    ) -> Result<std::sync::MutexGuard<'_, ()>, MapError> {
         let layout = lock(&self.layout);
         let pinned = self.window.lock().table[first..first + n]
             .iter()
             .position(|s| s.pinned());
         if let Some(i) = pinned {
-            tracing::debug!(page = first + i, "MAP: a page of the range is pinned long-term");
+            tracing::debug!(
+                page = first + i,
+                "MAP: a page of the range is pinned long-term"
+            );
             self.longterm_refusals.fetch_add(1, Ordering::Relaxed);
             return Err(MapError::Busy);
         }

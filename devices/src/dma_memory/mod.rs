@@ -37,7 +37,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use cma::{AllocError, AllocRequest, Allocation, Allocator, AllocatorConfig, Region};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::guest_memory::GuestMemoryHandle;
 
@@ -122,7 +121,9 @@ impl DmaMemory {
         if page > MAX_REMAP_PAGE {
             return Err(DmaMemoryError::PageTooLarge(page));
         }
-        let host_addr = window_host_addr(guest, base, len)?;
+        let host_addr = guest
+            .whole_region_host_addr(base, len)
+            .ok_or(DmaMemoryError::NoWindow { base, len })?;
         if !host_addr.is_multiple_of(page) {
             return Err(DmaMemoryError::Unaligned(host_addr, page));
         }
@@ -326,23 +327,6 @@ impl Owner {
             .orphans
             .retain(|&(f, occ)| self.allocator.vacate(f, occ).is_err());
     }
-}
-
-/// The host address of the window, which must be exactly one region of guest memory.
-fn window_host_addr(
-    guest: &GuestMemoryHandle,
-    base: u64,
-    len: u64,
-) -> Result<usize, DmaMemoryError> {
-    let mem = guest.ungated();
-    let region = mem
-        .find_region(GuestAddress(base))
-        .filter(|r| r.start_addr() == GuestAddress(base) && r.len() == len)
-        .ok_or(DmaMemoryError::NoWindow { base, len })?;
-    let host = region
-        .get_host_address(vm_memory::MemoryRegionAddress(0))
-        .map_err(|_| DmaMemoryError::NoWindow { base, len })?;
-    Ok(host as usize)
 }
 
 #[cfg(test)]

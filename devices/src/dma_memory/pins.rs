@@ -83,6 +83,17 @@ impl LongTermPin {
         &self.buffers
     }
 
+    /// The buffers as `iovec`s, as io_uring's buffer registration takes them.
+    pub fn iovecs(&self) -> Vec<libc::iovec> {
+        self.buffers
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.addr as *mut libc::c_void,
+                iov_len: b.len,
+            })
+            .collect()
+    }
+
     pub fn holder(&self) -> PinHolder {
         self.holder
     }

@@ -240,14 +240,7 @@ fn write_fixed(pin: &LongTermPin) -> Vec<u8> {
     use io_uring::{opcode, types, IoUring};
     use std::os::fd::AsRawFd;
     let mut ring = IoUring::new(4).unwrap();
-    let iovecs: Vec<libc::iovec> = pin
-        .buffers()
-        .iter()
-        .map(|b| libc::iovec {
-            iov_base: b.addr as *mut libc::c_void,
-            iov_len: b.len,
-        })
-        .collect();
+    let iovecs = pin.iovecs();
     // SAFETY: the iovecs describe guest pages that the long-term pin keeps in place and mapped
     // for as long as it lives, which outlasts the ring (dropped at the end of this function).
     unsafe { ring.submitter().register_buffers(&iovecs).unwrap() };
@@ -302,8 +295,15 @@ fn a_long_term_pin_in_ordinary_memory_stays_attached_to_its_guest_page() {
         ..FAILFAST
     };
     let t = Instant::now();
-    assert_eq!(dma.map(BASE, MIB, patient).unwrap_err(), MapError::Busy, "FAILFAST or not");
-    assert!(t.elapsed() < Duration::from_secs(1), "a long-term pin is not waited for");
+    assert_eq!(
+        dma.map(BASE, MIB, patient).unwrap_err(),
+        MapError::Busy,
+        "FAILFAST or not"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "a long-term pin is not waited for"
+    );
     assert_eq!(dma.stats().longterm_refusals, 2);
     assert_eq!(dma.page_state(5).unwrap().backing, Backing::Ram);
     // The guest writes its page; the kernel's pinned page must be that page.

@@ -395,6 +395,14 @@ static void vdma_chunk_destroy(struct vdma_chunk *c)
 
 static int vdma_status_errno(struct vdma *v, int status);
 
+/* Gives the ranges a MAP found busy back to the CMA area. */
+static void vdma_release_aside(struct vdma *v, struct page **busy, unsigned int *nbusy,
+			       unsigned long pagecount)
+{
+	while (*nbusy > 0)
+		cma_release(v->cma, busy[--*nbusy], pagecount);
+}
+
 /* cma_alloc() + MAP: a new host-contiguous chunk of pagecount pages. */
 static struct vdma_chunk *vdma_chunk_create(struct vdma *v, unsigned long pagecount, bool failfast)
 {
@@ -430,6 +438,11 @@ static struct vdma_chunk *vdma_chunk_create(struct vdma *v, unsigned long pageco
 		if (!c->pages) {
 			if (failfast || time_after(jiffies, until))
 				break;
+			/*
+			 * Nothing free but the ranges kept aside: let them go (their pins may end, and
+			 * buffers freed meanwhile come back) and look again in a moment.
+			 */
+			vdma_release_aside(v, busy, &nbusy, pagecount);
 			atomic64_inc(&v->cma_retries);
 			msleep(1);
 			continue;
@@ -443,8 +456,9 @@ static struct vdma_chunk *vdma_chunk_create(struct vdma *v, unsigned long pageco
 		 * (it waits out short ones itself). Keep the range aside so that the next cma_alloc()
 		 * looks elsewhere, as Linux's cma_alloc() moves past a range it cannot migrate.
 		 */
-		if (status == VDMA_BUSY && !failfast && nbusy < ARRAY_SIZE(busy) &&
-		    !time_after(jiffies, until)) {
+		if (status == VDMA_BUSY && !failfast && !time_after(jiffies, until)) {
+			if (nbusy == ARRAY_SIZE(busy))
+				vdma_release_aside(v, busy, &nbusy, pagecount);
 			busy[nbusy++] = c->pages;
 			c->pages = NULL;
 			atomic64_inc(&v->host_busy_skips);
@@ -457,8 +471,7 @@ static struct vdma_chunk *vdma_chunk_create(struct vdma *v, unsigned long pageco
 		}
 		break;
 	}
-	while (nbusy > 0)
-		cma_release(v->cma, busy[--nbusy], pagecount);
+	vdma_release_aside(v, busy, &nbusy, pagecount);
 	if (!c->pages)
 		goto free;
 	c->host_addr = le64_to_cpu(r->resp.host_addr);
