@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::migrate::Occupant;
+use crate::migrate::{MoveError, Occupant};
 
 /// Why a [`crate::Region`] could not be reserved.
 #[derive(Debug, Error)]
@@ -165,15 +165,4 @@ pub enum OccupyError {
     Pinned { frame: usize, pins: u32 },
     #[error("frames {start}..{end} are not inside one host-contiguous extent")]
     Straddles { start: usize, end: usize },
-}
-
-/// A [`crate::Mover`] failure. Moves are carried out in plan order; `completed` says
-/// how many took effect before the failure (the rest did not).
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[error("move {completed} of {total} failed (frame {frame}): {reason}")]
-pub struct MoveError {
-    pub completed: usize,
-    pub total: usize,
-    pub frame: usize,
-    pub reason: String,
 }

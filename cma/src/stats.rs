@@ -132,7 +132,6 @@ counters! {
     pin_refusals: "Pins refused (free or migrating frame).",
     pin_waits: "Waits for a pin's release.",
     pin_wait_timeouts: "Waits that timed out.",
-    revoke_requests: "Revoke callbacks invoked.",
     longterm_moved_out: "Occupants moved out of the region for a long-term pin.",
     occupants_placed: "Occupants placed in the region.",
     occupants_vacated: "Occupants removed from the region.",
@@ -174,7 +173,7 @@ impl Stats {
     /// The calling thread's shard.
     #[inline]
     pub(crate) fn local(&self) -> &StatShard {
-        &self.shards[crate::allocator::thread_shard() & self.mask]
+        &self.shards[crate::shard::thread_shard() & self.mask]
     }
 
     /// The calling thread's counters.

@@ -3,13 +3,11 @@
 mod common;
 
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use cma::{
-    AllocError, AllocRequest, FrameState, LongTermPin, Occupant, PinError, PinKind, PinnedAs,
-    Policy,
+    AllocError, AllocRequest, FrameState, LongTermPin, Occupant, PinError, PinnedAs, Policy,
 };
 use common::*;
 
@@ -216,35 +214,6 @@ fn long_term_pin_moves_occupant_out_first() {
         s.alloc.pin_longterm(40),
         Err(PinError::FrameFree { frame: 40 })
     ));
-}
-
-#[test]
-fn revocable_pins_are_asked_to_let_go() {
-    let s = setup(64 * K4, 16 * K4);
-    fill_region(&s);
-    let (tx, rx) = mpsc::channel::<u64>();
-    let guard = s
-        .alloc
-        .pin_revocable(
-            3,
-            PinKind::LongTerm,
-            Arc::new(move |r: cma::RevokeRequest| tx.send(r.pin_id).unwrap()),
-        )
-        .unwrap();
-    let id = guard.revoke_id().unwrap();
-    let holder = thread::spawn(move || {
-        assert_eq!(rx.recv().unwrap(), id);
-        drop(guard);
-    });
-    let a = s
-        .alloc
-        .alloc(AllocRequest::new(64 * K4).policy(Policy::Retry {
-            deadline: Instant::now() + Duration::from_secs(5),
-        }))
-        .unwrap();
-    holder.join().unwrap();
-    assert_eq!(a.len(), 64 * K4);
-    assert_eq!(s.alloc.stats().revoke_requests, 1);
 }
 
 #[test]

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use tracing::{debug, debug_span, trace};
 
 use super::cache::ShardRef;
-use super::claim::{Batch, PinnedCandidate};
+use super::claim::{Batch, Committed, PinnedCandidate};
 use super::Allocator;
 use crate::error::AllocError;
-use crate::frame::{self, Word};
+use crate::frame::{self, AtomicFrameWord};
 use crate::freetree::Class;
 use crate::release::ReleaseNode;
 use crate::stats::Stats;
@@ -119,7 +119,7 @@ impl Allocation {
 
     /// Host physical address of the first byte, when the region knows it.
     pub fn phys_addr(&self) -> Option<u64> {
-        let e = self.owner.shared.extents[self.extent];
+        let e = self.owner.shared.layout.extents[self.extent];
         e.phys_frame.map(|pf| {
             (pf + (self.start - e.start) as u64) * self.owner.shared.config.granule as u64
         })
@@ -127,7 +127,7 @@ impl Allocation {
 
     /// Index of the extent (see [`crate::Region::extents`]) holding the allocation.
     pub fn extent(&self) -> usize {
-        self.owner.shared.extents[self.extent].region_extent
+        self.owner.shared.layout.extents[self.extent].region_extent
     }
 
     /// Frames whose occupants were migrated to make room for this allocation.
@@ -145,13 +145,13 @@ impl Drop for Allocation {
             return;
         }
         if self.try_cache() {
-            self.owner.shared.notify_inner(true);
+            self.owner.shared.wakeups.try_notify();
             return;
         }
         let s = &self.owner.shared;
         // Nothing per frame: allocated frames carry no lock-free state (see
         // `crate::frame`), so a release is one tree update, or one queue push.
-        let arena = s.arena_of(self.start);
+        let arena = s.layout.arena_of(self.start);
         match arena.try_lock() {
             Some(mut m) => {
                 m.tree.set_alloc(self.start, self.frames, false);
@@ -167,7 +167,7 @@ impl Drop for Allocation {
             }
         }
         Stats::bump(&s.stats.c().frees, 1);
-        s.notify_inner(true);
+        s.wakeups.try_notify();
     }
 }
 
@@ -186,7 +186,7 @@ impl Allocation {
             return false;
         }
         let Some(mut sh) = s.caches.mine().try_lock() else {
-            super::cache::rehome();
+            crate::shard::rehome();
             return false;
         };
         let list = &mut sh.lists[k];
@@ -210,7 +210,6 @@ struct SweepFail {
     pinned: usize,
     move_failed: usize,
     first_pinned: Option<PinnedCandidate>,
-    first_revocable: Option<PinnedCandidate>,
 }
 
 impl Allocator {
@@ -218,7 +217,7 @@ impl Allocator {
     /// is busy. Never panics on bad input; see [`AllocError`] for every reason.
     pub fn alloc(&self, req: AllocRequest) -> Result<Allocation, AllocError> {
         let s = &self.shared;
-        if let Some(k) = s.cache_order(&req) {
+        if let Some(k) = s.cache_order(req.len, req.align) {
             if let Some(a) = self.cache_pop(k) {
                 return Ok(a);
             }
@@ -265,7 +264,7 @@ impl Allocator {
         if !req.align.is_power_of_two() {
             return Err(invalid("alignment is not a power of two"));
         }
-        let largest = self.shared.largest_extent;
+        let largest = self.shared.layout.largest_extent;
         if req.len > largest && req.len <= self.shared.region.largest_extent() {
             return Err(invalid(
                 "larger than one arena: an allocation never spans two arenas; configure fewer (AllocatorConfig::arenas)",
@@ -288,9 +287,6 @@ impl Allocator {
         let (n, align) = self.validate(&req)?;
         let mut backoff = Duration::from_micros(50);
         let mut sweeps = 0u32;
-        // Revocable holders are asked once per request and range, not on every
-        // sweep: the ask is a request to let go soon, repeating it adds nothing.
-        let mut asked: Option<usize> = None;
         let mut drained = false;
         loop {
             sweeps += 1;
@@ -317,7 +313,7 @@ impl Allocator {
             let requested = req.len;
             let busy = || {
                 if no_room {
-                    let allocated = s.allocated_total() * s.config.granule;
+                    let allocated = s.layout.allocated_total() * s.config.granule;
                     AllocError::NoRoom {
                         requested,
                         align: req.align,
@@ -336,13 +332,6 @@ impl Allocator {
             match req.policy {
                 Policy::FailFast => return Err(busy()),
                 Policy::Retry { deadline } => {
-                    if fail.first_pinned.is_some() && fail.candidates == fail.pinned {
-                        if let Some(pc) = fail.first_revocable {
-                            if asked.replace(pc.start) != Some(pc.start) {
-                                self.request_revoke(pc.start, n);
-                            }
-                        }
-                    }
                     let now = Instant::now();
                     if now >= deadline {
                         return Err(AllocError::DeadlinePassed {
@@ -353,16 +342,13 @@ impl Allocator {
                     }
                     let slice = backoff.min(deadline - now);
                     trace!(?slice, sweeps, "retry: backing off");
-                    s.wait_event(slice, || true);
+                    s.wakeups.wait(slice, || true);
                     backoff = (backoff * 2).min(Duration::from_millis(5));
                 }
                 Policy::WaitForPin { timeout } => {
-                    let Some(pc) = fail.first_revocable.or(fail.first_pinned) else {
+                    let Some(pc) = fail.first_pinned else {
                         return Err(busy());
                     };
-                    if pc.revocable && asked.replace(pc.start) != Some(pc.start) {
-                        self.request_revoke(pc.start, n);
-                    }
                     let left = timeout.saturating_sub(t0.elapsed());
                     if left.is_zero() || !self.wait_unpinned(pc.frame, left) {
                         return Err(AllocError::PinWaitTimedOut {
@@ -382,8 +368,8 @@ impl Allocator {
     fn sweep(&self, n: usize, align: usize) -> Result<Allocation, SweepFail> {
         let s = &self.shared;
         let order = s.caches.order(n, align);
-        let (home, count) = (s.home_arena(), s.arenas.len());
-        let arenas = || (0..count).map(move |i| &s.arenas[(home + i) % count]);
+        let (home, count) = (s.layout.home_arena(), s.layout.arenas.len());
+        let arenas = || (0..count).map(move |i| &s.layout.arenas[(home + i) % count]);
         // For a cacheable size, the nodes of a refill batch are allocated before the
         // lock is taken.
         let mut spare: Vec<Box<ReleaseNode>> = match order {
@@ -394,7 +380,7 @@ impl Allocator {
         };
         for arena in arenas() {
             let clean = {
-                let m = if std::ptr::eq(arena, &s.arenas[home]) {
+                let m = if std::ptr::eq(arena, &s.layout.arenas[home]) {
                     Some(arena.lock_home(&s.stats))
                 } else {
                     arena.try_lock()
@@ -431,7 +417,7 @@ impl Allocator {
         let mut fail = SweepFail::default();
         for arena in arenas() {
             let mut pos = arena.start;
-            let is_home = std::ptr::eq(arena, &s.arenas[home]);
+            let is_home = std::ptr::eq(arena, &s.layout.arenas[home]);
             while pos < arena.end {
                 let mut m = if is_home {
                     arena.lock_home(&s.stats)
@@ -443,7 +429,6 @@ impl Allocator {
                 fail.pinned += b.pinned;
                 Stats::bump(&s.stats.c().candidates_pinned, b.pinned as u64);
                 fail.first_pinned = fail.first_pinned.or(b.first_pinned);
-                fail.first_revocable = fail.first_revocable.or(b.first_revocable);
                 pos = b.next.max(pos + 1);
                 let Some(c) = b.best else { continue };
                 debug!(start = c.start, cost = c.cost, "candidate chosen");
@@ -453,11 +438,8 @@ impl Allocator {
                         // A pin arrived after evaluation. Resume right past it, so the
                         // other candidates of this batch still get their one try.
                         fail.pinned += 1;
-                        fail.first_pinned.get_or_insert(PinnedCandidate {
-                            start: c.start,
-                            frame: f,
-                            revocable: false,
-                        });
+                        fail.first_pinned
+                            .get_or_insert(PinnedCandidate { frame: f });
                         pos = pos.min(f + 1);
                         continue;
                     }
@@ -465,7 +447,7 @@ impl Allocator {
                 drop(m);
                 let done = s.migrate(&prepared);
                 let mut m = arena.lock();
-                if s.commit(&mut m, prepared, done) {
+                if s.commit(&mut m, prepared, done) == Committed::Allocation {
                     let node = m.node(c.start, n);
                     drop(m);
                     return Ok(self.handle(c.start, n, c.extent, done, node));
@@ -502,15 +484,16 @@ impl Allocator {
         let s = &self.shared;
         let node = {
             let Some(mut sh) = s.caches.mine().try_lock() else {
-                super::cache::rehome();
+                crate::shard::rehome();
                 return None;
             };
             let node = sh.lists[k].pop()?;
             // A pin taken before the pop is seen here (see `cache.rs`); the check
             // reads only the pageblock hint unless the pageblock has pins.
-            if s.first_pinned(node.start, node.frames).is_some() {
+            if s.words.first_pinned(node.start, node.frames).is_some() {
                 drop(sh);
-                s.lock_frame(node.start)
+                s.layout
+                    .lock_frame(node.start)
                     .tree
                     .set_alloc(node.start, node.frames, false);
                 return None;
@@ -541,7 +524,7 @@ impl Allocator {
                 s.stats.local().pin_wait_latency.record(t.elapsed());
                 return false;
             }
-            s.wait_event(left.min(Duration::from_millis(5)), pinned);
+            s.wakeups.wait(left.min(Duration::from_millis(5)), pinned);
         }
         s.stats.local().pin_wait_latency.record(t.elapsed());
         true

@@ -33,12 +33,12 @@
 //! holding the blocks first. A cache may hold blocks of any arena; a refill takes
 //! blocks from the arena it holds locked.
 
-use std::cell::{Cell, UnsafeCell};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use parking_lot::Mutex;
 
-use super::{AllocRequest, FrameExtent, MapState, Shared};
+use super::{FrameExtent, MapState, Shared};
 use crate::freetree::Class;
 use crate::release::ReleaseNode;
+use crate::shard::thread_shard;
 
 /// Cached sizes: 2^0 ..= 2^(ORDERS-1) frames.
 pub(crate) const ORDERS: usize = 5;
@@ -55,87 +55,12 @@ pub(crate) struct Shard {
 }
 
 /// A shard on its own cache lines, so that two threads' shards never share one.
+/// Its lock is a `parking_lot` mutex: nearly always uncontended and held for a few
+/// instructions. No holder ever waits for another lock or sleeps while holding it
+/// (see the lock order above); the fast paths only `try_lock` it, and the rare
+/// waiter (a drain, a lookup, a refill) spins briefly before it would park.
 #[repr(align(128))]
-pub(crate) struct Padded(pub(crate) ShardLock<Shard>);
-
-/// A test-and-set lock for a shard: taking it is one atomic swap and releasing it a
-/// plain release store, where a general mutex pays a compare-and-swap for each. It
-/// suits a lock that is nearly always uncontended and held for a few instructions.
-/// No holder ever waits for another lock or sleeps while holding it (see the lock
-/// order above), so the rare waiter (a drain, a lookup, a refill) only spins and
-/// yields for a moment.
-pub(crate) struct ShardLock<T> {
-    locked: AtomicBool,
-    data: UnsafeCell<T>,
-}
-
-// SAFETY: `data` is only reached through a `ShardGuard`, and at most one guard
-// exists at a time (the `locked` flag, taken with Acquire and released with
-// Release), so sharing the lock between threads hands `T` from one thread to
-// another, never to two at once: `T: Send` is enough.
-unsafe impl<T: Send> Sync for ShardLock<T> {}
-
-pub(crate) struct ShardGuard<'a, T> {
-    lock: &'a ShardLock<T>,
-}
-
-impl<T> ShardLock<T> {
-    fn new(t: T) -> Self {
-        ShardLock {
-            locked: AtomicBool::new(false),
-            data: UnsafeCell::new(t),
-        }
-    }
-
-    #[inline]
-    pub(crate) fn try_lock(&self) -> Option<ShardGuard<'_, T>> {
-        if self.locked.swap(true, Ordering::Acquire) {
-            None
-        } else {
-            Some(ShardGuard { lock: self })
-        }
-    }
-
-    pub(crate) fn lock(&self) -> ShardGuard<'_, T> {
-        let mut spins = 0u32;
-        loop {
-            if let Some(g) = self.try_lock() {
-                return g;
-            }
-            while self.locked.load(Ordering::Relaxed) {
-                spins += 1;
-                if spins < 64 {
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
-                }
-            }
-        }
-    }
-}
-
-impl<T> std::ops::Deref for ShardGuard<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        // SAFETY: this guard holds the lock, so no other reference to the data
-        // exists until it is dropped.
-        unsafe { &*self.lock.data.get() }
-    }
-}
-
-impl<T> std::ops::DerefMut for ShardGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: as in `deref`; `&mut self` makes this the only borrow of the guard.
-        unsafe { &mut *self.lock.data.get() }
-    }
-}
-
-impl<T> Drop for ShardGuard<'_, T> {
-    #[inline]
-    fn drop(&mut self) {
-        self.lock.locked.store(false, Ordering::Release);
-    }
-}
+pub(crate) struct Padded(pub(crate) Mutex<Shard>);
 
 pub(crate) struct Caches {
     pub(crate) shards: Box<[Padded]>,
@@ -155,50 +80,6 @@ pub(crate) struct ShardRef {
     pub(crate) shared: std::sync::Arc<Shared>,
 }
 
-thread_local! {
-    /// This thread's shard number: the CPU it ran on when it first asked, and again
-    /// each time it found its shard or its home arena busy. Two threads that keep
-    /// meeting on one shard are then (most likely) on two CPUs, so re-picking by CPU
-    /// separates them, the way per-CPU lists separate CPUs in Linux, while the
-    /// number stays a plain thread-local read on the fast path (no `getcpu` per
-    /// request).
-    static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
-}
-static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
-
-/// The CPU this thread runs on now (round-robin numbers where that is unknown).
-fn current_cpu() -> usize {
-    // SAFETY: sched_getcpu takes no arguments and touches no memory of ours.
-    let c = unsafe { libc::sched_getcpu() };
-    if c >= 0 {
-        c as usize
-    } else {
-        NEXT_SHARD.fetch_add(1, Ordering::Relaxed)
-    }
-}
-
-/// The calling thread's shard number before masking (the caches, the stats and
-/// the home arena all reduce it to their own count).
-#[inline]
-pub(crate) fn thread_shard() -> usize {
-    SHARD.with(|c| {
-        let v = c.get();
-        if v != usize::MAX {
-            return v;
-        }
-        let v = current_cpu();
-        c.set(v);
-        v
-    })
-}
-
-/// The calling thread met another one on its shard or home arena: pick again by
-/// the CPU it runs on now.
-#[cold]
-pub(crate) fn rehome() {
-    SHARD.with(|c| c.set(current_cpu()));
-}
-
 impl Caches {
     /// `batch` blocks per refill (0: no caches). Each shard's list holds at most
     /// `2 * batch` blocks, and the batch shrinks for small regions so that all
@@ -215,7 +96,7 @@ impl Caches {
         }
         let shards = (0..nshards)
             .map(|_| {
-                Padded(ShardLock::new(Shard {
+                Padded(Mutex::new(Shard {
                     lists: std::array::from_fn(|k| Vec::with_capacity(2 * b[k])),
                     hits: 0,
                     frees: 0,
@@ -237,7 +118,7 @@ impl Caches {
 
     /// The calling thread's shard.
     #[inline]
-    pub(crate) fn mine(&self) -> &ShardLock<Shard> {
+    pub(crate) fn mine(&self) -> &Mutex<Shard> {
         &self.shards[self.index()].0
     }
 
@@ -254,16 +135,16 @@ impl Caches {
 }
 
 impl Shared {
-    /// The cache order that can serve `req` (a well-formed request of 1..=16 frames,
-    /// a power of two, aligned to at most its size), if caches are enabled for it.
+    /// The cache order that can serve a request of `len` bytes aligned to `align`
+    /// (a well-formed request of 1..=16 frames, a power of two, aligned to at most
+    /// its size), if caches are enabled for it.
     #[inline]
-    pub(crate) fn cache_order(&self, req: &AllocRequest) -> Option<usize> {
+    pub(crate) fn cache_order(&self, len: usize, align: usize) -> Option<usize> {
         let g = self.config.granule;
-        if req.len == 0 || !req.align.is_power_of_two() || req.len > g << (ORDERS - 1) {
+        if len == 0 || !align.is_power_of_two() || len > g << (ORDERS - 1) {
             return None;
         }
-        self.caches
-            .order(req.len.div_ceil(g), (req.align / g).max(1))
+        self.caches.order(len.div_ceil(g), (align / g).max(1))
     }
 
     /// Under the map lock, after a clean fit of order `k` was claimed for the
@@ -317,7 +198,7 @@ impl Shared {
     /// caller holds no map lock). Returns the frames returned.
     pub(crate) fn drain_caches(&self) -> usize {
         let mut frames = 0;
-        for a in self.arenas.iter() {
+        for a in self.layout.arenas.iter() {
             let mut m = a.lock();
             for sh in self.caches.shards.iter() {
                 let mut sh = sh.0.lock();
@@ -372,7 +253,7 @@ impl Shared {
     /// Is `[start, start + n)` aligned to `n` frames (physically, where known), as a
     /// cached block of order log2(n) must be?
     pub(crate) fn block_aligned(&self, extent: usize, start: usize, n: usize) -> bool {
-        let e: FrameExtent = self.extents[extent];
+        let e: FrameExtent = self.layout.extents[extent];
         e.align_up(start, n) == start
     }
 }
@@ -563,38 +444,6 @@ mod tests {
             placed += 1;
         }
         assert_eq!(placed, FRAMES as u64);
-    }
-
-    #[test]
-    fn shard_lock_excludes() {
-        let l = Arc::new(super::ShardLock::new(0u64));
-        let threads: Vec<_> = (0..4)
-            .map(|i| {
-                let l = l.clone();
-                std::thread::spawn(move || {
-                    for j in 0..20_000 {
-                        let mut g = if (i + j) % 2 == 0 {
-                            l.lock()
-                        } else {
-                            loop {
-                                if let Some(g) = l.try_lock() {
-                                    break g;
-                                }
-                            }
-                        };
-                        let v = *g;
-                        std::hint::black_box(&v);
-                        *g = v + 1;
-                    }
-                })
-            })
-            .collect();
-        threads.into_iter().for_each(|t| t.join().unwrap());
-        assert_eq!(*l.lock(), 80_000);
-        let g = l.lock();
-        assert!(l.try_lock().is_none());
-        drop(g);
-        assert!(l.try_lock().is_some());
     }
 
     #[test]

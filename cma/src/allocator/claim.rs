@@ -6,7 +6,7 @@ use std::time::Instant;
 use tracing::{debug, trace};
 
 use super::{MapState, Shared};
-use crate::frame::{self, Tag, Word};
+use crate::frame::{self, AtomicFrameWord, FrameKind};
 use crate::freetree::Class;
 use crate::migrate::{Destination, FrameMove, MigrationPlan};
 use crate::stats::Stats;
@@ -20,13 +20,10 @@ pub(super) struct Candidate {
     pub(super) cost: usize,
 }
 
-/// A range rejected because of a pin; kept for WaitForPin and revocation.
+/// A range rejected because of a pin: the pinned frame WaitForPin waits for.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct PinnedCandidate {
-    pub(super) start: usize,
     pub(super) frame: usize,
-    /// Every pin in the range registered a revoke callback.
-    pub(super) revocable: bool,
 }
 
 /// Result of evaluating one batch of candidates.
@@ -36,9 +33,18 @@ pub(super) struct Batch {
     pub(super) evaluated: usize,
     pub(super) pinned: usize,
     pub(super) first_pinned: Option<PinnedCandidate>,
-    pub(super) first_revocable: Option<PinnedCandidate>,
     /// Where the next batch starts; the arena's end when its sweep is complete.
     pub(super) next: usize,
+}
+
+/// What `commit` made of a prepared range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Committed {
+    /// Every move took effect: the range is the caller's allocation.
+    Allocation,
+    /// A move failed: the completed moves stand, the rest were rolled back, and
+    /// the range is free again.
+    RolledBack,
 }
 
 /// A claimed range whose occupants are frozen and whose plan is ready.
@@ -49,10 +55,6 @@ pub(super) struct Prepared {
 }
 
 impl Shared {
-    pub(super) fn extent_of(&self, f: usize) -> usize {
-        self.extents.partition_point(|e| e.end <= f)
-    }
-
     /// Leftmost aligned `a >= from` with `[a, a+n)` free in `class` and inside one
     /// extent. Each step is a tree descent, so this is O(log frames) per free run
     /// considered rather than O(frames).
@@ -67,8 +69,8 @@ impl Shared {
         let mut pos = from;
         loop {
             let p = m.tree.next_fit(class, pos, n)?;
-            let x = self.extent_of(p);
-            let e = self.extents[x];
+            let x = self.layout.extent_of(p);
+            let e = self.layout.extents[x];
             let a = e.align_up(p, align);
             if a + n > e.end {
                 pos = e.end;
@@ -79,38 +81,6 @@ impl Shared {
             }
             pos = a + 1;
         }
-    }
-
-    /// First pinned (or frozen) frame in `[start, start+n)`, and whether all pins in
-    /// the range so far are revocable. Pageblocks whose hint says "no pinned frame"
-    /// are skipped without touching their frames; a frozen frame in such a block
-    /// (an occupant in flight) is caught later by the freeze in `prepare`.
-    pub(super) fn first_pinned(&self, start: usize, n: usize) -> Option<(usize, bool)> {
-        let end = start + n;
-        let mut f = start;
-        let mut found: Option<(usize, bool)> = None;
-        while f < end {
-            let block_end = ((self.block_of(f) + 1) * self.block_frames).min(end);
-            if self.block_pins[self.block_of(f)].load(std::sync::atomic::Ordering::Acquire) == 0 {
-                f = block_end;
-                continue;
-            }
-            for g in f..block_end {
-                let w = self.words[g].get();
-                if frame::is_frozen(w) {
-                    return Some((g, false));
-                }
-                if frame::pins_of(w) > 0 {
-                    let rev = frame::unrevocable_of(w) == 0;
-                    if !rev {
-                        return Some((found.map_or(g, |x| x.0), false));
-                    }
-                    found.get_or_insert((g, true));
-                }
-            }
-            f = block_end;
-        }
-        found
     }
 
     /// Evaluate up to `candidates_per_hold` ranges from `from` on: the cheapest
@@ -139,23 +109,10 @@ impl Shared {
                 return b;
             };
             b.evaluated += 1;
-            if let Some((f, revocable)) = self.first_pinned(a, n) {
+            if let Some(f) = self.words.first_pinned(a, n) {
                 b.pinned += 1;
-                let pc = PinnedCandidate {
-                    start: a,
-                    frame: f,
-                    revocable,
-                };
-                b.first_pinned.get_or_insert(pc);
-                if revocable {
-                    b.first_revocable.get_or_insert(pc);
-                }
-                trace!(
-                    start = a,
-                    pinned_frame = f,
-                    revocable,
-                    "candidate skipped: pinned"
-                );
+                b.first_pinned.get_or_insert(PinnedCandidate { frame: f });
+                trace!(start = a, pinned_frame = f, "candidate skipped: pinned");
                 // Every window overlapping `f` is blocked too: resume past it, as
                 // cma_alloc() moves to the next aligned offset after a busy range.
                 pos = f + 1;
@@ -192,7 +149,7 @@ impl Shared {
         start: usize,
         n: usize,
     ) -> Result<(), usize> {
-        if let Some((f, _)) = self.first_pinned(start, n) {
+        if let Some(f) = self.words.first_pinned(start, n) {
             return Err(f);
         }
         m.tree.set_alloc(start, n, true);
@@ -217,7 +174,7 @@ impl Shared {
         let mut failed = None;
         let (tree, occupants) = (&m.tree, &m.occupants);
         tree.for_each_occ(start, start + n, |f| {
-            if frame::try_freeze(&self.words[f], Tag::Occupied).is_err() {
+            if frame::try_freeze(&self.words[f], FrameKind::Occupied).is_err() {
                 failed = Some(f);
                 return false;
             }
@@ -238,7 +195,7 @@ impl Shared {
         }
         if let Some(f) = failed {
             for &g in &frozen {
-                frame::thaw(&self.words[g], Tag::Occupied);
+                frame::thaw(&self.words[g], FrameKind::Occupied);
             }
             m.scratch.moves = moves;
             m.scratch.frozen = frozen;
@@ -260,7 +217,7 @@ impl Shared {
                 continue;
             }
             m.occupants[d] = Some(mv.occupant);
-            frame::freeze_as(&self.words[d], Tag::Occupied);
+            frame::freeze_as(&self.words[d], FrameKind::Occupied);
             mv.dst = Destination::Frame(d);
         }
         m.scratch.dsts = dsts;
@@ -281,9 +238,9 @@ impl Shared {
         let end = start + n;
         let mut f = start;
         while f < end {
-            let b = self.block_of(f);
-            let block_end = ((b + 1) * self.block_frames).min(end);
-            if self.block_pins[b].load(std::sync::atomic::Ordering::Acquire) != 0 {
+            let b = self.words.block_of(f);
+            let block_end = ((b + 1) * self.words.block_frames).min(end);
+            if self.words.block_pins[b].load(std::sync::atomic::Ordering::Acquire) != 0 {
                 for g in f..block_end {
                     if !m.tree.is_occ(g) && frame::pins_of(self.words[g].get()) != 0 {
                         return Some(g);
@@ -316,9 +273,9 @@ impl Shared {
     }
 
     /// Commit the first `done` moves. If that is all of them the range becomes an
-    /// allocation (returns true); otherwise the rest is rolled back and the range
-    /// returned to the tree. The plan's buffer is kept for the next one.
-    pub(super) fn commit(&self, m: &mut MapState, p: Prepared, done: usize) -> bool {
+    /// allocation; otherwise the rest is rolled back and the range returned to the
+    /// tree. The plan's buffer is kept for the next one.
+    pub(super) fn commit(&self, m: &mut MapState, p: Prepared, done: usize) -> Committed {
         let all = done == p.plan.len();
         if all {
             // Every occupied frame of the range was a source: one tree update.
@@ -331,17 +288,17 @@ impl Shared {
                 if !all {
                     m.tree.set_occ(mv.src, 1, false);
                 }
-                frame::thaw(&self.words[mv.src], Tag::Free);
+                frame::thaw(&self.words[mv.src], FrameKind::FreeOrAllocated);
             } else {
-                frame::thaw(&self.words[mv.src], Tag::Occupied);
+                frame::thaw(&self.words[mv.src], FrameKind::Occupied);
             }
             if let Destination::Frame(d) = mv.dst {
                 if moved {
-                    frame::thaw(&self.words[d], Tag::Occupied);
+                    frame::thaw(&self.words[d], FrameKind::Occupied);
                 } else {
                     m.occupants[d] = None;
                     m.tree.set_occ(d, 1, false);
-                    frame::thaw(&self.words[d], Tag::Free);
+                    frame::thaw(&self.words[d], FrameKind::FreeOrAllocated);
                 }
             }
         }
@@ -350,9 +307,9 @@ impl Shared {
         Stats::bump(&self.stats.c().bytes_migrated, done as u64 * g);
         m.scratch.moves = p.plan.moves;
         if all {
-            return true;
+            return Committed::Allocation;
         }
         m.tree.set_alloc(p.start, p.frames, false);
-        false
+        Committed::RolledBack
     }
 }

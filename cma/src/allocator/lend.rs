@@ -7,7 +7,7 @@
 //! back. Both directions are all-or-nothing.
 
 use crate::error::OccupyError;
-use crate::frame::{self, Tag};
+use crate::frame::{self, FrameKind};
 use crate::migrate::Occupant;
 use crate::stats::Stats;
 
@@ -32,11 +32,11 @@ impl Allocator {
                 frames: s.frames,
             });
         };
-        let extent = s.extent_of(start);
-        if s.extents.get(extent).is_none_or(|e| end > e.end) {
+        let extent = s.layout.extent_of(start);
+        if s.layout.extents.get(extent).is_none_or(|e| end > e.end) {
             return Err(OccupyError::Straddles { start, end });
         }
-        let mut m = s.lock_frame(start);
+        let mut m = s.layout.lock_frame(start);
         for (i, (f, &occ)) in (start..end).zip(occupants).enumerate() {
             let failure = if m.tree.is_alloc(f) || m.occupants[f] != Some(occ) {
                 Some(OccupyError::WrongOccupant {
@@ -49,7 +49,7 @@ impl Allocator {
                     },
                 })
             } else {
-                frame::try_freeze(&s.words[f], Tag::Occupied)
+                frame::try_freeze(&s.words[f], FrameKind::Occupied)
                     .err()
                     .map(|w| {
                         if frame::is_frozen(w) {
@@ -64,14 +64,14 @@ impl Allocator {
             };
             if let Some(e) = failure {
                 for g in start..start + i {
-                    frame::thaw(&s.words[g], Tag::Occupied);
+                    frame::thaw(&s.words[g], FrameKind::Occupied);
                 }
                 return Err(e);
             }
         }
         for f in start..end {
             m.occupants[f] = None;
-            frame::thaw(&s.words[f], Tag::Free);
+            frame::thaw(&s.words[f], FrameKind::FreeOrAllocated);
         }
         m.tree.set_occ(start, n, false);
         m.tree.set_alloc(start, n, true);
@@ -101,12 +101,12 @@ impl Allocator {
                 },
             ));
         }
-        let mut m = s.lock_frame(start);
+        let mut m = s.layout.lock_frame(start);
         m.tree.set_alloc(start, n, false);
         m.tree.set_occ(start, n, true);
         for (f, &occ) in (start..start + n).zip(occupants) {
             m.occupants[f] = Some(occ);
-            frame::set_tag(&s.words[f], Tag::Occupied);
+            frame::set_kind(&s.words[f], FrameKind::Occupied);
         }
         drop(m);
         // The frames are accounted for: the allocation's drop must not free them.

@@ -1,27 +1,27 @@
 //! The allocator: shared state, construction, occupants and frame queries.
 //! Allocation lives in `alloc.rs`, claiming and migrating ranges in `claim.rs`,
-//! pins in `crate::pin`.
+//! pins in `pin.rs`, lending in place in `lend.rs`, small-block caches in
+//! `cache.rs`.
 
 mod alloc;
 mod cache;
 mod claim;
 mod lend;
+mod pin;
 
-pub(crate) use cache::thread_shard;
-
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use tracing::trace;
 
 pub use alloc::{AllocRequest, Allocation, Policy};
+pub use pin::{LongTermPin, PinGuard, PinnedAs};
 
 use crate::error::{ConfigError, OccupyError};
-use crate::frame::{self, Tag};
+use crate::frame::{self, FrameKind, FrameWords};
 use crate::freetree::ArenaTree;
 use crate::migrate::{Mover, Occupant};
-use crate::pin::RevokeRegistry;
 use crate::region::Region;
 use crate::release::{ReleaseNode, ReleaseQueue};
 use crate::stats::{Stats, StatsSnapshot};
@@ -44,7 +44,8 @@ pub struct AllocatorConfig {
     /// no map lock and update no tree. 0 disables the caches. Default 16. The
     /// effective batch shrinks on small regions so that the caches never hold more
     /// than about a tenth of the region, and every cache is drained back before a
-    /// request fails.
+    /// request fails. The VMM's virtio-dma allocator sets 0; the benchmarks and
+    /// most tests run with the default.
     pub small_cache_batch: usize,
     /// Arenas: the region is cut into this many equal slices, each with its own map
     /// lock, tree and occupant table, and each thread searches its home arena first
@@ -52,7 +53,9 @@ pub struct AllocatorConfig {
     /// must serve a single request larger than `region / arenas` needs fewer. 0
     /// (the default) picks one arena per small-block cache shard (one per CPU, at
     /// least 2, at most 16), but only as many as keep every arena at least
-    /// 256 MiB: smaller regions get one arena, which is the whole region.
+    /// 256 MiB: smaller regions get one arena, which is the whole region. The
+    /// VMM's virtio-dma allocator sets 1; the benchmarks use the default and the
+    /// model and stress tests also run on four.
     pub arenas: usize,
 }
 
@@ -174,10 +177,9 @@ pub(crate) struct Arena {
     pub(crate) end: usize,
     /// The map lock. Protects this arena's free-run tree and occupant table. Held
     /// only for tree queries and updates and for per-frame compare-and-swaps of the
-    /// range being claimed: never while the `Mover` copies, never while a revoke
-    /// callback runs, never while sleeping. At most one arena's map lock is held at
-    /// a time. Lock order: `map` before a cache shard's lock and before
-    /// `revokers`; the pin event mutex is a leaf and is never held while taking
+    /// range being claimed: never while the `Mover` copies, never while sleeping.
+    /// At most one arena's map lock is held at a time. Lock order: `map` before a
+    /// cache shard's lock; the pin event mutex is a leaf and is never held while taking
     /// another lock. A parking_lot mutex: it spins briefly before parking, which
     /// suits critical sections this short (a futex sleep/wake costs more than the
     /// section).
@@ -209,7 +211,7 @@ impl Arena {
             return m;
         }
         Stats::bump(&stats.c().home_arena_busy, 1);
-        cache::rehome();
+        crate::shard::rehome();
         self.lock()
     }
 
@@ -228,30 +230,42 @@ impl Arena {
     }
 }
 
-pub(crate) struct Shared {
-    pub(crate) region: Arc<Region>,
-    pub(crate) config: AllocatorConfig,
-    pub(crate) frames: usize,
-    pub(crate) block_frames: usize,
-    pub(crate) extents: Vec<FrameExtent>,
-    /// Bytes in the largest extent (checked on every request).
-    pub(crate) largest_extent: usize,
-    /// Per-frame state words (see `crate::frame`). Lock-free.
-    pub(crate) words: Box<[AtomicU64]>,
-    /// Per-pageblock count of frames with at least one pin: a hint that lets a
-    /// candidate skip the per-frame pin check for pin-free pageblocks. Updated after
-    /// the word's pin count crosses zero, so it can lag (and briefly wrap); the
-    /// frame word's compare-and-swap at freeze time is what decides.
-    pub(crate) block_pins: Box<[AtomicU32]>,
+/// Where each frame lives: the arenas (each with its map lock, tree and occupant
+/// table) and the region's extents in frame units, cut at arena boundaries.
+pub(crate) struct Layout {
     /// The arenas, in region order (see `Arena` for the locking).
     pub(crate) arenas: Box<[Arena]>,
     /// Frames per arena (the last one may be shorter).
     pub(crate) arena_frames: usize,
-    pub(crate) revokers: RevokeRegistry,
-    /// Wakes threads waiting for a pin release or a free (Retry / WaitForPin).
-    pub(crate) event: Mutex<()>,
-    pub(crate) event_cv: Condvar,
-    pub(crate) waiters: AtomicUsize,
+    /// The region's extents, cut at arena boundaries, in region order.
+    pub(crate) extents: Vec<FrameExtent>,
+    /// Bytes in the largest extent (checked on every request).
+    pub(crate) largest_extent: usize,
+}
+
+/// How threads that wait for a pin release or a free (Retry / WaitForPin) are
+/// woken: a condvar, and a count of waiters so that releases with nobody waiting
+/// touch no lock.
+pub(crate) struct Wakeups {
+    /// A leaf mutex: it protects nothing, it only closes the lost-wake-up window.
+    event: Mutex<()>,
+    cv: Condvar,
+    waiters: AtomicUsize,
+}
+
+/// Everything an allocator handle shares, in named parts.
+pub(crate) struct Shared {
+    pub(crate) region: Arc<Region>,
+    pub(crate) config: AllocatorConfig,
+    /// Frames in the region.
+    pub(crate) frames: usize,
+    /// Per-frame state words and per-pageblock pin hints (see `crate::frame`).
+    /// Lock-free.
+    pub(crate) words: FrameWords,
+    /// The arenas and extents.
+    pub(crate) layout: Layout,
+    /// Wakes threads waiting for a pin release or a free.
+    pub(crate) wakeups: Wakeups,
     pub(crate) mover: Arc<dyn Mover>,
     pub(crate) stats: Stats,
     /// Per-shard caches of small pre-claimed blocks (`cache.rs`).
@@ -393,19 +407,14 @@ impl Allocator {
                 ..config
             },
             frames,
-            block_frames,
-            extents,
-            words: (0..frames).map(|_| AtomicU64::new(0)).collect(),
-            largest_extent,
-            block_pins: (0..frames.div_ceil(block_frames))
-                .map(|_| AtomicU32::new(0))
-                .collect(),
-            arenas,
-            arena_frames,
-            revokers: RevokeRegistry::default(),
-            event: Mutex::new(()),
-            event_cv: Condvar::new(),
-            waiters: AtomicUsize::new(0),
+            words: FrameWords::new(frames, block_frames),
+            layout: Layout {
+                arenas,
+                arena_frames,
+                extents,
+                largest_extent,
+            },
+            wakeups: Wakeups::new(),
             mover,
             stats: Stats::new(caches.shards.len()),
             caches,
@@ -461,7 +470,7 @@ impl Allocator {
             occupied: 0,
             largest_clean_run: 0,
         };
-        for a in self.shared.arenas.iter() {
+        for a in self.shared.layout.arenas.iter() {
             let m = a.lock();
             u.allocated += m.tree.allocated_total();
             u.occupied += m.tree.occupied_total();
@@ -474,7 +483,7 @@ impl Allocator {
 
     /// Number of arenas (see [`AllocatorConfig::arenas`]).
     pub fn arenas(&self) -> usize {
-        self.shared.arenas.len()
+        self.shared.layout.arenas.len()
     }
 
     /// What frame `frame` holds, with its pin counts.
@@ -482,11 +491,11 @@ impl Allocator {
         if frame >= self.shared.frames {
             return None;
         }
-        let m = self.shared.lock_frame(frame);
-        let w = frame::Word::get(&self.shared.words[frame]);
+        let m = self.shared.layout.lock_frame(frame);
+        let w = frame::AtomicFrameWord::get(&self.shared.words[frame]);
         let state = if frame::is_frozen(w) {
             FrameState::Migrating
-        } else if frame::tag_of(w) == Tag::Occupied {
+        } else if frame::kind_of(w) == FrameKind::Occupied {
             m.occupants[frame].map_or(FrameState::Migrating, FrameState::Occupied)
         } else if m.tree.is_alloc(frame) && !self.shared.cached(&m, frame) {
             FrameState::Allocated
@@ -504,19 +513,21 @@ impl Allocator {
     /// the region down, while DMA allocations are placed first-fit from the bottom,
     /// so the two meet as late as possible and most requests need no migration.
     pub fn place_occupant(&self, occupant: Occupant) -> Result<usize, OccupyError> {
-        self.shared.place_top_down(occupant, false)
+        self.shared.place_top_down(occupant, PlaceAs::Ready)
     }
 
     /// Like [`Allocator::place_occupant`], and let `init` write the occupant's bytes
     /// before anyone can pin or migrate it: the frame stays frozen (and the map lock
-    /// is not held) while `init` runs.
+    /// is not held) while `init` runs. Feature `test-util`: the tests use it to
+    /// place occupants with known bytes while other threads migrate.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn place_occupant_with(
         &self,
         occupant: Occupant,
         init: impl FnOnce(&mut [u8]),
     ) -> Result<usize, OccupyError> {
         let s = &self.shared;
-        let f = s.place_top_down(occupant, true)?;
+        let f = s.place_top_down(occupant, PlaceAs::Frozen)?;
         let g = s.config.granule;
         // SAFETY: frame `f` lies inside the region mapping (f < frames), which lives
         // as long as `s`. It is frozen: no pin, migration, vacate or allocation can
@@ -524,7 +535,7 @@ impl Allocator {
         let bytes =
             unsafe { std::slice::from_raw_parts_mut(s.region.host_addr().as_ptr().add(f * g), g) };
         init(bytes);
-        frame::thaw(&s.words[f], Tag::Occupied);
+        frame::thaw(&s.words[f], FrameKind::Occupied);
         Ok(f)
     }
 
@@ -541,12 +552,12 @@ impl Allocator {
     pub fn place_occupant_at(&self, frame: usize, occupant: Occupant) -> Result<(), OccupyError> {
         let s = &self.shared;
         self.check_frame(frame)?;
-        let mut m = s.lock_frame(frame);
+        let mut m = s.layout.lock_frame(frame);
         if m.tree.is_alloc(frame) {
             // A block in a small-block cache is free: take it back from the cache.
             s.uncache(&mut m, frame);
         }
-        let w = frame::Word::get(&s.words[frame]);
+        let w = frame::AtomicFrameWord::get(&s.words[frame]);
         let found = if m.tree.is_alloc(frame) {
             "allocated"
         } else if m.tree.is_occ(frame) {
@@ -565,7 +576,7 @@ impl Allocator {
     pub fn vacate(&self, frame: usize, occupant: Occupant) -> Result<(), OccupyError> {
         let s = &self.shared;
         self.check_frame(frame)?;
-        let mut m = s.lock_frame(frame);
+        let mut m = s.layout.lock_frame(frame);
         if m.occupants[frame] != Some(occupant) || m.tree.is_alloc(frame) {
             let found = if m.tree.is_alloc(frame) {
                 None
@@ -578,7 +589,7 @@ impl Allocator {
                 found,
             });
         }
-        if let Err(w) = frame::try_freeze(&s.words[frame], Tag::Occupied) {
+        if let Err(w) = frame::try_freeze(&s.words[frame], FrameKind::Occupied) {
             return Err(if frame::is_frozen(w) {
                 OccupyError::Migrating { frame }
             } else {
@@ -590,12 +601,22 @@ impl Allocator {
         }
         m.occupants[frame] = None;
         m.tree.set_occ(frame, 1, false);
-        frame::thaw(&s.words[frame], Tag::Free);
+        frame::thaw(&s.words[frame], FrameKind::FreeOrAllocated);
         Stats::bump(&s.stats.c().occupants_vacated, 1);
         drop(m);
-        s.notify();
+        s.wakeups.notify();
         Ok(())
     }
+}
+
+/// How `place_top_down` leaves the frame it placed an occupant on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PlaceAs {
+    /// Pinnable and migratable at once.
+    Ready,
+    /// Frozen, for the caller to write the occupant's bytes and then thaw.
+    #[cfg_attr(not(any(test, feature = "test-util")), allow(dead_code))]
+    Frozen,
 }
 
 /// Region usage in frames.
@@ -607,8 +628,7 @@ pub struct Usage {
     pub largest_clean_run: usize,
 }
 
-impl Shared {
-    /// Take the map lock and fold in releases queued while it was busy.
+impl Layout {
     /// The arena holding frame `f`.
     #[inline]
     pub(crate) fn arena_of(&self, f: usize) -> &Arena {
@@ -623,7 +643,7 @@ impl Shared {
     /// The calling thread's home arena: where its requests look first.
     #[inline]
     pub(crate) fn home_arena(&self) -> usize {
-        cache::thread_shard() % self.arenas.len()
+        crate::shard::thread_shard() % self.arenas.len()
     }
 
     /// Allocated frames in the whole region (error reports only).
@@ -634,21 +654,71 @@ impl Shared {
             .sum()
     }
 
+    /// Index of the extent holding frame `f`.
+    pub(crate) fn extent_of(&self, f: usize) -> usize {
+        self.extents.partition_point(|e| e.end <= f)
+    }
+}
+
+impl Wakeups {
+    fn new() -> Self {
+        Wakeups {
+            event: Mutex::new(()),
+            cv: Condvar::new(),
+            waiters: AtomicUsize::new(0),
+        }
+    }
+
+    /// Wake waiters (pin released, range freed). Takes the event mutex, so that a
+    /// waiter between its check and its sleep cannot miss the wake-up.
+    pub(crate) fn notify(&self) {
+        if self.waiters.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        drop(self.event.lock().unwrap_or_else(|e| e.into_inner()));
+        self.cv.notify_all();
+    }
+
+    /// Wake waiters without ever blocking (the release path): the event mutex is
+    /// only tried, and a waiter that misses the wake-up times out of its bounded
+    /// wait slice instead.
+    pub(crate) fn try_notify(&self) {
+        if self.waiters.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        drop(self.event.try_lock().ok());
+        self.cv.notify_all();
+    }
+
+    /// Sleep until notified or `timeout`, whichever comes first, while `still_blocked`
+    /// holds. Checking the condition under the event mutex closes the lost-wake-up
+    /// window for notifiers that take the mutex.
+    pub(crate) fn wait(&self, timeout: Duration, still_blocked: impl Fn() -> bool) {
+        self.waiters.fetch_add(1, Ordering::AcqRel);
+        let g = self.event.lock().unwrap_or_else(|e| e.into_inner());
+        if still_blocked() {
+            let _ = self.cv.wait_timeout(g, timeout);
+        }
+        self.waiters.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Shared {
     /// Put `occupant` on the highest clean, unpinned frame of the region (arenas
-    /// from the last down), frozen if `frozen`. Frames in small-block caches are
-    /// taken back once before the region is reported full.
-    fn place_top_down(&self, occupant: Occupant, frozen: bool) -> Result<usize, OccupyError> {
+    /// from the last down), left frozen if `how` says so. Frames in small-block
+    /// caches are taken back once before the region is reported full.
+    fn place_top_down(&self, occupant: Occupant, how: PlaceAs) -> Result<usize, OccupyError> {
         let mut drained = false;
         loop {
-            for a in self.arenas.iter().rev() {
+            for a in self.layout.arenas.iter().rev() {
                 let mut m = a.lock();
                 let mut before = a.end;
                 while let Some(f) = m.tree.last_clean(before) {
                     // A frame freed while still pinned keeps its pins; skip it.
-                    if frame::pins_of(frame::Word::get(&self.words[f])) == 0 {
+                    if frame::pins_of(frame::AtomicFrameWord::get(&self.words[f])) == 0 {
                         self.occupy(&mut m, f, occupant);
-                        if frozen {
-                            frame::freeze_as(&self.words[f], Tag::Occupied);
+                        if how == PlaceAs::Frozen {
+                            frame::freeze_as(&self.words[f], FrameKind::Occupied);
                         }
                         return Ok(f);
                     }
@@ -665,47 +735,8 @@ impl Shared {
     fn occupy(&self, m: &mut MapState, f: usize, occupant: Occupant) {
         m.occupants[f] = Some(occupant);
         m.tree.set_occ(f, 1, true);
-        frame::set_tag(&self.words[f], Tag::Occupied);
+        frame::set_kind(&self.words[f], FrameKind::Occupied);
         Stats::bump(&self.stats.c().occupants_placed, 1);
-    }
-
-    pub(crate) fn block_of(&self, f: usize) -> usize {
-        // block_frames is a power of two (checked in `new`): a shift, not a divide.
-        f >> self.block_frames.trailing_zeros()
-    }
-
-    /// Wake waiters (pin released, range freed). Never blocks: with `try` the event
-    /// mutex is only tried, and a waiter that misses the wake-up times out of its
-    /// bounded wait slice instead.
-    pub(crate) fn notify_inner(&self, try_only: bool) {
-        if self.waiters.load(std::sync::atomic::Ordering::Acquire) == 0 {
-            return;
-        }
-        let guard = if try_only {
-            self.event.try_lock().ok()
-        } else {
-            Some(self.event.lock().unwrap_or_else(|e| e.into_inner()))
-        };
-        drop(guard);
-        self.event_cv.notify_all();
-    }
-
-    pub(crate) fn notify(&self) {
-        self.notify_inner(false)
-    }
-
-    /// Sleep until notified or `timeout`, whichever comes first, while `still_blocked`
-    /// holds. Checking the condition under the event mutex closes the lost-wake-up
-    /// window for notifiers that take the mutex.
-    pub(crate) fn wait_event(&self, timeout: Duration, still_blocked: impl Fn() -> bool) {
-        self.waiters
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let g = self.event.lock().unwrap_or_else(|e| e.into_inner());
-        if still_blocked() {
-            let _ = self.event_cv.wait_timeout(g, timeout);
-        }
-        self.waiters
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -715,7 +746,7 @@ fn assert_send_sync() {
     fn is<T: Send + Sync>() {}
     is::<Allocator>();
     is::<Allocation>();
-    is::<crate::PinGuard>();
+    is::<PinGuard>();
     is::<Region>();
 }
 
