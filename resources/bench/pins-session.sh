@@ -19,7 +19,7 @@ dmavisor run --api-sock $sock --test-commands --pin-target "$dev" --memory size=
   --cmdline "console=ttyS0 reboot=k panic=-1 quiet dmavisor.scenario=$scenario" <$in >$out 2>&1 &
 vmm=$!
 exec 3>$in
-waitfor() { n=0; until grep -q "$1" $out || [ $n -gt 6000 ]; do sleep 0.1; n=$((n+1)); done; }
+waitfor() { n=0; until grep -q "$1" $out || ! kill -0 $vmm 2>/dev/null || [ $n -gt 6000 ]; do sleep 0.1; n=$((n+1)); done; }
 api() { echo "API $* => $(dmavisor api --api-sock $sock "$@" 2>&1)"; }
 waitfor DMAVISOR-SCENARIO
 n=0; until dmavisor stat --api-sock $sock | grep -q lending || [ $n -gt 600 ]; do sleep 0.1; n=$((n+1)); done

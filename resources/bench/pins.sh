@@ -18,6 +18,9 @@ cd "$ROOT"
 mkdir -p target/bench
 rounds=${ROUNDS:-2}
 export SECONDS_PER_HEAP=${SECONDS_PER_HEAP:-20}
+# PINS_SESSION=FILE and DMAVISOR_BIN=FILE run another revision's session script and binary
+# against this one's guest, for same-run comparisons (docs/benchmarks.md).
+session_script=${PINS_SESSION:-resources/bench/pins-session.sh}
 # One guest run; a run that did not end cleanly is tried once more, saying so (the sandbox host
 # has been seen to stall now and then under emulation, see docs/benchmarks.md).
 session() {
@@ -32,10 +35,10 @@ session() {
 }
 session_once() {
   if host_runs_stock_guests; then
-    PATH="$ROOT/target/release:$PATH" sh resources/bench/pins-session.sh "$1" target/guest/kernel target/guest/initramfs.cpio.gz
+    PATH="$ROOT/target/release:$PATH" sh "$session_script" "$1" target/guest/kernel target/guest/initramfs.cpio.gz
   else
     ./resources/sandbox/run.sh --timeout 900 -- env SECONDS_PER_HEAP="$SECONDS_PER_HEAP" \
-      sh resources/bench/pins-session.sh "$1" target/guest/kernel target/guest/initramfs.cpio.gz
+      sh "$session_script" "$1" target/guest/kernel target/guest/initramfs.cpio.gz
   fi
 }
 if host_runs_stock_guests; then where="directly on this host"; else

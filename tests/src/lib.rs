@@ -263,22 +263,27 @@ fn execute(
     input: Option<ConsoleInput>,
 ) -> GuestRun {
     let first = execute_once(make(), timeout, label, input);
-    if first.exit_code.is_some() {
+    let triple_fault = first.console.contains(GUEST_TRIPLE_FAULT);
+    if first.exit_code.is_some() && !triple_fault {
         return first;
     }
     let tail: Vec<&str> = first.console.lines().rev().take(15).collect();
     eprintln!(
-        "[harness] WARNING: {label} did not finish (stalled, or hit its {}s limit); trying once more. Last lines:\n{}",
+        "[harness] WARNING: {label} did not finish (stalled, triple-faulted, or hit its {}s limit); trying once more. Last lines:\n{}",
         timeout.as_secs(),
         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     );
-    let stalled = if first.sandbox_stalled {
+    let stalled = if triple_fault {
+        "the guest triple-faulted (dmavisor exit 4) under host page moves"
+    } else if first.sandbox_stalled {
         "the sandbox host reported a stalled CPU"
     } else {
         "no exit status within the time limit"
     };
     let second = execute_once(make(), timeout, label, input);
-    let outcome = if second.exit_code.is_some() {
+    let outcome = if second.console.contains(GUEST_TRIPLE_FAULT) {
+        "the retry triple-faulted too"
+    } else if second.exit_code.is_some() {
         "the retry finished"
     } else {
         "the retry did not finish either"
@@ -286,6 +291,12 @@ fn execute(
     record_retry(&format!("{label}: {stalled}; {outcome}"));
     second
 }
+
+/// What dmavisor prints when the guest triple-faults. Under host pin churn and page moves in the
+/// sandbox host this happens now and then (about one run in ten of the seed scenarios, seen with
+/// and without the memory-owner redesign; docs/benchmarks.md): a known bug, not yet understood,
+/// so such a run is tried once more and the retry is recorded like any other.
+const GUEST_TRIPLE_FAULT: &str = "the guest stopped abnormally: TripleFault";
 
 /// Where every retry of a run is recorded, one line each. `resources/test.sh` empties it before
 /// the suite and prints it after, pass or fail: a retry is a failure deferred, never invisible.

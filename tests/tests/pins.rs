@@ -24,8 +24,8 @@ fn driven(scenario: &str, window: &str, cmdline: &str, steps: &str) -> String {
            --cmdline 'console=ttyS0 reboot=k panic=-1 quiet dmavisor.scenario={scenario} {cmdline}' \
            <$in >$out 2>&1 & \
          vmm=$!; exec 3>$in; \
-         waitfor() {{ n=0; until grep -q \"$1\" $out || [ $n -gt 1800 ]; do sleep 0.1; n=$((n+1)); done; \
-           grep -q \"$1\" $out || {{ echo \"WAITFOR-TIMEOUT $1; dmavisor's threads:\"; \
+         waitfor() {{ n=0; until grep -q \"$1\" $out || ! kill -0 $vmm 2>/dev/null || [ $n -gt 1800 ]; do sleep 0.1; n=$((n+1)); done; \
+           grep -q \"$1\" $out || ! kill -0 $vmm 2>/dev/null || {{ echo \"WAITFOR-TIMEOUT $1; dmavisor's threads:\"; \
              for t in /proc/$vmm/task/*; do echo \"  $(cat $t/comm) $(cat $t/wchan) $(cut -d' ' -f3 $t/stat)\"; done; \
              dmavisor stat --api-sock $sock; tail -n 40 $out; kill $vmm; }}; }}; \
          api() {{ echo \"API $* => $(dmavisor api --api-sock $sock \"$@\" 2>&1)\"; }}; \
