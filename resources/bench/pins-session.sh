@@ -4,6 +4,7 @@
 # host pin churn)
 # Prints the guest console and the control API's replies ("API ... => JSON").
 mode=$1 kernel=$2 initrd=$3
+trap "" PIPE
 out=/tmp/dmavisor-bench.out sock=/tmp/dmavisor-bench.sock in=/tmp/dmavisor-bench.in
 rm -f $out $sock $in
 mkfifo $in

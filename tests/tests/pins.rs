@@ -11,11 +11,12 @@ use serde_json::Value;
 
 /// A shell script that boots a guest running `scenario` with a control socket and a console
 /// the script can type into (`echo go >&3`), sets up a loop device for O_DIRECT I/O (`$dev`),
-/// runs `steps`, and prints dmavisor's output. Helpers for `steps`: `waitfor TEXT`, and
+/// runs `steps`, and prints dmavisor's output (also when dmavisor ended early: a write to its
+/// console then fails instead of killing the script with SIGPIPE). Helpers for `steps`: `waitfor TEXT`, and
 /// `api CMD KEY=VALUE...`, which prints `API CMD ... => REPLY`.
 fn driven(scenario: &str, window: &str, cmdline: &str, steps: &str) -> String {
     format!(
-        "out=/tmp/dmavisor-pins.out; sock=/tmp/dmavisor-pins.sock; in=/tmp/dmavisor-pins.in; \
+        "trap '' PIPE; out=/tmp/dmavisor-pins.out; sock=/tmp/dmavisor-pins.sock; in=/tmp/dmavisor-pins.in; \
          rm -f $out $sock $in; mkfifo $in; \
          dd if=/dev/zero of=/tmp/dmavisor-pinio.img bs=1M count=64 2>/dev/null; \
          dev=$(losetup -f) && losetup $dev /tmp/dmavisor-pinio.img || echo LOSETUP-FAILED; \
