@@ -131,17 +131,6 @@ impl DmaMapper for DmaMemory {
     }
 }
 
-impl DmaMemory {
-    /// Ends every mapping (the device was reset): the guest's view of the window stays RAM.
-    pub fn unmap_all(&self) {
-        let all = std::mem::take(&mut *lock(&self.inner.mappings));
-        for (gpa, alloc) in all {
-            self.inner
-                .unmap_pages(self.inner.window.page_of(gpa), alloc);
-        }
-    }
-}
-
 impl Owner {
     fn placement(&self, alloc: &Allocation, copied: u64) -> Placement {
         Placement {

@@ -68,7 +68,7 @@ pub enum DmaMemoryError {
         base: u64,
         size: u64,
     },
-    #[error("window page {page} is in ordinary memory, not on a region frame")]
+    #[error("window page {page} is not on a region frame (it is in ordinary memory, or past the window)")]
     NotOnFrame { page: usize },
     #[error("window page {page}: {source}")]
     Pin { page: usize, source: cma::PinError },

@@ -201,18 +201,18 @@ impl DmaMemory {
             o.window.lock().table[p].longterm_pins += 1;
             pin.n += 1;
         }
+        // One buffer per run of pages in one kind of memory (RAM, or the region's file), as
+        // io_uring wants each registered buffer.
         let pages = o.window.lock();
-        for p in first..first + n {
-            let in_region = pages.table[p].backing.frame().is_some();
-            let (addr, len) = o.window.pages_span(p, 1);
-            let addr = addr as usize;
-            match pin.buffers.last_mut() {
-                Some(b)
-                    if b.addr + b.len == addr && run_in_region(&pages.table, p) == in_region =>
-                {
-                    b.len += len
-                }
-                _ => pin.buffers.push(HostBuffer { addr, len }),
+        let in_region = |p: usize| pages.table[p].backing.frame().is_some();
+        let mut start = first;
+        for p in first + 1..=first + n {
+            if p == first + n || in_region(p) != in_region(start) {
+                pin.buffers.push(HostBuffer {
+                    addr: o.window.page_addr(start),
+                    len: (p - start) * o.window.page,
+                });
+                start = p;
             }
         }
         drop(pages);
@@ -226,9 +226,4 @@ impl DmaMemory {
         );
         Ok(pin)
     }
-}
-
-/// Whether the page before `p` is in the region (a buffer run continues only within one kind).
-fn run_in_region(table: &[super::PageState], p: usize) -> bool {
-    p > 0 && table[p - 1].backing.frame().is_some()
 }

@@ -159,10 +159,10 @@ impl Window {
         self.region.host_addr().as_ptr().wrapping_add(f * self.page)
     }
 
-    /// The VMM's addresses of window pages `first..first + n`, for a holder that registers
-    /// them with the kernel (io_uring fixed buffers): an `iovec`-shaped (address, length).
-    pub fn pages_span(&self, first: usize, n: usize) -> (*mut u8, usize) {
-        (self.page_ptr(first), n * self.page)
+    /// The VMM's address of window page `p`, for a holder that registers pages with the
+    /// kernel (io_uring fixed buffers).
+    pub fn page_addr(&self, p: usize) -> usize {
+        self.page_ptr(p) as usize
     }
 
     /// Write-protects (`writable == false`) or unprotects window pages `first..first + n`.

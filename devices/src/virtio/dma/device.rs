@@ -190,16 +190,6 @@ impl<M: DmaMapper + 'static> Dma<M> {
         }
     }
 
-    /// A device whose request handler is ready.
-    pub fn ready(handler: Arc<RequestHandler<M>>) -> Self {
-        Self {
-            pending: std::sync::Mutex::new(None),
-            handler: std::sync::OnceLock::from(Ok(handler)),
-            acked: 0,
-            workers: Vec::new(),
-        }
-    }
-
     /// The request handler, waiting for it if it is still being built.
     pub fn handler(&self) -> Result<&Arc<RequestHandler<M>>, &str> {
         self.handler
