@@ -26,7 +26,8 @@ enum Command {
     /// Print a running VMM's region, allocator and virtio-dma state (from its --api-sock).
     Stat(StatArgs),
     /// Send one control-API command to a running VMM and print its JSON reply, e.g.
-    /// `dmavisor api --api-sock S pin-churn target=/dev/loop0 io_kib=64` (see docs/api.md).
+    /// `dmavisor api --api-sock S migrate frames=64` (test commands need `run --test-commands`; see
+    /// docs/api.md).
     Api(ApiArgs),
 }
 
