@@ -5,6 +5,8 @@
 # usage: resources/sandbox/run.sh [--timeout SECONDS] [--log FILE] [--with PATH]... -- COMMAND...
 #   e.g. resources/sandbox/run.sh -- dmavisor run --kernel target/guest/kernel --initrd target/guest/initramfs.cpio.gz
 #
+# The host kernel is $DMAVISOR_SANDBOX_KERNEL: `project` (default; built by build.sh with CMA, the
+# host CMA heap and hugetlb_cma) or `debian` (Debian's own kernel, CMA off).
 # The dmavisor binary (target/release/dmavisor, or $DMAVISOR_BIN) is available as `dmavisor`.
 # Every argument that names an existing file, and every --with PATH, is copied into the sandbox
 # at the same absolute path. Exit status: the command's, 124 on timeout, 125 if the sandbox
@@ -12,7 +14,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-OUT="$ROOT/target/sandbox"
+kind=${DMAVISOR_SANDBOX_KERNEL:-project}
+OUT="$ROOT/target/sandbox/$kind"
 timeout=600
 log=""
 with=()
@@ -26,7 +29,14 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ $# -gt 0 ] || { echo "error: no command given; usage: $0 [options] -- COMMAND..." >&2; exit 2; }
-[ -f "$OUT/base.cpio.gz" ] || { echo "error: sandbox host not built; run resources/sandbox/build.sh" >&2; exit 2; }
+[ -f "$OUT/base.cpio.gz" ] || { echo "error: sandbox host not built; run resources/sandbox/build.sh $kind" >&2; exit 2; }
+case "$kind" in
+  # 1 GiB for the host's CMA heap (/dev/dma_heap/reserved) and 1 GiB of CMA for 1 GiB huge pages:
+  # hugetlb_cma needs a 1 GiB-aligned free range, which a 3 GiB machine does not have.
+  project) mem=6144; append="cma=1G hugetlb_cma=1G" ;;
+  debian) mem=3072; append="" ;;
+  *) echo "error: DMAVISOR_SANDBOX_KERNEL=$kind; use project or debian" >&2; exit 2 ;;
+esac
 bin=${DMAVISOR_BIN:-$ROOT/target/release/dmavisor}
 [ -x "$bin" ] || { echo "error: $bin missing; run: cargo build --release -p vmm" >&2; exit 2; }
 
@@ -69,10 +79,10 @@ cat "$work/run.cpio.gz" >>"$work/initrd"
 
 log=${log:-$work/console.log}
 : >"$log"
-timeout "$timeout" qemu-system-x86_64 -accel tcg,thread=multi -smp 2 -cpu EPYC,+svm -m 3072 \
+timeout "$timeout" qemu-system-x86_64 -accel tcg,thread=multi -smp 2 -cpu EPYC,+svm -m "$mem" \
   -nodefaults -display none -no-reboot -serial "file:$log" \
   -kernel "$OUT/vmlinuz" -initrd "$work/initrd" \
-  -append "console=ttyS0 panic=-1 quiet" </dev/null >"$work/qemu.out" 2>&1 &
+  -append "console=ttyS0 panic=-1 quiet $append" </dev/null >"$work/qemu.out" 2>&1 &
 qemu=$!
 tail -n +1 -f --pid=$qemu "$log" &
 tailer=$!

@@ -236,7 +236,8 @@ pub fn run_shell(script: &str, timeout: Duration) -> GuestRun {
                 .expect("the binary is in a directory")
                 .to_path_buf();
             let path = std::env::var_os("PATH").unwrap_or_default();
-            let mut dirs = vec![dir];
+            // The host-side check tools (resources/sandbox/tools), built by the sandbox build.
+            let mut dirs = vec![dir, root().join("target/tools")];
             dirs.extend(std::env::split_paths(&path));
             let mut c = Command::new("sh");
             c.arg("-c")

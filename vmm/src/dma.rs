@@ -18,6 +18,16 @@ use vmm_sys_util::eventfd::EventFd;
 pub struct DmaPath {
     pub memory: DmaMemory,
     pub device: Arc<RequestHandler<DmaMemory>>,
+    pub choice: Arc<RegionChoice>,
+}
+
+/// How the region's backing was chosen, for `dmavisor stat`.
+#[derive(Clone, Debug, Default)]
+pub struct RegionChoice {
+    /// The backing asked for (`auto`, `dma-heap`, ...).
+    pub requested: RegionBacking,
+    /// With `auto`: why each better backing was not taken.
+    pub passed_over: Vec<String>,
 }
 
 /// Where the control API finds the DMA path once the region thread has built it.
@@ -50,34 +60,63 @@ pub enum DmaError {
     Io(std::io::Error),
 }
 
-/// Reserves the region as configured; `auto` falls back from huge pages to a memfd, saying so.
-fn reserve_region(config: &RegionConfig, window_size: u64) -> Result<Region, DmaError> {
+/// Reserves the region as configured. `auto` takes the first that works of: the host's CMA
+/// dma-buf heap (contiguous at any size), 2 MiB huge pages, a memfd (not physically contiguous),
+/// and logs why each better one was not taken. 1 GiB huge pages are not in the list: a 1 GiB page
+/// cannot be lent to the window in pieces (docs/virtio-dma.md, "Region backings").
+fn reserve_region(
+    config: &RegionConfig,
+    window_size: u64,
+) -> Result<(Region, RegionChoice), DmaError> {
     let size = config.size.unwrap_or(ByteSize(window_size));
-    let reserve = |backing: RegionBacking, b: Backing| {
+    let reserve = |backing: RegionBacking| {
+        let b = match backing {
+            // 2 MiB pages: a 1 GiB page cannot be remapped into the window in pieces.
+            RegionBacking::Hugetlb => Backing::Hugetlb(HugePageSize::Size2M),
+            // The host's CMA (or reserved-memory) heap, whatever its name.
+            RegionBacking::DmaHeap => Backing::DmaHeap {
+                name: String::new(),
+            },
+            RegionBacking::Memfd | RegionBacking::Auto => Backing::Memfd,
+        };
         Region::reserve(size.0 as usize, b).map_err(|source| DmaError::Region {
             size,
             backing,
             source,
         })
     };
-    // 2 MiB pages: a 1 GiB page cannot be remapped into the window in pieces.
-    let huge = || Backing::Hugetlb(HugePageSize::Size2M);
+    let mut choice = RegionChoice {
+        requested: config.backing,
+        passed_over: Vec::new(),
+    };
     let region = match config.backing {
-        RegionBacking::Auto => match reserve(RegionBacking::Hugetlb, huge()) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!("{e}; using a plain memfd region (not physically contiguous)");
-                reserve(RegionBacking::Memfd, Backing::Memfd)?
+        RegionBacking::Auto => {
+            let passed_over = &mut choice.passed_over;
+            let mut picked = None;
+            for backing in [RegionBacking::DmaHeap, RegionBacking::Hugetlb] {
+                match reserve(backing) {
+                    Ok(r) => {
+                        picked = Some(r);
+                        break;
+                    }
+                    Err(e) => passed_over.push(e.to_string()),
+                }
             }
-        },
-        RegionBacking::Hugetlb => reserve(RegionBacking::Hugetlb, huge())?,
-        RegionBacking::DmaHeap => reserve(
-            RegionBacking::DmaHeap,
-            Backing::DmaHeap {
-                name: String::new(),
-            },
-        )?,
-        RegionBacking::Memfd => reserve(RegionBacking::Memfd, Backing::Memfd)?,
+            let region = match picked {
+                Some(r) => r,
+                None => reserve(RegionBacking::Memfd)?,
+            };
+            for why in passed_over.iter() {
+                tracing::warn!("backing=auto passed over: {why}");
+            }
+            tracing::info!(
+                backing = ?region.backing(),
+                "backing=auto picked {} (order: host CMA heap, 2M huge pages, memfd)",
+                backing_label(region.backing())
+            );
+            region
+        }
+        b => reserve(b)?,
     };
     tracing::info!(
         size = %size,
@@ -87,7 +126,17 @@ fn reserve_region(config: &RegionConfig, window_size: u64) -> Result<Region, Dma
         largest_extent = region.largest_extent(),
         "host region reserved"
     );
-    Ok(region)
+    Ok((region, choice))
+}
+
+/// What a backing is, in words for the log and `dmavisor stat`.
+pub fn backing_label(b: &Backing) -> &'static str {
+    match b {
+        Backing::DmaHeap { .. } => "the host's CMA heap",
+        Backing::Hugetlb(HugePageSize::Size1G) => "1G huge pages",
+        Backing::Hugetlb(_) => "2M huge pages",
+        Backing::Memfd => "a memfd (not physically contiguous)",
+    }
 }
 
 /// Creates the virtio-dma device for the window `(base, size)` and attaches it. The region is
@@ -161,7 +210,7 @@ fn build_path(
     guest: &GuestMemoryHandle,
     (base, len): (u64, u64),
 ) -> Result<DmaPath, DmaError> {
-    let region = reserve_region(config, len)?;
+    let (region, choice) = reserve_region(config, len)?;
     let largest_extent = region.largest_extent() as u64;
     let region_size = region.len() as u64;
     let memory = DmaMemory::new(region, guest, base, len)?;
@@ -175,5 +224,9 @@ fn build_path(
     };
     tracing::info!(?config, "virtio-dma ready");
     let device = Arc::new(RequestHandler::new(config, memory.clone()));
-    Ok(DmaPath { memory, device })
+    Ok(DmaPath {
+        memory,
+        device,
+        choice: Arc::new(choice),
+    })
 }

@@ -9,6 +9,7 @@
 //! (not root), each huge page is its own extent with an unknown physical address.
 
 mod backing;
+mod cma_area;
 mod pagemap;
 
 use std::os::fd::RawFd;
@@ -50,6 +51,10 @@ pub enum Backing {
 pub enum Contiguity {
     /// Frame numbers were read from pagemap and every 4 KiB page checked.
     Verified,
+    /// Frame numbers were read from the heap's CMA area (debugfs bitmap): exactly one run of the
+    /// region's length was allocated from it by the region's allocation. pagemap cannot see a
+    /// dma-buf mapping (`VM_PFNMAP`); see `cma_area.rs`.
+    VerifiedCmaArea,
     /// Guaranteed by the backing (a huge page, a CMA heap buffer) but not checked:
     /// frame numbers are hidden from this process.
     Assumed,
@@ -207,26 +212,35 @@ impl Region {
 
     fn dma_heap(len: usize, name: &str) -> Result<Region, RegionError> {
         check_len(len, SMALL_PAGE, "dma-heap")?;
+        let before = cma_area::CmaArea::read(&cma_area::CmaArea::dir(name));
         let fd = backing::dma_heap_alloc(name, len)?;
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
         let ptr = backing::map(raw, len, 0, None, "dma-heap")?;
         let map = Mapping { ptr, len, fd };
-        let (extents, contiguity) =
-            match pagemap::phys_addrs(ptr as usize, SMALL_PAGE, len / SMALL_PAGE) {
-                Some(phys) => (
-                    pagemap::merge_extents(SMALL_PAGE, &phys),
-                    Contiguity::Verified,
-                ),
-                // CMA and reserved-memory heaps hand out one contiguous buffer by contract.
-                None => (
-                    vec![Extent {
-                        offset: 0,
-                        len,
-                        phys: None,
-                    }],
-                    Contiguity::Assumed,
-                ),
-            };
+        // The heap's buffer is one cma_alloc(): the run of the area's bitmap it set is the
+        // region's frames. Without CMA debugfs, or with another allocation racing ours, the
+        // placement stays unknown and is labelled so.
+        let area_dir = cma_area::CmaArea::dir(name);
+        let placed = before
+            .zip(cma_area::CmaArea::read(&area_dir))
+            .and_then(|(b, a)| b.new_run(&a))
+            .filter(|run| run.len == len);
+        let (phys, contiguity) = match placed {
+            Some(run) => (Some(run.phys), Contiguity::VerifiedCmaArea),
+            None => {
+                tracing::info!(
+                    heap = name,
+                    "the dma-buf's frames are not known (no single new run in {}); contiguity assumed from the heap",
+                    area_dir.display()
+                );
+                (None, Contiguity::Assumed)
+            }
+        };
+        let extents = vec![Extent {
+            offset: 0,
+            len,
+            phys,
+        }];
         Ok(Region {
             map,
             backing: Backing::DmaHeap { name: name.into() },
@@ -297,8 +311,18 @@ impl Region {
     /// Re-read pagemap and check every 4 KiB page of every extent is where the extent
     /// says. False when frame numbers are unknown.
     pub fn verify_extents(&self) -> bool {
-        self.contiguity == Contiguity::Verified
-            && pagemap::verify(self.map.ptr as usize, &self.extents)
+        match (self.contiguity, &self.backing) {
+            (Contiguity::Verified, _) => pagemap::verify(self.map.ptr as usize, &self.extents),
+            (Contiguity::VerifiedCmaArea, Backing::DmaHeap { name }) => {
+                cma_area::CmaArea::read(&cma_area::CmaArea::dir(name)).is_some_and(|area| {
+                    self.extents.iter().all(|e| {
+                        e.phys
+                            .is_some_and(|phys| area.covers_allocated(phys, e.len))
+                    })
+                })
+            }
+            _ => false,
+        }
     }
 }
 

@@ -67,6 +67,40 @@ pub trait DmaMapper: Send + Sync {
     fn host_phys(&self) -> bool;
 }
 
+/// One live DMA mapping, as the owner placed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MappingInfo {
+    /// Guest physical address and length the guest MAPped.
+    pub gpa: u64,
+    pub len: u64,
+    /// Where its frames are in the region.
+    pub region_offset: u64,
+    /// The window's address of `gpa` in the VMM: its pages are the region's frames, so the
+    /// VMM's `/proc/PID/pagemap` at this address shows them (unless the region is a dma-buf,
+    /// whose `VM_PFNMAP` mapping pagemap does not walk).
+    pub host_addr: u64,
+    /// Host physical address of the first byte, when the region's frames are known; the
+    /// mapping is one physical extent by construction (an allocation never crosses extents).
+    pub phys: Option<u64>,
+}
+
+impl DmaMemory {
+    /// Every live DMA mapping, by guest address.
+    pub fn mappings(&self) -> Vec<MappingInfo> {
+        let window = &self.inner.window;
+        lock(&self.inner.mappings)
+            .iter()
+            .map(|(&gpa, a)| MappingInfo {
+                gpa,
+                len: a.len() as u64,
+                region_offset: a.offset() as u64,
+                host_addr: window.page_addr(window.page_of(gpa)) as u64,
+                phys: a.phys_addr(),
+            })
+            .collect()
+    }
+}
+
 fn map_error(e: AllocError) -> MapError {
     match e {
         AllocError::LargerThanExtent { .. } => MapError::TooBig,

@@ -40,7 +40,7 @@ use cma::{AllocError, AllocRequest, Allocation, Allocator, AllocatorConfig, Regi
 
 use crate::guest_memory::GuestMemoryHandle;
 
-pub use map::{DmaMapper, MapError, MapOptions, Placement};
+pub use map::{DmaMapper, MapError, MapOptions, MappingInfo, Placement};
 pub use pins::{HostBuffer, LongTermPin, PinHolder, TransientPin};
 pub use stats::{DmaMemoryStats, LendingStats, MapPercentiles};
 pub use window::{Backing, PageState, WINDOW_OWNER};

@@ -79,6 +79,11 @@ pub fn summary(v: &StatReply) -> String {
         r.extents.len(),
         mib(r.largest_extent),
     );
+    out += &format!("region backing: asked for {}", r.requested);
+    for why in &r.passed_over {
+        out += &format!("; passed over: {why}");
+    }
+    out.push('\n');
     out += &format!(
         "allocator: {} of {} frames allocated, {} occupied; {} allocations, {} frees; failures: {} too large, {} no room, {} pinned, {} deadline; {} migrated; alloc latency p50 {} ns, p99 {} ns\n",
         a.allocated_frames, a.frames, a.occupied_frames, a.allocs, a.frees,

@@ -112,6 +112,21 @@ impl ApiServer {
         };
         match request {
             Request::Stat => unreachable!("answered above"),
+            Request::Mappings => reply(Ok(MappingsReply {
+                pid: std::process::id(),
+                mappings: dma
+                    .memory
+                    .mappings()
+                    .into_iter()
+                    .map(|m| MappingStat {
+                        gpa: m.gpa,
+                        len: m.len,
+                        region_offset: m.region_offset,
+                        host_addr: m.host_addr,
+                        phys: m.phys,
+                    })
+                    .collect(),
+            })),
             Request::PinChurn {
                 io_kib,
                 hold_us,
@@ -184,6 +199,11 @@ impl ApiServer {
         let s = &st.allocator;
         v.region = Some(RegionStat {
             backing: format!("{:?}", region.backing()),
+            requested: serde_json::to_value(dma.choice.requested)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            passed_over: dma.choice.passed_over.clone(),
             size: region.len() as u64,
             page_size: region.page_size() as u64,
             contiguity: format!("{:?}", region.contiguity()),

@@ -11,6 +11,8 @@ pub use crate::pins::ChurnReport;
 pub enum Request {
     /// The memory manager's state.
     Stat,
+    /// The live DMA mappings and where their frames are.
+    Mappings,
     /// Test command: starts transient host pins with O_DIRECT writes to `--pin-target`.
     PinChurn {
         /// Bytes per I/O, in KiB (4 KiB to one region page).
@@ -39,8 +41,9 @@ fn default_io_kib() -> u64 {
 
 impl Request {
     /// Every command name, in the order the docs list them.
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 7] = [
         "stat",
+        "mappings",
         "pin-churn",
         "pin-churn-stop",
         "pin-longterm",
@@ -52,17 +55,18 @@ impl Request {
     pub fn name(&self) -> &'static str {
         match self {
             Request::Stat => Self::NAMES[0],
-            Request::PinChurn { .. } => Self::NAMES[1],
-            Request::PinChurnStop => Self::NAMES[2],
-            Request::PinLongterm { .. } => Self::NAMES[3],
-            Request::UnpinLongterm => Self::NAMES[4],
-            Request::Migrate { .. } => Self::NAMES[5],
+            Request::Mappings => Self::NAMES[1],
+            Request::PinChurn { .. } => Self::NAMES[2],
+            Request::PinChurnStop => Self::NAMES[3],
+            Request::PinLongterm { .. } => Self::NAMES[4],
+            Request::UnpinLongterm => Self::NAMES[5],
+            Request::Migrate { .. } => Self::NAMES[6],
         }
     }
 
     /// Whether the command exists for tests (off unless the VMM runs with `--test-commands`).
     pub fn is_test_command(&self) -> bool {
-        !matches!(self, Request::Stat)
+        !matches!(self, Request::Stat | Request::Mappings)
     }
 }
 
@@ -95,6 +99,10 @@ pub struct ExtentStat {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionStat {
     pub backing: String,
+    /// The backing asked for (`auto`, `dma-heap`, `hugetlb`, `memfd`).
+    pub requested: String,
+    /// With `auto`: why each better backing was not taken.
+    pub passed_over: Vec<String>,
     pub size: u64,
     pub page_size: u64,
     /// `Verified` where frame numbers were readable from pagemap.
@@ -225,4 +233,24 @@ pub struct MigrateReply {
     pub migrate_mib_s: f64,
     /// Plain memcpy of the same bytes in the VMM, measured right after: the baseline.
     pub memcpy_mib_s: f64,
+}
+
+/// The reply to `mappings`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingsReply {
+    /// The VMM's process id: its `/proc/PID/pagemap` shows the frames at `host_addr`.
+    pub pid: u32,
+    pub mappings: Vec<MappingStat>,
+}
+
+/// One live DMA mapping.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingStat {
+    pub gpa: u64,
+    pub len: u64,
+    pub region_offset: u64,
+    pub host_addr: u64,
+    pub phys: Option<u64>,
 }
