@@ -65,6 +65,24 @@ pub fn mode() -> Mode {
     })
 }
 
+/// The sandbox host's kernel (`DMAVISOR_SANDBOX_KERNEL`): `project` (the default, with CMA and
+/// the host CMA heap) or `debian` (Debian's own, CMA off).
+pub fn sandbox_kernel() -> String {
+    std::env::var("DMAVISOR_SANDBOX_KERNEL").unwrap_or_else(|_| "project".into())
+}
+
+/// Whether the host the guests run on has a CMA dma-buf heap: the project's sandbox host kernel
+/// does (`cma=1G`); Debian's does not; a host running guests directly, if it has one.
+pub fn guest_host_has_cma_heap() -> bool {
+    match mode() {
+        Mode::Sandbox => sandbox_kernel() != "debian",
+        Mode::Direct => std::fs::read_dir("/dev/dma_heap").is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy() != "system")
+        }),
+    }
+}
+
 /// The dmavisor binary under test.
 pub fn dmavisor_bin() -> PathBuf {
     std::env::var_os("DMAVISOR_BIN")
@@ -477,4 +495,40 @@ impl Boot {
     pub fn run(&self) -> GuestRun {
         run_dmavisor(&self.args(), self.timeout)
     }
+}
+
+/// A shell script that boots a guest running `scenario` with a control socket and a console
+/// the script can type into (`echo go >&3`), sets up a loop device for O_DIRECT I/O (`$dev`),
+/// reserves the region as `--region REGION`, runs `steps`, and prints dmavisor's output (also when dmavisor ended early: a write to its
+/// console then fails instead of killing the script with SIGPIPE). Helpers for `steps`: `waitfor TEXT`, and
+/// `api CMD KEY=VALUE...`, which prints `API CMD ... => REPLY`.
+pub fn driven_script(
+    scenario: &str,
+    window: &str,
+    region: &str,
+    cmdline: &str,
+    steps: &str,
+) -> String {
+    format!(
+        "trap '' PIPE; out=/tmp/dmavisor-pins.out; sock=/tmp/dmavisor-pins.sock; in=/tmp/dmavisor-pins.in; \
+         rm -f $out $sock $in; mkfifo $in; \
+         dd if=/dev/zero of=/tmp/dmavisor-pinio.img bs=1M count=64 2>/dev/null; \
+         dev=$(losetup -f) && losetup $dev /tmp/dmavisor-pinio.img || echo LOSETUP-FAILED; \
+         dmavisor run --api-sock $sock --test-commands --pin-target $dev --memory size=256M --dma-window size={window} --region {region} \
+           --kernel {k} --initrd {i} \
+           --cmdline 'console=ttyS0 reboot=k panic=-1 quiet dmavisor.scenario={scenario} {cmdline}' \
+           <$in >$out 2>&1 & \
+         vmm=$!; exec 3>$in; \
+         waitfor() {{ n=0; until grep -q \"$1\" $out || ! kill -0 $vmm 2>/dev/null || [ $n -gt 1800 ]; do sleep 0.1; n=$((n+1)); done; \
+           grep -q \"$1\" $out || ! kill -0 $vmm 2>/dev/null || {{ echo \"WAITFOR-TIMEOUT $1; dmavisor's threads:\"; \
+             for t in /proc/$vmm/task/*; do echo \"  $(cat $t/comm) $(cat $t/wchan) $(cut -d' ' -f3 $t/stat)\"; done; \
+             dmavisor stat --api-sock $sock; tail -n 40 $out; kill $vmm; }}; }}; \
+         api() {{ echo \"API $* => $(dmavisor api --api-sock $sock \"$@\" 2>&1)\"; }}; \
+         waitfor DMAVISOR-SCENARIO; \
+         n=0; until dmavisor stat --api-sock $sock | grep -q lending || [ $n -gt 600 ]; do sleep 0.1; n=$((n+1)); done; \
+         {steps}; \
+         wait $vmm; echo \"VMM-RC=$?\"; losetup -d $dev; cat $out",
+        k = guest_kernel().display(),
+        i = guest_initramfs().display(),
+    )
 }

@@ -6,37 +6,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use integration_tests::{guest_initramfs, guest_kernel, run_shell, GuestRun};
+use integration_tests::{driven_script, run_shell, GuestRun};
 use serde_json::Value;
 
-/// A shell script that boots a guest running `scenario` with a control socket and a console
-/// the script can type into (`echo go >&3`), sets up a loop device for O_DIRECT I/O (`$dev`),
-/// runs `steps`, and prints dmavisor's output (also when dmavisor ended early: a write to its
-/// console then fails instead of killing the script with SIGPIPE). Helpers for `steps`: `waitfor TEXT`, and
-/// `api CMD KEY=VALUE...`, which prints `API CMD ... => REPLY`.
+/// The host pins here are real kernel pins of region frames (O_DIRECT, io_uring), which a
+/// dma-buf region cannot take (its mapping is VM_PFNMAP): these scenarios run on 2 MiB huge
+/// pages. The CMA-heap region's own pin behaviour is tested in host_cma.rs.
 fn driven(scenario: &str, window: &str, cmdline: &str, steps: &str) -> String {
-    format!(
-        "trap '' PIPE; out=/tmp/dmavisor-pins.out; sock=/tmp/dmavisor-pins.sock; in=/tmp/dmavisor-pins.in; \
-         rm -f $out $sock $in; mkfifo $in; \
-         dd if=/dev/zero of=/tmp/dmavisor-pinio.img bs=1M count=64 2>/dev/null; \
-         dev=$(losetup -f) && losetup $dev /tmp/dmavisor-pinio.img || echo LOSETUP-FAILED; \
-         dmavisor run --api-sock $sock --test-commands --pin-target $dev --memory size=256M --dma-window size={window} \
-           --kernel {k} --initrd {i} \
-           --cmdline 'console=ttyS0 reboot=k panic=-1 quiet dmavisor.scenario={scenario} {cmdline}' \
-           <$in >$out 2>&1 & \
-         vmm=$!; exec 3>$in; \
-         waitfor() {{ n=0; until grep -q \"$1\" $out || ! kill -0 $vmm 2>/dev/null || [ $n -gt 1800 ]; do sleep 0.1; n=$((n+1)); done; \
-           grep -q \"$1\" $out || ! kill -0 $vmm 2>/dev/null || {{ echo \"WAITFOR-TIMEOUT $1; dmavisor's threads:\"; \
-             for t in /proc/$vmm/task/*; do echo \"  $(cat $t/comm) $(cat $t/wchan) $(cut -d' ' -f3 $t/stat)\"; done; \
-             dmavisor stat --api-sock $sock; tail -n 40 $out; kill $vmm; }}; }}; \
-         api() {{ echo \"API $* => $(dmavisor api --api-sock $sock \"$@\" 2>&1)\"; }}; \
-         waitfor DMAVISOR-SCENARIO; \
-         n=0; until dmavisor stat --api-sock $sock | grep -q lending || [ $n -gt 600 ]; do sleep 0.1; n=$((n+1)); done; \
-         {steps}; \
-         wait $vmm; echo \"VMM-RC=$?\"; losetup -d $dev; cat $out",
-        k = guest_kernel().display(),
-        i = guest_initramfs().display(),
-    )
+    driven_script(scenario, window, "backing=hugetlb", cmdline, steps)
 }
 
 /// Starts transient-pin churn on `$dev`.

@@ -244,7 +244,7 @@ impl Region {
         Ok(Region {
             map,
             backing: Backing::DmaHeap { name: name.into() },
-            page_size: SMALL_PAGE,
+            page_size: dma_buf_unit(len),
             file_pages: Vec::new(),
             extents,
             contiguity,
@@ -294,6 +294,13 @@ impl Region {
         self.page_size
     }
 
+    /// Whether the kernel can pin the region's pages for I/O (`get_user_pages`: O_DIRECT,
+    /// io_uring fixed buffers, vfio). Not for a dma-buf: the CMA heap maps it as `VM_PFNMAP`
+    /// (`vmf_insert_pfn`), which GUP refuses, on the kernel's own heap as here.
+    pub fn kernel_can_pin(&self) -> bool {
+        !matches!(self.backing, Backing::DmaHeap { .. })
+    }
+
     pub fn contiguity(&self) -> Contiguity {
         self.contiguity
     }
@@ -323,6 +330,18 @@ impl Region {
             }
             _ => false,
         }
+    }
+}
+
+/// The page a dma-buf region is lent and moved in. A dma-buf maps at any 4 KiB page, but its
+/// mapping is `VM_PFNMAP`, and the kernel never merges such VMAs: every piece remapped into the
+/// window on its own is a VMA of its own. 2 MiB pieces keep a large window far under
+/// `vm.max_map_count` (65530) and match the unit of a 2 MiB huge-page region.
+fn dma_buf_unit(len: usize) -> usize {
+    if len % HUGE_2M == 0 {
+        HUGE_2M
+    } else {
+        SMALL_PAGE
     }
 }
 

@@ -72,6 +72,8 @@ pub enum DmaMemoryError {
     NotOnFrame { page: usize },
     #[error("window page {page}: {source}")]
     Pin { page: usize, source: cma::PinError },
+    #[error("window page {page} is part of a DMA mapping, on a region the kernel cannot pin (a dma-buf: its mapping is VM_PFNMAP, which get_user_pages refuses, as on the kernel's own CMA heap); use a hugetlb or memfd region for I/O that pins mapped DMA buffers")]
+    NotPinnable { page: usize },
     #[error("forced migration: {0}")]
     Migrate(AllocError),
 }

@@ -161,6 +161,16 @@ impl DmaMemory {
         let (first, n) = self.pages_of(gpa, len)?;
         let o = &self.inner;
         let _layout = lock(&o.layout);
+        // A mapped page is pinned where it is; on a region the kernel cannot pin, the caller's
+        // own pin (io_uring, vfio) would then fail. Refuse before taking anything.
+        if !o.window.region().kernel_can_pin() {
+            let pages = o.window.lock();
+            if let Some(p) =
+                (first..first + n).find(|&p| matches!(pages.table[p].backing, Backing::Mapped(_)))
+            {
+                return Err(DmaMemoryError::NotPinnable { page: p });
+            }
+        }
         let mut pin = LongTermPin {
             owner: o.clone(),
             first,

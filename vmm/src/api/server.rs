@@ -159,6 +159,9 @@ impl ApiServer {
         let Some(target) = &self.tests.pin_target else {
             return Err("pin churn writes guest memory to a file or block device: start dmavisor with --pin-target PATH to name the one it may overwrite".into());
         };
+        if !dma.memory.region().kernel_can_pin() {
+            return Err("pin churn does O_DIRECT I/O from the region's frames, and this region is a dma-buf: its mapping is VM_PFNMAP, so the kernel cannot pin its pages for I/O (get_user_pages fails, as on the kernel's own CMA heap). Start dmavisor with --region backing=hugetlb (or memfd) to churn pins".into());
+        }
         let mut churn = lock(&self.churn);
         if churn.is_some() {
             return Err("a pin churn is already running; send pin-churn-stop first".into());
