@@ -20,8 +20,8 @@ const SIZES: [u64; 3] = [4 * MIB, 64 * MIB, 256 * MIB];
 
 /// A script that boots a guest running the `contig` scenario (one virtio-dma buffer of each size
 /// in turn, held until the host has looked) and, for each held buffer, prints `STAT SIZE JSON`,
-/// `MAPPINGS SIZE JSON` and the host's view of each mapping: `PAGEMAP GPA PHYSMAP ...` and, where
-/// dmavisor reports a physical address, `CMA GPA PHYSMAP ...`. `prep` runs first.
+/// `MAPPINGS SIZE JSON` and the host's view of each mapping: `PAGEMAP SIZE GPA PHYSMAP ...` and, where
+/// dmavisor reports a physical address, `CMA SIZE GPA PHYSMAP ...`. `prep` runs first.
 fn contig_script(region: &str, window: &str, sizes: &[u64], prep: &str) -> String {
     let list: Vec<String> = sizes.iter().map(u64::to_string).collect();
     format!(
@@ -39,8 +39,8 @@ fn contig_script(region: &str, window: &str, sizes: &[u64], prep: &str) -> Strin
            m=$(dmavisor api --api-sock $sock mappings); echo \"MAPPINGS $size $m\"; \
            echo \"$m\" | tr '{{' '\\n' | sed -n 's/.*\"gpa\":\\([0-9]*\\),\"host_addr\":\\([0-9]*\\),\"len\":\\([0-9]*\\),\"phys\":\\([0-9a-z]*\\).*/\\1 \\2 \\3 \\4/p' | \
              while read gpa addr len phys; do \
-               echo \"PAGEMAP $gpa $(physmap pagemap $vmm $addr $len)\"; \
-               [ \"$phys\" = null ] || [ -z \"$area\" ] || echo \"CMA $gpa $(physmap cma $area $phys $len)\"; \
+               echo \"PAGEMAP $size $gpa $(physmap pagemap $vmm $addr $len)\"; \
+               [ \"$phys\" = null ] || [ -z \"$area\" ] || echo \"CMA $size $gpa $(physmap cma $area $phys $len)\"; \
              done; \
            echo go >&3; \
          done; \
@@ -103,7 +103,7 @@ fn held(g: &GuestRun, size: u64) -> Held {
         let find = |what: &str| {
             g.console
                 .lines()
-                .find_map(|l| l.strip_prefix(&format!("{what} {gpa} ")))
+                .find_map(|l| l.strip_prefix(&format!("{what} {size} {gpa} ")))
                 .map(kv)
         };
         let pagemap = find("PAGEMAP")
@@ -116,6 +116,18 @@ fn held(g: &GuestRun, size: u64) -> Held {
         mappings,
         host,
     }
+}
+
+/// The one mapping of `size` bytes (the guest driver may also keep an idle chunk mapped).
+fn mapping_of(h: &Held, size: u64) -> &Value {
+    let of_size: Vec<&Value> = h.mappings.iter().filter(|m| u(&m["len"]) == size).collect();
+    assert_eq!(
+        of_size.len(),
+        1,
+        "one buffer of {size} held: {:?}",
+        h.mappings
+    );
+    of_size[0]
 }
 
 fn u(v: &Value) -> u64 {
@@ -224,9 +236,7 @@ fn cma_region_serves_4_64_256_mib_buffers_each_one_host_extent() {
         let extents = region["extents"].as_array().expect("extents");
         assert_eq!(extents.len(), 1, "the CMA region is one extent: {region}");
         let region_phys = u(&extents[0]["phys"]);
-        assert_eq!(h.mappings.len(), 1, "one buffer held: {:?}", h.mappings);
-        let m = &h.mappings[0];
-        assert_eq!(u(&m["len"]), size, "{m}");
+        let m = mapping_of(&h, size);
         let phys = u(&m["phys"]);
         assert_eq!(phys, region_phys + u(&m["region_offset"]), "{m}");
         // The host kernel's own books: every page of the buffer is in the CMA area and
@@ -264,8 +274,7 @@ fn hugetlb_region_answers_honestly_at_4_64_256_mib() {
         if h.guest["ok"] == "1" {
             assert_eq!(h.guest["verify"], "ok", "{size}: {:?}", h.guest);
             assert!(size <= largest, "{size} > largest extent {largest}");
-            assert_eq!(h.mappings.len(), 1, "{:?}", h.mappings);
-            let m = &h.mappings[0];
+            let m = mapping_of(&h, size);
             let (pagemap, _) = &h.host[&u(&m["gpa"])];
             // The host kernel's pagemap: every page present, one physical run, where dmavisor
             // says it starts.
@@ -273,6 +282,11 @@ fn hugetlb_region_answers_honestly_at_4_64_256_mib() {
             assert_eq!(n(pagemap, "extents"), 1, "{size}: {pagemap:?}");
             assert_eq!(n(pagemap, "first_phys"), u(&m["phys"]), "{pagemap:?} {m}");
             one_extent += 1;
+            println!(
+                "{} MiB: one host extent at {:#x} (pagemap)",
+                size / MIB,
+                u(&m["phys"])
+            );
         } else {
             // Larger than any run of adjacent huge pages: TOOBIG on the host, ENOMEM in the
             // guest, and nothing mapped.
@@ -281,7 +295,15 @@ fn hugetlb_region_answers_honestly_at_4_64_256_mib() {
                 size > largest,
                 "{size} refused though an extent of {largest} exists"
             );
-            assert!(h.mappings.is_empty(), "{:?}", h.mappings);
+            assert!(
+                h.mappings.iter().all(|m| u(&m["len"]) != size),
+                "{:?}",
+                h.mappings
+            );
+            println!(
+                "{} MiB: ENOMEM in the guest; largest extent {largest}",
+                size / MIB
+            );
         }
     }
     println!("2 MiB huge-page region: {one_extent} of 3 sizes got one host extent");
