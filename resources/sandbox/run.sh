@@ -31,9 +31,10 @@ done
 [ $# -gt 0 ] || { echo "error: no command given; usage: $0 [options] -- COMMAND..." >&2; exit 2; }
 [ -f "$OUT/base.cpio.gz" ] || { echo "error: sandbox host not built; run resources/sandbox/build.sh $kind" >&2; exit 2; }
 case "$kind" in
-  # 1 GiB for the host's CMA heap (/dev/dma_heap/reserved) and 1 GiB of CMA for 1 GiB huge pages:
-  # hugetlb_cma needs a 1 GiB-aligned free range, which a 3 GiB machine does not have.
-  project) mem=6144; append="cma=1G hugetlb_cma=1G" ;;
+  # 1 GiB for the host's CMA heap (/dev/dma_heap/reserved), and one 1 GiB huge page reserved at
+  # boot. Not from hugetlb_cma=: the kernel never long-term pins a page in a CMA area
+  # (folio_is_longterm_pinnable), so io_uring and VFIO could not pin a 1 GiB page from there.
+  project) mem=6144; append="cma=1G hugepagesz=1G hugepages=1" ;;
   debian) mem=3072; append="" ;;
   *) echo "error: DMAVISOR_SANDBOX_KERNEL=$kind; use project or debian" >&2; exit 2 ;;
 esac

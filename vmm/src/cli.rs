@@ -89,7 +89,7 @@ struct RunArgs {
     #[arg(long = "dma-window", value_name = "size=SIZE", value_parser = parse_size_option("--dma-window"))]
     dma_window: Option<ByteSize>,
     /// The host contiguous region behind DMA mappings, e.g. size=128M,backing=hugetlb
-    /// (backing: auto, hugetlb, dma-heap, memfd; default: the window's size, auto).
+    /// (backing: auto, dma-heap, hugetlb-1g, hugetlb, memfd; default: the window's size, auto).
     #[arg(long, value_name = "size=SIZE,backing=KIND", value_parser = parse_region)]
     region: Option<RegionArg>,
     /// A TOML or JSON file with the same settings; flags given as well override it.
@@ -121,7 +121,7 @@ fn parse_region(s: &str) -> Result<RegionArg, String> {
             Some(("backing", v)) => arg.backing = Some(v.parse()?),
             _ => {
                 return Err(format!(
-                    "`{part}` in --region {s}: the accepted form is --region size=SIZE,backing=auto|hugetlb|dma-heap|memfd"
+                    "`{part}` in --region {s}: the accepted form is --region size=SIZE,backing=auto|dma-heap|hugetlb-1g|hugetlb|memfd"
                 ))
             }
         }
@@ -273,7 +273,7 @@ mod tests {
         assert_eq!((r.size, r.backing), (None, Some(RegionBacking::DmaHeap)));
         assert!(parse_region("backing=gold")
             .unwrap_err()
-            .contains("auto, hugetlb, dma-heap, memfd"));
+            .contains("auto, dma-heap, hugetlb-1g, hugetlb, memfd"));
         assert!(parse_region("sise=1G")
             .unwrap_err()
             .contains("size=SIZE,backing="));

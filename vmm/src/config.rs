@@ -128,11 +128,15 @@ impl Default for DmaWindowConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RegionBacking {
-    /// 2 MiB huge pages where the host has them reserved, else a memfd (logged).
+    /// The first that works of: the host's CMA heap, 1 GiB pages, 2 MiB pages, a memfd (logged).
     #[default]
     Auto,
     /// 2 MiB huge pages (hugetlbfs memfd); an error if the host has none free.
     Hugetlb,
+    /// 1 GiB huge pages (hugetlbfs memfd), lent to the window in 2 MiB pieces through a udmabuf;
+    /// the size must be a multiple of 1 GiB.
+    #[serde(rename = "hugetlb-1g")]
+    Hugetlb1G,
     /// A buffer from the host's CMA or reserved dma-buf heap (`/dev/dma_heap`).
     DmaHeap,
     /// Plain memory: contiguous to the guest, not physically on the host (labelled so).
@@ -145,10 +149,11 @@ impl FromStr for RegionBacking {
         match s {
             "auto" => Ok(Self::Auto),
             "hugetlb" => Ok(Self::Hugetlb),
+            "hugetlb-1g" => Ok(Self::Hugetlb1G),
             "dma-heap" => Ok(Self::DmaHeap),
             "memfd" => Ok(Self::Memfd),
             _ => Err(format!(
-                "unknown region backing `{s}`; use one of auto, hugetlb, dma-heap, memfd"
+                "unknown region backing `{s}`; use one of auto, dma-heap, hugetlb-1g, hugetlb, memfd"
             )),
         }
     }

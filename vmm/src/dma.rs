@@ -48,12 +48,17 @@ pub enum DmaError {
     },
     #[error("the region cannot back the window: {0}")]
     Memory(#[from] DmaMemoryError),
-    #[error("--region backing=hugetlb needs {need} free 2M huge pages for {size}, the host has {free}; reserve them with `echo {need} > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages` or use backing=auto")]
+    #[error("--region backing={flag} needs {need} free {label} huge pages for {size}, the host has {free}; reserve them with `echo {need} > /sys/kernel/mm/hugepages/hugepages-{kib}kB/nr_hugepages` (1G pages: or `hugepagesz=1G hugepages={need}` on the host's command line) or use backing=auto")]
     HugePages {
+        flag: &'static str,
+        label: &'static str,
+        kib: u64,
         size: ByteSize,
         need: u64,
         free: u64,
     },
+    #[error("--region backing=hugetlb-1g needs a size that is a multiple of 1G, not {0}")]
+    NotWholeGigabytes(ByteSize),
     #[error(transparent)]
     Device(#[from] DeviceError),
     #[error("creating the device: {0}")]
@@ -61,9 +66,9 @@ pub enum DmaError {
 }
 
 /// Reserves the region as configured. `auto` takes the first that works of: the host's CMA
-/// dma-buf heap (contiguous at any size), 2 MiB huge pages, a memfd (not physically contiguous),
-/// and logs why each better one was not taken. 1 GiB huge pages are not in the list: a 1 GiB page
-/// cannot be lent to the window in pieces (docs/virtio-dma.md, "Region backings").
+/// dma-buf heap (contiguous at any size), 1 GiB huge pages (contiguous up to 1 GiB; lent to the
+/// window whole, so only for a window of whole GiBs), 2 MiB huge pages, a memfd (not physically contiguous), and logs
+/// why each better one was not taken.
 fn reserve_region(
     config: &RegionConfig,
     window_size: u64,
@@ -73,6 +78,7 @@ fn reserve_region(
         let b = match backing {
             // 2 MiB pages: a 1 GiB page cannot be remapped into the window in pieces.
             RegionBacking::Hugetlb => Backing::Hugetlb(HugePageSize::Size2M),
+            RegionBacking::Hugetlb1G => Backing::Hugetlb(HugePageSize::Size1G),
             // The host's CMA (or reserved-memory) heap, whatever its name.
             RegionBacking::DmaHeap => Backing::DmaHeap {
                 name: String::new(),
@@ -93,7 +99,11 @@ fn reserve_region(
         RegionBacking::Auto => {
             let passed_over = &mut choice.passed_over;
             let mut picked = None;
-            for backing in [RegionBacking::DmaHeap, RegionBacking::Hugetlb] {
+            for backing in [
+                RegionBacking::DmaHeap,
+                RegionBacking::Hugetlb1G,
+                RegionBacking::Hugetlb,
+            ] {
                 match reserve(backing) {
                     Ok(r) => {
                         picked = Some(r);
@@ -111,7 +121,7 @@ fn reserve_region(
             }
             tracing::info!(
                 backing = ?region.backing(),
-                "backing=auto picked {} (order: host CMA heap, 2M huge pages, memfd)",
+                "backing=auto picked {} (order: host CMA heap, 1G huge pages, 2M huge pages, memfd)",
                 backing_label(region.backing())
             );
             region
@@ -189,18 +199,32 @@ fn lower_priority() {
 /// Catches at start-up what would otherwise fail on the region thread: asking for huge pages
 /// the host does not have.
 fn precheck(config: &RegionConfig, window_size: u64) -> Result<(), DmaError> {
-    if config.backing != RegionBacking::Hugetlb {
-        return Ok(());
-    }
+    let (flag, label, page) = match config.backing {
+        RegionBacking::Hugetlb => ("hugetlb", "2M", 2u64 << 20),
+        RegionBacking::Hugetlb1G => ("hugetlb-1g", "1G", 1 << 30),
+        _ => return Ok(()),
+    };
     let size = config.size.unwrap_or(ByteSize(window_size));
-    let need = size.0.div_ceil(2 << 20);
-    let free: u64 =
-        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
+    if config.backing == RegionBacking::Hugetlb1G && !size.0.is_multiple_of(page) {
+        return Err(DmaError::NotWholeGigabytes(size));
+    }
+    let need = size.0.div_ceil(page);
+    let kib = page / 1024;
+    let free: u64 = std::fs::read_to_string(format!(
+        "/sys/kernel/mm/hugepages/hugepages-{kib}kB/free_hugepages"
+    ))
+    .ok()
+    .and_then(|s| s.trim().parse().ok())
+    .unwrap_or(0);
     if free < need {
-        return Err(DmaError::HugePages { size, need, free });
+        return Err(DmaError::HugePages {
+            flag,
+            label,
+            kib,
+            size,
+            need,
+            free,
+        });
     }
     Ok(())
 }

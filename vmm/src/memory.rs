@@ -28,8 +28,11 @@ pub enum MemoryError {
 }
 
 /// Guest memory ranges start at a 2 MiB boundary in the VMM's address space too, so guest huge
-/// pages can be backed by host huge pages (THP needs matching alignment on both sides).
+/// pages can be backed by host huge pages (THP needs matching alignment on both sides); ranges
+/// of whole GiBs at a 1 GiB boundary, so that a region of 1 GiB huge pages can be mapped over
+/// them (the DMA window) whole.
 const HOST_ALIGN: usize = 2 << 20;
+const HOST_ALIGN_1G: usize = 1 << 30;
 
 /// Maps every range of `layout` as anonymous, lazily populated memory, 2 MiB aligned.
 ///
@@ -66,9 +69,15 @@ pub fn create(layout: &GuestLayout) -> Result<GuestMemoryMmap, MemoryError> {
 
 const MMAP_FLAGS: i32 = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
 
-/// An anonymous mapping of `len` bytes that starts on a `HOST_ALIGN` boundary.
+/// An anonymous mapping of `len` bytes that starts on a `HOST_ALIGN` (or, for whole GiBs,
+/// `HOST_ALIGN_1G`) boundary.
 fn map_aligned(len: usize) -> Result<*mut u8, MmapRegionError> {
-    let total = len + HOST_ALIGN;
+    let align = if len.is_multiple_of(HOST_ALIGN_1G) {
+        HOST_ALIGN_1G
+    } else {
+        HOST_ALIGN
+    };
+    let total = len + align;
     // SAFETY: a new anonymous mapping at an address of the kernel's choosing; it aliases nothing.
     let raw = unsafe {
         libc::mmap(
@@ -84,7 +93,7 @@ fn map_aligned(len: usize) -> Result<*mut u8, MmapRegionError> {
         return Err(MmapRegionError::Mmap(std::io::Error::last_os_error()));
     }
     let base = raw as usize;
-    let aligned = base.next_multiple_of(HOST_ALIGN);
+    let aligned = base.next_multiple_of(align);
     let head = aligned - base;
     let tail = total - head - len;
     // SAFETY: both trims lie inside the mapping made above and outside [aligned, aligned+len),

@@ -72,6 +72,8 @@ pub struct Region {
     file_pages: Vec<usize>,
     extents: Vec<Extent>,
     contiguity: Contiguity,
+    /// The piece the region can be remapped into another mapping in (see [`Region::lend_unit`]).
+    lend_unit: usize,
 }
 
 // SAFETY: the region owns its mapping; the raw pointer is only an address. Access to
@@ -122,6 +124,7 @@ impl Region {
                 phys: None,
             }],
             contiguity: Contiguity::NotPhysical,
+            lend_unit: SMALL_PAGE,
         })
     }
 
@@ -207,6 +210,8 @@ impl Region {
             file_pages,
             extents,
             contiguity,
+            // A huge page maps into another mapping only whole (hugetlbfs).
+            lend_unit: ps,
         })
     }
 
@@ -244,10 +249,11 @@ impl Region {
         Ok(Region {
             map,
             backing: Backing::DmaHeap { name: name.into() },
-            page_size: dma_buf_unit(len),
+            page_size: SMALL_PAGE,
             file_pages: Vec::new(),
             extents,
             contiguity,
+            lend_unit: dma_buf_unit(len),
         })
     }
 
@@ -267,11 +273,18 @@ impl Region {
         NonNull::new(self.map.ptr).unwrap_or(NonNull::dangling())
     }
 
-    /// The backing's fd (memfd or dma-buf). Its file offsets are not region
-    /// offsets when 2 MiB pages were reordered by frame number: translate with
-    /// [`Region::file_offset`] (e.g. before handing the fd to another process).
+    /// The backing's fd (memfd or dma-buf), to map the region's pieces from, at least
+    /// [`Region::lend_unit`] bytes at a time. Its file offsets are not region offsets when huge
+    /// pages were reordered by frame number: translate with [`Region::file_offset`].
     pub fn fd(&self) -> RawFd {
         self.map.raw_fd()
+    }
+
+    /// The smallest piece of the region that [`Region::fd`] maps into another mapping: 4 KiB
+    /// for a memfd, 2 MiB for 2 MiB pages and for a dma-buf (see `dma_buf_unit`), 1 GiB for
+    /// 1 GiB pages.
+    pub fn lend_unit(&self) -> usize {
+        self.lend_unit
     }
 
     /// File offset in [`Region::fd`] of the byte at region offset `offset`, or
@@ -294,9 +307,10 @@ impl Region {
         self.page_size
     }
 
-    /// Whether the kernel can pin the region's pages for I/O (`get_user_pages`: O_DIRECT,
-    /// io_uring fixed buffers, vfio). Not for a dma-buf: the CMA heap maps it as `VM_PFNMAP`
-    /// (`vmf_insert_pfn`), which GUP refuses, on the kernel's own heap as here.
+    /// Whether the kernel can pin the region's pages, in its own mapping or mapped elsewhere, for
+    /// I/O (`get_user_pages`: O_DIRECT, io_uring fixed buffers, vfio). Not for a dma-buf: the
+    /// CMA heap maps it as `VM_PFNMAP` (`vmf_insert_pfn`), which GUP refuses, on the kernel's
+    /// own heap as here.
     pub fn kernel_can_pin(&self) -> bool {
         !matches!(self.backing, Backing::DmaHeap { .. })
     }
@@ -338,7 +352,7 @@ impl Region {
 /// window on its own is a VMA of its own. 2 MiB pieces keep a large window far under
 /// `vm.max_map_count` (65530) and match the unit of a 2 MiB huge-page region.
 fn dma_buf_unit(len: usize) -> usize {
-    if len % HUGE_2M == 0 {
+    if len.is_multiple_of(HUGE_2M) {
         HUGE_2M
     } else {
         SMALL_PAGE

@@ -229,6 +229,12 @@ impl Owner {
             let placement = self.placement(&alloc, 0);
             return Ok((alloc, placement));
         }
+        if self.window.fixed {
+            // Nothing moves in a region lent whole: a range whose own frames are busy, or that
+            // straddles two huge pages that are not adjacent, is refused with BUSY, and the
+            // guest's CMA tries another range.
+            return Err(MapError::Busy);
+        }
         let request = AllocRequest::new(len as usize).align(align).policy(policy);
         let t_alloc = Instant::now();
         let alloc = self.allocator.alloc(request).map_err(map_error)?;

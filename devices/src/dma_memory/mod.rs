@@ -51,8 +51,8 @@ use window::{occupant, Window};
 /// Why the owner could not be set up, or refused a request. A refused request changed nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum DmaMemoryError {
-    #[error("a region with {0}-byte pages cannot be remapped into the window in pieces; use 2M huge pages or a memfd region")]
-    PageTooLarge(usize),
+    #[error("a region of {page:#x}-byte pages cannot back this window: {why}")]
+    PageTooLarge { page: usize, why: String },
     #[error("the DMA window [{base:#x}, +{len:#x}) is not one region of guest memory")]
     NoWindow { base: u64, len: u64 },
     #[error("the window's host mapping at {0:#x} is not aligned to the region's {1}-byte pages")]
@@ -74,6 +74,8 @@ pub enum DmaMemoryError {
     Pin { page: usize, source: cma::PinError },
     #[error("window page {page} is part of a DMA mapping, on a region the kernel cannot pin (a dma-buf: its mapping is VM_PFNMAP, which get_user_pages refuses, as on the kernel's own CMA heap); use a hugetlb or memfd region for I/O that pins mapped DMA buffers")]
     NotPinnable { page: usize },
+    #[error("the region is lent whole in huge pages larger than a window page (1G): its pages never move, so nothing can be migrated")]
+    Fixed,
     #[error("forced migration: {0}")]
     Migrate(AllocError),
 }
@@ -119,21 +121,33 @@ impl DmaMemory {
         base: u64,
         len: u64,
     ) -> Result<Self, DmaMemoryError> {
-        let page = region.page_size();
-        if page > MAX_REMAP_PAGE {
-            return Err(DmaMemoryError::PageTooLarge(page));
-        }
         let host_addr = guest
             .whole_region_host_addr(base, len)
             .ok_or(DmaMemoryError::NoWindow { base, len })?;
-        if !host_addr.is_multiple_of(page) {
-            return Err(DmaMemoryError::Unaligned(host_addr, page));
+        // A region that maps only in pieces larger than a window page (1 GiB huge pages, where
+        // the host has no way to share them in pieces that KVM accepts) is lent whole, page `i`
+        // on frame `i`, and never moves: every MAP is in place.
+        let unit = region.lend_unit();
+        let fixed = unit > MAX_REMAP_PAGE;
+        let page = if fixed { MAX_REMAP_PAGE } else { unit };
+        if fixed && (!len.is_multiple_of(unit as u64) || len > region.len() as u64) {
+            return Err(DmaMemoryError::PageTooLarge {
+                page: unit,
+                why: format!(
+                    "lent whole, it needs a window of whole pages no larger than the region, not {len:#x}"
+                ),
+            });
+        }
+        let align = if fixed { unit } else { page };
+        if !host_addr.is_multiple_of(align) {
+            return Err(DmaMemoryError::Unaligned(host_addr, align));
         }
         let region = Arc::new(region);
         let window = Arc::new(Window::new(
             region.clone(),
-            base,
-            len,
+            (base, len),
+            page,
+            fixed,
             host_addr,
             guest.gate().clone(),
         ));
@@ -198,6 +212,25 @@ impl DmaMemory {
         let o = &self.inner;
         let _layout = lock(&o.layout);
         let n = o.window.page_count().min(o.allocator.frames());
+        if o.window.fixed {
+            // In whole huge pages, with one mapping per run of the region's file.
+            for i in 0..n {
+                o.allocator
+                    .place_occupant_at(i, occupant(i))
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+            }
+            o.window.map_frames(0, 0, n)?;
+            let mut pages = o.window.lock();
+            for i in 0..n {
+                pages.table[i].backing = Backing::Lent(i);
+            }
+            tracing::info!(
+                pages = n,
+                page = o.window.page,
+                "region lent whole to the window (it never moves)"
+            );
+            return Ok(n);
+        }
         let mut lent = 0;
         for i in 0..n {
             if o.allocator.place_occupant_at(i, occupant(i)).is_err() {
@@ -237,6 +270,9 @@ impl DmaMemory {
     /// in both steps. Pins block it for at most 5 s.
     pub fn migrate(&self, frames: usize) -> Result<u64, DmaMemoryError> {
         let o = &self.inner;
+        if o.window.fixed {
+            return Err(DmaMemoryError::Fixed);
+        }
         let before = o.window.counters.moves.load(Ordering::Relaxed);
         let _layout = lock(&o.layout);
         {

@@ -188,6 +188,11 @@ impl DmaMemory {
         for p in first..first + n {
             let backing = o.window.lock().table[p].backing;
             let taken = match backing {
+                // A region lent whole never moves: its pages are pinned where they are.
+                Backing::Lent(f) if o.window.fixed => o
+                    .allocator
+                    .pin(f)
+                    .map(|g| Some(AllocatorLongTermPin::Held(g))),
                 Backing::Lent(f) | Backing::Mapped(f) => o.allocator.pin_longterm(f).map(Some),
                 Backing::Ram => Ok(None),
             };

@@ -96,6 +96,8 @@ pub(super) struct Window {
     /// Where the window starts in the VMM (checked against guest memory at construction).
     host_addr: usize,
     pub page: usize,
+    /// Lent whole and never moved: the region maps only in pieces larger than `page`.
+    pub fixed: bool,
     pages: Mutex<Pages>,
     pub gate: Arc<MoveGate>,
     pub counters: MoveCounters,
@@ -106,12 +108,12 @@ impl Window {
     /// owns for the process's lifetime (the caller checked it).
     pub fn new(
         region: Arc<Region>,
-        base: u64,
-        len: u64,
+        (base, len): (u64, u64),
+        page: usize,
+        fixed: bool,
         host_addr: usize,
         gate: Arc<MoveGate>,
     ) -> Self {
-        let page = region.page_size();
         let n = (len / page as u64) as usize;
         let ram = PageState {
             backing: Backing::Ram,
@@ -123,6 +125,7 @@ impl Window {
             len,
             host_addr,
             page,
+            fixed,
             pages: Mutex::new(Pages {
                 table: vec![ram; n],
                 orphans: Vec::new(),
@@ -411,6 +414,14 @@ impl Window {
 
 impl Mover for Window {
     fn move_frames(&self, plan: &MigrationPlan) -> Result<(), MoveError> {
+        if self.fixed {
+            return Err(MoveError {
+                completed: 0,
+                total: plan.len(),
+                frame: 0,
+                reason: "the region is lent whole in 1G pages and never moves".into(),
+            });
+        }
         if plan.granule != self.page {
             return Err(MoveError {
                 completed: 0,
