@@ -353,9 +353,11 @@ fn auto_prefers_the_cma_heap_and_says_what_it_passed_over() {
         );
         assert_eq!(rs["contiguity"], "VerifiedCmaArea", "{rs}");
         assert_eq!(rs["passed_over"].as_array().map(Vec::len), Some(0), "{rs}");
-        // 1100 MiB: more than the 1 GiB CMA area and the 256 MiB of huge pages.
-        assert_eq!(passed.len(), 2, "{passed:?}");
+        // 1100 MiB: more than the 1 GiB CMA area, not whole GiBs, more than the 256 MiB of
+        // 2 MiB pages.
+        assert_eq!(passed.len(), 3, "{passed:?}");
         assert!(passed[0].contains("DmaHeap"), "{passed:?}");
+        assert!(passed[1].contains("Hugetlb1G"), "{passed:?}");
     } else {
         assert!(
             rs["backing"]
