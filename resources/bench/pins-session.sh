@@ -15,7 +15,10 @@ case $mode in
   migrate) scenario=migrate-verify window=64M ;;
 esac
 # REGION=SIZE: a region of that size instead of the window's (e.g. headroom for moves).
-dmavisor run --api-sock $sock --test-commands --pin-target "$dev" --memory size=256M --dma-window size=$window ${REGION:+--region size=$REGION} \
+# BACKING: the region's backing, 2 MiB huge pages by default: host pin churn does O_DIRECT from
+# region frames, which the kernel cannot pin in a dma-buf (the CMA heap's) region.
+dmavisor run --api-sock $sock --test-commands --pin-target "$dev" --memory size=256M --dma-window size=$window \
+  --region ${REGION:+size=$REGION,}backing=${BACKING:-hugetlb} \
   --kernel "$kernel" --initrd "$initrd" \
   --cmdline "console=ttyS0 reboot=k panic=-1 quiet dmavisor.scenario=$scenario" <$in >$out 2>&1 &
 vmm=$!
