@@ -1,7 +1,8 @@
 #!/bin/sh
 # One guest run for resources/bench/pins.sh (runs where dmavisor runs: here or in the sandbox).
 # usage: pins-session.sh MODE KERNEL INITRD   (MODE: seed001, seed004 or migrate; CHURN=0: no
-# host pin churn)
+# host pin churn; WINDOW=SIZE: the seeds' window, 56M by default; MEMCPY=1: end the seeds with a
+# one-frame forced migration, whose reply carries this VMM's memcpy speed)
 # Prints the guest console and the control API's replies ("API ... => JSON").
 mode=$1 kernel=$2 initrd=$3
 trap "" PIPE
@@ -11,7 +12,7 @@ mkfifo $in
 dd if=/dev/zero of=/tmp/dmavisor-bench.img bs=1M count=64 2>/dev/null
 dev=$(losetup -f) && losetup "$dev" /tmp/dmavisor-bench.img || { echo "losetup failed"; exit 1; }
 case $mode in
-  seed001|seed004) scenario="$mode dmavisor.seconds=${SECONDS_PER_HEAP:-20}" window=56M ;;
+  seed001|seed004) scenario="$mode dmavisor.seconds=${SECONDS_PER_HEAP:-20}" window=${WINDOW:-56M} ;;
   migrate) scenario=migrate-verify window=64M ;;
 esac
 # REGION=SIZE: a region of that size instead of the window's (e.g. headroom for moves).
@@ -32,8 +33,10 @@ case $mode in
     [ "${CHURN:-1}" = 1 ] && api pin-churn io_kib=64 hold_us=200
     waitfor 'DMAVISOR-WAIT loaded'; echo go >&3
     waitfor 'DMAVISOR-WAIT done'
-    api pin-churn-stop
-    api stat ;;
+    [ "${CHURN:-1}" = 1 ] && api pin-churn-stop
+    api stat
+    # The memcpy baseline of this VMM (a region that never moves refuses and has none).
+    [ "${MEMCPY:-0}" = 1 ] && api migrate frames=1 ;;
   migrate)
     waitfor 'DMAVISOR-WAIT filled'
     for r in 1 2 3 4 5; do api migrate frames=32; done

@@ -28,6 +28,8 @@ pub struct RegionChoice {
     pub requested: RegionBacking,
     /// With `auto`: why each better backing was not taken.
     pub passed_over: Vec<String>,
+    /// How long reserving (and populating) the region took, for the backing taken.
+    pub reserve_ms: u64,
 }
 
 /// Where the control API finds the DMA path once the region thread has built it.
@@ -85,15 +87,18 @@ fn reserve_region(
             },
             RegionBacking::Memfd | RegionBacking::Auto => Backing::Memfd,
         };
-        Region::reserve(size.0 as usize, b).map_err(|source| DmaError::Region {
-            size,
-            backing,
-            source,
-        })
+        let t = std::time::Instant::now();
+        Region::reserve(size.0 as usize, b)
+            .map(|r| (r, t.elapsed().as_millis() as u64))
+            .map_err(|source| DmaError::Region {
+                size,
+                backing,
+                source,
+            })
     };
     let mut choice = RegionChoice {
         requested: config.backing,
-        passed_over: Vec::new(),
+        ..RegionChoice::default()
     };
     let region = match config.backing {
         RegionBacking::Auto => {
@@ -112,10 +117,11 @@ fn reserve_region(
                     Err(e) => passed_over.push(e.to_string()),
                 }
             }
-            let region = match picked {
+            let (region, ms) = match picked {
                 Some(r) => r,
                 None => reserve(RegionBacking::Memfd)?,
             };
+            choice.reserve_ms = ms;
             for why in passed_over.iter() {
                 tracing::warn!("backing=auto passed over: {why}");
             }
@@ -126,7 +132,11 @@ fn reserve_region(
             );
             region
         }
-        b => reserve(b)?,
+        b => {
+            let (region, ms) = reserve(b)?;
+            choice.reserve_ms = ms;
+            region
+        }
     };
     tracing::info!(
         size = %size,
@@ -134,6 +144,7 @@ fn reserve_region(
         contiguity = ?region.contiguity(),
         extents = region.extents().len(),
         largest_extent = region.largest_extent(),
+        reserve_ms = choice.reserve_ms,
         "host region reserved"
     );
     Ok((region, choice))

@@ -67,6 +67,18 @@ pub trait DmaMapper: Send + Sync {
     fn host_phys(&self) -> bool;
 }
 
+/// Where a MAP's time went (ns): waiting for the layout lock and trying its own frames in place
+/// (including a wait for a transient pin on them), the allocation elsewhere (which migrates the
+/// pages lent there), remapping the window onto the new frames (with the copy of the range's
+/// bytes without DISCARD), and freeing the frames the range's pages had.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapPhases {
+    pub claim_ns: u64,
+    pub alloc_ns: u64,
+    pub remap_ns: u64,
+    pub release_ns: u64,
+}
+
 /// One live DMA mapping, as the owner placed it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MappingInfo {
@@ -138,11 +150,13 @@ impl DmaMapper for DmaMemory {
                 "MAP of {len:#x} at {gpa:#x} is not in whole {page}-byte pages"
             )));
         }
-        let (alloc, placement) = self.inner.map_pages(first, n, opts)?;
+        let (alloc, placement, phases) = self.inner.map_pages(first, n, opts)?;
         lock(&self.inner.mappings).insert(gpa, alloc);
-        self.inner
-            .samples
-            .record(t.elapsed().as_nanos() as u64, placement.bytes_migrated);
+        self.inner.samples.record(
+            t.elapsed().as_nanos() as u64,
+            placement.bytes_migrated,
+            phases,
+        );
         Ok(placement)
     }
 
@@ -205,8 +219,10 @@ impl Owner {
         first: usize,
         n: usize,
         opts: MapOptions,
-    ) -> Result<(Allocation, Placement), MapError> {
+    ) -> Result<(Allocation, Placement, MapPhases), MapError> {
         let page = self.window.page;
+        let t0 = Instant::now();
+        let mut phases = MapPhases::default();
         let len = (n * page) as u64;
         let deadline = Instant::now() + opts.deadline.min(Duration::from_secs(10));
         let policy = if opts.failfast {
@@ -225,9 +241,11 @@ impl Owner {
         } else {
             (Instant::now() + Duration::from_nanos(len / 2)).min(deadline)
         };
-        if let Some(alloc) = self.claim_in_place_within(first, n, align, budget) {
+        let claimed = self.claim_in_place_within(first, n, align, budget);
+        phases.claim_ns = t0.elapsed().as_nanos() as u64;
+        if let Some(alloc) = claimed {
             let placement = self.placement(&alloc, 0);
-            return Ok((alloc, placement));
+            return Ok((alloc, placement, phases));
         }
         if self.window.fixed {
             // Nothing moves in a region lent whole: a range whose own frames are busy, or that
@@ -239,6 +257,7 @@ impl Owner {
         let t_alloc = Instant::now();
         let alloc = self.allocator.alloc(request).map_err(map_error)?;
         let alloc_time = t_alloc.elapsed();
+        phases.alloc_ns = alloc_time.as_nanos() as u64;
         self.check_contiguous(&alloc)?;
         // The allocation may have moved some of the range's own pages: look now.
         let before: Vec<Backing> = self.window.lock().table[first..first + n]
@@ -256,10 +275,13 @@ impl Owner {
                 _ => None,
             })
             .collect();
+        let t_release = Instant::now();
         if !opts.discard {
             self.release_lent(&lent, &opts, deadline)?;
         }
+        phases.release_ns = t_release.elapsed().as_nanos() as u64;
         let f0 = alloc.frames().start;
+        let t_remap = Instant::now();
         let remapped = {
             // Without DISCARD the guest's bytes move with the range: stop writers first.
             let _moving = (!opts.discard).then(|| self.window.gate.begin());
@@ -276,9 +298,12 @@ impl Owner {
             let _ = self.window.protect(first, n, true);
             return Err(MapError::Io(format!("remapping the window: {e}")));
         }
+        phases.remap_ns = t_remap.elapsed().as_nanos() as u64;
+        let t_release = Instant::now();
         if opts.discard {
             self.release_lent(&lent, &opts, deadline)?;
         }
+        phases.release_ns += t_release.elapsed().as_nanos() as u64;
         {
             let mut pages = self.window.lock();
             for i in 0..n {
@@ -294,7 +319,7 @@ impl Owner {
             failfast = opts.failfast,
             "MAP placed elsewhere"
         );
-        Ok((alloc, placement))
+        Ok((alloc, placement, phases))
     }
 
     fn unmap_pages(&self, first: usize, alloc: Allocation) {

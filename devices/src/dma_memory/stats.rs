@@ -5,25 +5,26 @@ use std::sync::Mutex;
 
 use cma::{StatsSnapshot, Usage};
 
+use super::map::MapPhases;
 use super::window::Backing;
 use super::{lock, DmaMemory};
 
-/// The last MAPs' latencies and bytes moved, for percentiles.
+/// The last MAPs' latencies, bytes moved and phases, for percentiles.
 #[derive(Default)]
 pub(super) struct MapSamples {
-    ring: Mutex<(Vec<(u64, u64)>, usize)>,
+    ring: Mutex<(Vec<(u64, u64, MapPhases)>, usize)>,
 }
 
 const MAX_SAMPLES: usize = 1 << 16;
 
 impl MapSamples {
-    pub fn record(&self, ns: u64, moved: u64) {
+    pub fn record(&self, ns: u64, moved: u64, phases: MapPhases) {
         let mut g = lock(&self.ring);
         let (v, next) = &mut *g;
         if v.len() < MAX_SAMPLES {
-            v.push((ns, moved));
+            v.push((ns, moved, phases));
         } else {
-            v[*next] = (ns, moved);
+            v[*next] = (ns, moved, phases);
         }
         *next = (*next + 1) % MAX_SAMPLES;
     }
@@ -41,6 +42,11 @@ pub struct MapPercentiles {
     pub moving_count: u64,
     pub moving_latency_ns: [u64; 3],
     pub moving_bytes: [u64; 3],
+    /// The moving MAPs' phases (see [`MapPhases`]): p50, p99 and max of each, in ns.
+    pub moving_claim_ns: [u64; 3],
+    pub moving_alloc_ns: [u64; 3],
+    pub moving_remap_ns: [u64; 3],
+    pub moving_release_ns: [u64; 3],
     /// MAPs (all of them, not only the recent ones) that found a pin on their pages' own
     /// frames and waited for it before claiming them in place or moving elsewhere.
     pub pin_waits: u64,
@@ -125,6 +131,10 @@ impl DmaMemory {
                 moving_count: moving().count() as u64,
                 moving_latency_ns: p50_p99_max(moving().map(|s| s.0).collect()),
                 moving_bytes: p50_p99_max(moving().map(|s| s.1).collect()),
+                moving_claim_ns: p50_p99_max(moving().map(|s| s.2.claim_ns).collect()),
+                moving_alloc_ns: p50_p99_max(moving().map(|s| s.2.alloc_ns).collect()),
+                moving_remap_ns: p50_p99_max(moving().map(|s| s.2.remap_ns).collect()),
+                moving_release_ns: p50_p99_max(moving().map(|s| s.2.release_ns).collect()),
                 pin_waits: o.pin_waits.load(Ordering::Relaxed),
             }
         };

@@ -79,7 +79,10 @@ pub fn summary(v: &StatReply) -> String {
         r.extents.len(),
         mib(r.largest_extent),
     );
-    out += &format!("region backing: asked for {}", r.requested);
+    out += &format!(
+        "region backing: asked for {}, reserved in {} ms",
+        r.requested, r.reserve_ms
+    );
     for why in &r.passed_over {
         out += &format!("; passed over: {why}");
     }

@@ -207,6 +207,7 @@ impl ApiServer {
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),
             passed_over: dma.choice.passed_over.clone(),
+            reserve_ms: dma.choice.reserve_ms,
             size: region.len() as u64,
             page_size: region.page_size() as u64,
             contiguity: format!("{:?}", region.contiguity()),
@@ -268,6 +269,12 @@ impl ApiServer {
                 count: m.moving_count,
                 latency_us: us(m.moving_latency_ns),
                 moved_bytes: m.moving_bytes.into(),
+                phases_us: MapPhasesStat {
+                    claim: us(m.moving_claim_ns),
+                    alloc: us(m.moving_alloc_ns),
+                    remap: us(m.moving_remap_ns),
+                    release: us(m.moving_release_ns),
+                },
             },
         });
         v.pins = Some(PinsStat {

@@ -103,6 +103,8 @@ pub struct RegionStat {
     pub requested: String,
     /// With `auto`: why each better backing was not taken.
     pub passed_over: Vec<String>,
+    /// How long reserving and populating the region took (the backing taken).
+    pub reserve_ms: u64,
     pub size: u64,
     pub page_size: u64,
     /// `Verified` where frame numbers were readable from pagemap.
@@ -168,6 +170,20 @@ pub struct MovingMaps {
     pub count: u64,
     pub latency_us: Percentiles,
     pub moved_bytes: Percentiles,
+    /// Where their time went, per phase (µs): `claim` (the layout lock and the in-place try,
+    /// with any wait for a pin on the range's own frames), `alloc` (finding frames elsewhere and
+    /// migrating the pages lent there), `remap` (the window onto the new frames, with the copy
+    /// of the range without DISCARD), `release` (freeing the frames the range had).
+    pub phases_us: MapPhasesStat,
+}
+
+/// Percentiles of each phase of the moving MAPs (µs).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapPhasesStat {
+    pub claim: Percentiles,
+    pub alloc: Percentiles,
+    pub remap: Percentiles,
+    pub release: Percentiles,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
