@@ -6,7 +6,9 @@
 #   e.g. resources/sandbox/run.sh -- dmavisor run --kernel target/guest/kernel --initrd target/guest/initramfs.cpio.gz
 #
 # The host kernel is $DMAVISOR_SANDBOX_KERNEL: `project` (default; built by build.sh with CMA, the
-# host CMA heap and hugetlb_cma) or `debian` (Debian's own kernel, CMA off).
+# host CMA heap and 1 GiB pages) or `debian` (Debian's own kernel, CMA off).
+# $DMAVISOR_SANDBOX_APPEND adds sandbox kernel arguments (e.g. for stall reports, see
+# resources/bench/stalls.sh).
 # The dmavisor binary (target/release/dmavisor, or $DMAVISOR_BIN) is available as `dmavisor`.
 # Every argument that names an existing file, and every --with PATH, is copied into the sandbox
 # at the same absolute path. Exit status: the command's, 124 on timeout, 125 if the sandbox
@@ -80,10 +82,12 @@ cat "$work/run.cpio.gz" >>"$work/initrd"
 
 log=${log:-$work/console.log}
 : >"$log"
-timeout "$timeout" qemu-system-x86_64 -accel tcg,thread=multi -smp 2 -cpu EPYC,+svm -m "$mem" \
+# DMAVISOR_SANDBOX_TCG=single runs both sandbox CPUs on one host thread (a control for the
+# sandbox stall study, resources/bench/stalls.sh); multi-threaded TCG is the default.
+timeout "$timeout" qemu-system-x86_64 -accel tcg,thread=${DMAVISOR_SANDBOX_TCG:-multi} -smp 2 -cpu EPYC,+svm -m "$mem" \
   -nodefaults -display none -no-reboot -serial "file:$log" \
   -kernel "$OUT/vmlinuz" -initrd "$work/initrd" \
-  -append "console=ttyS0 panic=-1 quiet $append" </dev/null >"$work/qemu.out" 2>&1 &
+  -append "console=ttyS0 panic=-1 quiet $append ${DMAVISOR_SANDBOX_APPEND:-}" </dev/null >"$work/qemu.out" 2>&1 &
 qemu=$!
 tail -n +1 -f --pid=$qemu "$log" &
 tailer=$!

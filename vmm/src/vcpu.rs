@@ -118,9 +118,53 @@ impl Vcpu {
             .map_err(|source| VcpuError::Spawn { id, source })
     }
 
+    /// What the CPU state was when the guest triple-faulted (KVM_EXIT_SHUTDOWN), and how recently
+    /// this vCPU re-entered after a write to a page being moved: the facts needed to tell a guest
+    /// bug from a page that changed under it.
+    fn report_triple_fault(&self, move_retries: u64, last_retry: Option<std::time::Instant>) {
+        let id = self.id;
+        let regs = self.fd.get_regs();
+        let sregs = self.fd.get_sregs();
+        let events = self.fd.get_vcpu_events();
+        let since = last_retry.map_or("never".to_string(), |t| {
+            format!("{} us ago", t.elapsed().as_micros())
+        });
+        match (regs, sregs) {
+            (Ok(r), Ok(s)) => tracing::error!(
+                "vcpu{id} triple fault: rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} \
+                 cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}+{:#x} gdt={:#x}+{:#x} tr={:#x}; \
+                 re-entries after a write to a moving page: {move_retries}, the last {since}; \
+                 events: {:?}",
+                r.rip,
+                r.rsp,
+                r.rflags,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.idt.base,
+                s.idt.limit,
+                s.gdt.base,
+                s.gdt.limit,
+                s.tr.base,
+                events.map(|e| e.exception),
+            ),
+            (r, s) => tracing::error!(
+                "vcpu{id} triple fault; registers unreadable ({:?}, {:?}); re-entries after a \
+                 write to a moving page: {move_retries}, the last {since}",
+                r.err(),
+                s.err()
+            ),
+        }
+    }
+
     fn run(mut self, pio: &Bus, mmio: &Bus, exit: &ExitSignal, gate: &MoveGate) {
         let id = self.id;
         let mut moves_seen = 0;
+        // Re-entries after a write hit a page being moved: how many, and the last one.
+        let mut move_retries = 0u64;
+        let mut last_retry: Option<std::time::Instant> = None;
         loop {
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
@@ -144,6 +188,7 @@ impl Vcpu {
                     }
                 }
                 Ok(VcpuExit::Shutdown) => {
+                    self.report_triple_fault(move_retries, last_retry);
                     exit.signal(ExitReason::TripleFault { vcpu: id });
                     return;
                 }
@@ -187,7 +232,10 @@ impl Vcpu {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 // A write to a window page while the VMM moves it (the page is read-only
                 // for the copy): wait for the move, then retry the instruction.
-                Err(e) if e.errno() == libc::EFAULT && gate.wait_moves(&mut moves_seen) => {}
+                Err(e) if e.errno() == libc::EFAULT && gate.wait_moves(&mut moves_seen) => {
+                    move_retries += 1;
+                    last_retry = Some(std::time::Instant::now());
+                }
                 Err(e) => {
                     exit.signal(ExitReason::VcpuError {
                         vcpu: id,
