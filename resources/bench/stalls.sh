@@ -11,8 +11,9 @@
 # usage: resources/bench/stalls.sh [RUNS]   (default 40)
 # env:   DMAVISOR_SANDBOX_KERNEL=project|debian  the sandbox host kernel (default project)
 #        CHURN=0                                 no host pin churn (a control)
-#        BACKING=hugetlb|dma-heap|memfd          the region (default hugetlb; churn needs frames
-#                                                the kernel can pin)
+#        BACKING=hugetlb|hugetlb-1g|memfd        the region (default hugetlb; churn needs frames
+#                                                the kernel can pin). hugetlb-1g with WINDOW=1G:
+#                                                a region that never moves (a control)
 #        SECONDS_PER_HEAP=N                      per heap per run (default 10)
 #        DMAVISOR_SANDBOX_TCG=single             QEMU's single-threaded TCG (a control)
 # Prints one line per run and a summary table; console logs in target/bench/stalls/.
@@ -26,7 +27,7 @@ runs=${1:-40}
 kernel=${DMAVISOR_SANDBOX_KERNEL:-project}
 export SECONDS_PER_HEAP=${SECONDS_PER_HEAP:-10}
 ./resources/sandbox/build.sh "$kernel" >/dev/null
-logs=target/bench/stalls/$kernel-churn${CHURN:-1}-${BACKING:-hugetlb}-tcg${DMAVISOR_SANDBOX_TCG:-multi}
+logs=target/bench/stalls/$kernel-churn${CHURN:-1}-${BACKING:-hugetlb}-${WINDOW:-56M}-tcg${DMAVISOR_SANDBOX_TCG:-multi}
 rm -rf "$logs" && mkdir -p "$logs"
 declare -A count=([clean]=0 [stall]=0 [oops]=0 [triple]=0 [timeout]=0 [failed]=0)
 start=$(date +%s)
@@ -37,7 +38,7 @@ for i in $(seq "$runs"); do
   t0=$(date +%s)
   rc=0
   DMAVISOR_SANDBOX_KERNEL=$kernel ./resources/sandbox/run.sh --timeout 420 --log "$log" -- \
-    env SECONDS_PER_HEAP="$SECONDS_PER_HEAP" CHURN="${CHURN:-1}" BACKING="${BACKING:-hugetlb}" \
+    env SECONDS_PER_HEAP="$SECONDS_PER_HEAP" CHURN="${CHURN:-1}" BACKING="${BACKING:-hugetlb}" WINDOW="${WINDOW:-56M}" \
     sh resources/bench/pins-session.sh $mode target/guest/kernel target/guest/initramfs.cpio.gz \
     >/dev/null 2>&1 || rc=$?
   if grep -aqE 'rcu: INFO|self-detected stall|detected stalls on CPUs|soft lockup' "$log"; then
@@ -57,7 +58,7 @@ for i in $(seq "$runs"); do
   echo "run $i ($mode): $what in $(($(date +%s) - t0)) s (sandbox rc $rc)"
 done
 echo
-echo "Sandbox host kernel: $kernel ($(tr -d '\r' <"$logs/run1-seed001.log" | sed -n 's/.*SANDBOX-READY.*kernel=[a-z]* \([^ ]*\).*/\1/p' | head -n 1)); TCG: ${DMAVISOR_SANDBOX_TCG:-multi}; host pin churn: ${CHURN:-1}; region: ${BACKING:-hugetlb}; $runs runs in $(( ($(date +%s) - start) / 60 )) min"
+echo "Sandbox host kernel: $kernel ($(tr -d '\r' <"$logs/run1-seed001.log" | sed -n 's/.*SANDBOX-READY.*kernel=[a-z]* \([^ ]*\).*/\1/p' | head -n 1)); TCG: ${DMAVISOR_SANDBOX_TCG:-multi}; host pin churn: ${CHURN:-1}; region: ${BACKING:-hugetlb}, window ${WINDOW:-56M}; $runs runs in $(( ($(date +%s) - start) / 60 )) min"
 echo
 echo "| runs | clean | stall | host oops | guest triple fault | timeout | failed |"
 echo "|---|---|---|---|---|---|---|"

@@ -118,45 +118,27 @@ impl Vcpu {
             .map_err(|source| VcpuError::Spawn { id, source })
     }
 
-    /// What the CPU state was when the guest triple-faulted (KVM_EXIT_SHUTDOWN), and how recently
-    /// this vCPU re-entered after a write to a page being moved: the facts needed to tell a guest
-    /// bug from a page that changed under it.
+    /// What is known when the guest triple-faults (KVM_EXIT_SHUTDOWN): the last exception KVM
+    /// recorded (SVM re-initialises the VMCB on shutdown, so the registers are the reset state
+    /// and not worth printing) and how recently this vCPU re-entered after a write to a page the
+    /// VMM was moving: the facts that tell a page changed under the guest from a guest bug.
     fn report_triple_fault(&self, move_retries: u64, last_retry: Option<std::time::Instant>) {
         let id = self.id;
-        let regs = self.fd.get_regs();
-        let sregs = self.fd.get_sregs();
-        let events = self.fd.get_vcpu_events();
         let since = last_retry.map_or("never".to_string(), |t| {
-            format!("{} us ago", t.elapsed().as_micros())
+            format!("{} ms ago", t.elapsed().as_millis())
         });
-        match (regs, sregs) {
-            (Ok(r), Ok(s)) => tracing::error!(
-                "vcpu{id} triple fault: rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} \
-                 cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}+{:#x} gdt={:#x}+{:#x} tr={:#x}; \
-                 re-entries after a write to a moving page: {move_retries}, the last {since}; \
-                 events: {:?}",
-                r.rip,
-                r.rsp,
-                r.rflags,
-                s.cr0,
-                s.cr2,
-                s.cr3,
-                s.cr4,
-                s.efer,
-                s.idt.base,
-                s.idt.limit,
-                s.gdt.base,
-                s.gdt.limit,
-                s.tr.base,
-                events.map(|e| e.exception),
+        let exception = match self.fd.get_vcpu_events() {
+            Ok(e) if e.exception.has_error_code != 0 => format!(
+                "vector {} error code {:#x}",
+                e.exception.nr, e.exception.error_code
             ),
-            (r, s) => tracing::error!(
-                "vcpu{id} triple fault; registers unreadable ({:?}, {:?}); re-entries after a \
-                 write to a moving page: {move_retries}, the last {since}",
-                r.err(),
-                s.err()
-            ),
-        }
+            Ok(e) => format!("vector {}", e.exception.nr),
+            Err(e) => format!("unknown ({e})"),
+        };
+        tracing::error!(
+            "vcpu{id} triple fault: last exception {exception}; re-entries after a write to a \
+             page being moved: {move_retries}, the last {since}"
+        );
     }
 
     fn run(mut self, pio: &Bus, mmio: &Bus, exit: &ExitSignal, gate: &MoveGate) {

@@ -9,10 +9,13 @@ use super::map::MapPhases;
 use super::window::Backing;
 use super::{lock, DmaMemory};
 
-/// The last MAPs' latencies, bytes moved and phases, for percentiles.
+/// One successful MAP: latency (ns), bytes moved, and where the time went.
+type MapSample = (u64, u64, MapPhases);
+
+/// The last MAPs' samples, for percentiles.
 #[derive(Default)]
 pub(super) struct MapSamples {
-    ring: Mutex<(Vec<(u64, u64, MapPhases)>, usize)>,
+    ring: Mutex<(Vec<MapSample>, usize)>,
 }
 
 const MAX_SAMPLES: usize = 1 << 16;
