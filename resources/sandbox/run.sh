@@ -32,6 +32,9 @@ while [ $# -gt 0 ]; do
 done
 [ $# -gt 0 ] || { echo "error: no command given; usage: $0 [options] -- COMMAND..." >&2; exit 2; }
 [ -f "$OUT/base.cpio.gz" ] || { echo "error: sandbox host not built; run resources/sandbox/build.sh $kind" >&2; exit 2; }
+# A stalled or oopsed sandbox kernel panics and so ends the run at once (it does not recover
+# under emulation; docs/benchmarks.md), rather than at the time limit.
+panics="softlockup_panic=1 panic_on_oops=1 sysctl.kernel.panic_on_rcu_stall=1"
 case "$kind" in
   # 1 GiB for the host's CMA heap (/dev/dma_heap/reserved), and one 1 GiB huge page reserved at
   # boot. Not from hugetlb_cma=: the kernel never long-term pins a page in a CMA area
@@ -87,7 +90,7 @@ log=${log:-$work/console.log}
 timeout "$timeout" qemu-system-x86_64 -accel tcg,thread=${DMAVISOR_SANDBOX_TCG:-multi} -smp 2 -cpu EPYC,+svm -m "$mem" \
   -nodefaults -display none -no-reboot -serial "file:$log" \
   -kernel "$OUT/vmlinuz" -initrd "$work/initrd" \
-  -append "console=ttyS0 panic=-1 quiet $append ${DMAVISOR_SANDBOX_APPEND:-}" </dev/null >"$work/qemu.out" 2>&1 &
+  -append "console=ttyS0 panic=-1 quiet $panics $append ${DMAVISOR_SANDBOX_APPEND:-}" </dev/null >"$work/qemu.out" 2>&1 &
 qemu=$!
 tail -n +1 -f --pid=$qemu "$log" &
 tailer=$!

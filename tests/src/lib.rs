@@ -116,7 +116,7 @@ pub struct GuestRun {
     pub console: String,
     /// dmavisor's exit status; `None` if it never exited (timeout) or the sandbox failed.
     pub exit_code: Option<i32>,
-    /// The harness stopped the run because the sandbox host reported a stalled CPU.
+    /// The harness stopped the run because the sandbox host reported a stalled CPU or oopsed.
     pub sandbox_stalled: bool,
 }
 
@@ -295,7 +295,7 @@ fn execute(
     let stalled = if triple_fault {
         "the guest triple-faulted (dmavisor exit 4) under host page moves"
     } else if first.sandbox_stalled {
-        "the sandbox host reported a stalled CPU"
+        "the sandbox host reported a stalled CPU or an oops"
     } else {
         "no exit status within the time limit"
     };
@@ -411,6 +411,8 @@ fn execute_once(
     // In the sandbox, run.sh streams the sandbox console (and so dmavisor's output) to stdout.
     let console = std::fs::read_to_string(&stdout_path).unwrap_or_default();
     let _ = std::fs::remove_file(&stdout_path);
+    // The sandbox kernel panics at a stall or an oops, which may end the run before a poll saw it.
+    let stalled = stalled || (mode() == Mode::Sandbox && reports_stall(&console));
     let exit_code = status.and_then(|s| s.code()).filter(|&c| {
         // 124/125: the sandbox timed out or never reported dmavisor's status.
         !(mode() == Mode::Sandbox && (c == 124 || c == 125))
@@ -430,12 +432,20 @@ fn execute_once(
 /// soft lockup of a dmavisor vCPU thread inside KVM_RUN (seen now and then under nested
 /// emulation; the run would otherwise sit until its time limit).
 fn sandbox_stalled(console: &Path) -> bool {
-    std::fs::read_to_string(console).is_ok_and(|c| {
-        c.lines().any(|l| {
-            !l.starts_with("DMAVISOR")
-                && (l.contains("rcu: INFO: rcu_preempt detected stalls")
-                    || l.contains("watchdog: BUG: soft lockup"))
-        })
+    std::fs::read_to_string(console).is_ok_and(|c| reports_stall(&c))
+}
+
+/// The text test of [`sandbox_stalled`].
+fn reports_stall(c: &str) -> bool {
+    c.lines().any(|l| {
+        // rcu_preempt on Debian's kernel, rcu_sched on the project's (not preemptible); an
+        // oops in the sandbox kernel (a vCPU thread's stack overflow has been seen, see
+        // docs/benchmarks.md) ends in a panic there.
+        !l.starts_with("DMAVISOR")
+            && (l.contains("detected stalls on CPUs")
+                || l.contains("watchdog: BUG: soft lockup")
+                || l.contains("Oops: ")
+                || l.contains("Kernel panic - not syncing"))
     })
 }
 

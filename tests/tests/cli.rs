@@ -81,7 +81,11 @@ fn bad_region_option() {
     let k = k.to_str().unwrap();
     fails_saying(
         &["run", "--kernel", k, "--region", "backing=gold"],
-        &["`gold`", "auto, hugetlb, dma-heap, memfd"],
+        &["`gold`", "auto, dma-heap, hugetlb-1g, hugetlb, memfd"],
+    );
+    fails_saying(
+        &["run", "--kernel", k, "--region", "backing=hugetlb-1g"],
+        &["hugetlb-1g", "whole GiBs", "--dma-window size=1G"],
     );
     fails_saying(
         &["run", "--kernel", k, "--region", "size=3M"],

@@ -235,6 +235,8 @@ pub enum ConfigError {
     WindowUnaligned(ByteSize, ByteSize),
     #[error("--region size={0} must be a non-zero multiple of 2M, at most {max}", max = ByteSize(MAX_DMA_WINDOW))]
     RegionSize(ByteSize),
+    #[error("--region backing=hugetlb-1g lends 1 GiB pages to the window whole: the window ({window}) and the region ({region}) must be whole GiBs, e.g. --dma-window size=1G --region size=1G,backing=hugetlb-1g")]
+    NotWholeGib { window: ByteSize, region: ByteSize },
 }
 
 impl VmConfig {
@@ -305,6 +307,16 @@ impl VmConfig {
         if let Some(size) = self.region.size {
             if size.0 == 0 || size.0 > MAX_DMA_WINDOW || !size.0.is_multiple_of(DMA_WINDOW_ALIGN) {
                 return Err(ConfigError::RegionSize(size));
+            }
+        }
+        // 1 GiB pages are lent to the window whole: both must be whole GiBs.
+        if self.region.backing == RegionBacking::Hugetlb1G {
+            let region = self.region.size.unwrap_or(win);
+            if !win.0.is_multiple_of(GIB) || !region.0.is_multiple_of(GIB) || win.0 == 0 {
+                return Err(ConfigError::NotWholeGib {
+                    window: win,
+                    region,
+                });
             }
         }
         Ok(())
