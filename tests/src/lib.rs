@@ -311,10 +311,11 @@ fn execute(
     second
 }
 
-/// What dmavisor prints when the guest triple-faults. Under host pin churn and page moves in the
-/// sandbox host this happens now and then (about one run in ten of the seed scenarios, seen with
-/// and without the memory-owner redesign; docs/benchmarks.md): a known bug, not yet understood,
-/// so such a run is tried once more and the retry is recorded like any other.
+/// What dmavisor prints when the guest triple-faults. In the sandbox host this happens now and
+/// then (a few runs in a hundred of the seed scenarios, on Debian's host kernel and on the
+/// project's; the last exception is a supervisor instruction fetch through a not-present or
+/// reserved-bit page table entry; not traced yet, docs/benchmarks.md), so such a run is tried
+/// once more and the retry is recorded like any other.
 const GUEST_TRIPLE_FAULT: &str = "the guest stopped abnormally: TripleFault";
 
 /// Where every retry of a run is recorded, one line each. `resources/test.sh` empties it before
