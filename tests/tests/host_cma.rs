@@ -151,13 +151,13 @@ fn n(m: &HashMap<String, String>, key: &str) -> u64 {
     }
 }
 
-fn announce_debian() -> bool {
+/// Whether the guests' host lacks a CMA heap; if so, says what the test does instead.
+fn no_cma_heap(instead: &str) -> bool {
     if guest_host_has_cma_heap() {
         return false;
     }
     println!(
-        "NOTE: the guests' host has no CMA heap (DMAVISOR_SANDBOX_KERNEL={}, mode {:?}): \
-         checking that dma-heap regions are refused with a clear error instead",
+        "NOTE: the guests' host has no CMA heap (DMAVISOR_SANDBOX_KERNEL={}, mode {:?}): {instead}",
         sandbox_kernel(),
         mode()
     );
@@ -207,7 +207,7 @@ fn sandbox_host_kernel_has_cma_kvm_1g_pages_and_vfio() {
 
 #[test]
 fn cma_region_serves_4_64_256_mib_buffers_each_one_host_extent() {
-    if announce_debian() {
+    if no_cma_heap("checking that a dma-heap region is refused with a clear error instead") {
         let g = run_shell(
             &contig_script("backing=dma-heap", "64M", &[4 * MIB], "true"),
             Duration::from_secs(180),
@@ -396,7 +396,7 @@ fn replies(g: &GuestRun, cmd: &str) -> Vec<String> {
 
 #[test]
 fn seed001_on_the_cma_region_has_no_failed_loops() {
-    if announce_debian() {
+    if no_cma_heap("not run (it needs a region from a host CMA heap)") {
         return;
     }
     // Seed 001 under memory-heavy load and guest-side pins, on the host CMA region. Host pin
@@ -444,7 +444,7 @@ fn seed001_on_the_cma_region_has_no_failed_loops() {
 
 #[test]
 fn longterm_pins_on_the_cma_region_move_lent_pages_out_and_refuse_mapped_ones() {
-    if announce_debian() {
+    if no_cma_heap("not run (it needs a region from a host CMA heap)") {
         return;
     }
     // The guest holds three 4 MiB buffers at the bottom of the window. A long-term pin over
