@@ -7,7 +7,7 @@
 #
 # Two host kernels:
 #   project  built here from Debian's linux-source-6.12 (tinyconfig + host-kernel.fragment): KVM,
-#            CMA with the host's CMA dma-buf heap, hugetlb_cma, the IOMMU and vfio-pci, all built
+#            CMA with the host's CMA dma-buf heap, 1 GiB huge pages, the IOMMU and vfio-pci, all built
 #            in. The tests' default.
 #   debian   Debian's own linux-image (6.1 today), kvm-amd and loop loaded as modules. CMA is off
 #            in it, so the host CMA tests skip on it, saying so. The fallback.

@@ -248,10 +248,14 @@ impl Owner {
             return Ok((alloc, placement, phases));
         }
         if self.window.fixed {
-            // Nothing moves in a region lent whole: a range whose own frames are busy, or that
-            // straddles two huge pages that are not adjacent, is refused with BUSY, and the
-            // guest's CMA tries another range.
-            return Err(MapError::Busy);
+            // Nothing moves in a region lent whole: a range larger than any extent is TOOBIG; one
+            // whose own frames are busy, that straddles two huge pages that are not adjacent, or
+            // that lies past the region is refused with BUSY, and the guest's CMA tries another.
+            return Err(if len as usize > self.window.region().largest_extent() {
+                MapError::TooBig
+            } else {
+                MapError::Busy
+            });
         }
         let request = AllocRequest::new(len as usize).align(align).policy(policy);
         let t_alloc = Instant::now();

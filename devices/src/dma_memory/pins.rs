@@ -165,8 +165,9 @@ impl DmaMemory {
         // own pin (io_uring, vfio) would then fail. Refuse before taking anything.
         if !o.window.region().kernel_can_pin() {
             let pages = o.window.lock();
-            if let Some(p) =
-                (first..first + n).find(|&p| matches!(pages.table[p].backing, Backing::Mapped(_)))
+            // On a region lent whole (a dma-buf is), lent pages stay in place too.
+            if let Some(p) = (first..first + n)
+                .find(|&p| o.window.fixed || matches!(pages.table[p].backing, Backing::Mapped(_)))
             {
                 return Err(DmaMemoryError::NotPinnable { page: p });
             }
