@@ -59,8 +59,6 @@ pub enum DmaError {
         need: u64,
         free: u64,
     },
-    #[error("--region backing=hugetlb-1g needs a size that is a multiple of 1G, not {0}")]
-    NotWholeGigabytes(ByteSize),
     #[error(transparent)]
     Device(#[from] DeviceError),
     #[error("creating the device: {0}")]
@@ -216,9 +214,6 @@ fn precheck(config: &RegionConfig, window_size: u64) -> Result<(), DmaError> {
         _ => return Ok(()),
     };
     let size = config.size.unwrap_or(ByteSize(window_size));
-    if config.backing == RegionBacking::Hugetlb1G && !size.0.is_multiple_of(page) {
-        return Err(DmaError::NotWholeGigabytes(size));
-    }
     let need = size.0.div_ceil(page);
     let kib = page / 1024;
     let free: u64 = std::fs::read_to_string(format!(
