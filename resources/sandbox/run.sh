@@ -2,8 +2,35 @@
 # Runs a command inside the sandbox host (QEMU TCG with an emulated AMD CPU with SVM, where
 # kvm-amd provides a real nested /dev/kvm) and streams its console here.
 #
-# usage: resources/sandbox/run.sh [--timeout SECONDS] [--log FILE] [--with PATH]... -- COMMAND...
+# usage: resources/sandbox/run.sh [--timeout SECONDS] [--log FILE] [--with PATH]... [--vfio MODE] -- COMMAND...
 #   e.g. resources/sandbox/run.sh -- dmavisor run --kernel target/guest/kernel --initrd target/guest/initramfs.cpio.gz
+#
+# --vfio MODE (or $DMAVISOR_SANDBOX_VFIO=MODE) gives the sandbox DMA-capable PCI devices for the
+# VFIO tests; without it the sandbox is the plain `pc` machine it always was. MODE is:
+#   edu      `-machine q35` with an emulated Intel IOMMU (`-device intel-iommu,intremap=on`; TCG
+#            needs no kernel-irqchip setting) and `intel_iommu=on iommu=pt` on the sandbox kernel's
+#            command line. The devices, at fixed addresses:
+#              0000:00:04.0  edu 1234:11e8 (dma_mask lifted to 64 bits), its own IOMMU group: bound
+#                            to vfio-pci by the init, so /dev/vfio/<group> is viable. The good device.
+#              0000:00:05.0  pci-bridge 1b36:0001, a conventional PCI bridge (no driver needed):
+#                            devices behind it alias to it, so it and they share one IOMMU group.
+#              0000:01:01.0  edu 1234:11e8 behind the bridge, bound to vfio-pci by the init, in
+#                            the bridge's group, which is NOT viable (VFIO_GROUP_SET_CONTAINER:
+#                            EPERM) because the group also holds:
+#              0000:01:02.0  pci-serial 1b36:0002 behind the bridge (on a null chardev), bound to
+#                            the kernel's own 8250 `serial` driver.
+#            q35's own devices (00:00.0 host bridge, 00:1f.0 LPC, 00:1f.2 SATA, 00:1f.3 SMBus) are
+#            there too. Group numbers are the kernel's choice: read them from
+#            /sys/bus/pci/devices/<addr>/iommu_group, or from the init's SANDBOX-VFIO line.
+#   noiommu  the same machine and devices with no IOMMU (no intel-iommu, no intel_iommu=on): no
+#            device has an iommu_group, the bind to vfio-pci fails (EINVAL; the kernel has no VFIO
+#            no-IOMMU mode) and the edus stay unbound, for the "no IOMMU" error test.
+# The init binds every edu (1234:11e8) to vfio-pci and prints `ls -l /dev/vfio` and one line
+#   SANDBOX-VFIO mode=MODE <sysfs path>=<vendor>:<device>,driver=<name|none>,group=<N|none> ...
+# for every PCI device (in edu mode today: groups 1 for 00:04.0 and 2 for the bridge's group).
+# Only the project's host kernel has VFIO built in: MODE needs DMAVISOR_SANDBOX_KERNEL=project.
+# On a host with real VT-d/AMD-Vi and a spare device bound to vfio-pci, dmavisor's
+# --device vfio=/sys/bus/pci/devices/... works directly, without this sandbox.
 #
 # The host kernel is $DMAVISOR_SANDBOX_KERNEL: `project` (default; built by build.sh with CMA, the
 # host CMA heap and 1 GiB pages) or `debian` (Debian's own kernel, CMA off).
@@ -21,13 +48,15 @@ OUT="$ROOT/target/sandbox/$kind"
 timeout=600
 log=""
 with=()
+vfio=${DMAVISOR_SANDBOX_VFIO:-}
 while [ $# -gt 0 ]; do
   case "$1" in
     --timeout) timeout=$2; shift 2 ;;
     --log) log=$2; shift 2 ;;
     --with) with+=("$2"); shift 2 ;;
+    --vfio) vfio=$2; shift 2 ;;
     --) shift; break ;;
-    *) echo "error: unknown option $1; usage: $0 [--timeout S] [--log FILE] [--with PATH]... -- COMMAND..." >&2; exit 2 ;;
+    *) echo "error: unknown option $1; usage: $0 [--timeout S] [--log FILE] [--with PATH]... [--vfio edu|noiommu] -- COMMAND..." >&2; exit 2 ;;
   esac
 done
 [ $# -gt 0 ] || { echo "error: no command given; usage: $0 [options] -- COMMAND..." >&2; exit 2; }
@@ -42,6 +71,28 @@ case "$kind" in
   project) mem=6144; append="cma=1G hugepagesz=1G hugepages=1" ;;
   debian) mem=3072; append="" ;;
   *) echo "error: DMAVISOR_SANDBOX_KERNEL=$kind; use project or debian" >&2; exit 2 ;;
+esac
+# QEMU's default machine (`pc`), or q35 with the VFIO test devices (see the header) on --vfio.
+machine=()
+case "$vfio" in
+  "") ;;
+  edu|noiommu)
+    [ "$kind" = project ] || { echo "error: --vfio needs the project's sandbox kernel (VFIO built in), not DMAVISOR_SANDBOX_KERNEL=$kind" >&2; exit 2; }
+    machine=(-machine q35)
+    # The IOMMU must come before the devices it translates for.
+    if [ "$vfio" = edu ]; then
+      machine+=(-device intel-iommu,intremap=on)
+      append+=" intel_iommu=on iommu=pt"
+    fi
+    machine+=(
+      -device edu,addr=04.0,dma_mask=0xffffffffffffffff
+      -device pci-bridge,id=vfio-bridge,chassis_nr=1,shpc=off,addr=05.0
+      -device edu,bus=vfio-bridge,addr=01.0,dma_mask=0xffffffffffffffff
+      -chardev null,id=vfio-peer -device pci-serial,bus=vfio-bridge,addr=02.0,chardev=vfio-peer
+    )
+    append+=" dmavisor.vfio=$vfio"
+    ;;
+  *) echo "error: --vfio $vfio; use edu or noiommu" >&2; exit 2 ;;
 esac
 bin=${DMAVISOR_BIN:-$ROOT/target/release/dmavisor}
 [ -x "$bin" ] || { echo "error: $bin missing; run: cargo build --release -p vmm" >&2; exit 2; }
@@ -88,7 +139,7 @@ log=${log:-$work/console.log}
 # DMAVISOR_SANDBOX_TCG=single runs both sandbox CPUs on one host thread (a control for the
 # sandbox stall study, resources/bench/stalls.sh); multi-threaded TCG is the default.
 timeout "$timeout" qemu-system-x86_64 -accel tcg,thread=${DMAVISOR_SANDBOX_TCG:-multi} -smp 2 -cpu EPYC,+svm -m "$mem" \
-  -nodefaults -display none -no-reboot -serial "file:$log" \
+  "${machine[@]}" -nodefaults -display none -no-reboot -serial "file:$log" \
   -kernel "$OUT/vmlinuz" -initrd "$work/initrd" \
   -append "console=ttyS0 panic=-1 quiet $panics $append ${DMAVISOR_SANDBOX_APPEND:-}" </dev/null >"$work/qemu.out" 2>&1 &
 qemu=$!
