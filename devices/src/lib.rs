@@ -8,6 +8,7 @@ pub mod bus;
 pub mod dma_memory;
 pub mod guest_memory;
 pub mod legacy;
+pub mod pci;
 pub mod virtio;
 pub mod worker;
 

@@ -92,6 +92,12 @@ struct RunArgs {
     /// (backing: auto, dma-heap, hugetlb-1g, hugetlb, memfd; default: the window's size, auto).
     #[arg(long, value_name = "size=SIZE,backing=KIND", value_parser = parse_region)]
     region: Option<RegionArg>,
+    /// Pass a host PCI device bound to vfio-pci through to the guest (repeatable), e.g.
+    /// vfio=/sys/bus/pci/devices/0000:00:04.0,dma=mapped. dma=mapped (default): the device may
+    /// DMA only to the ranges the guest MAPs through virtio-dma; dma=all: to all guest memory,
+    /// pinned for the VM's life.
+    #[arg(long = "device", value_name = "vfio=PATH[,dma=mapped|all]", value_parser = |s: &str| s.parse::<crate::config::DeviceConfig>())]
+    devices: Vec<crate::config::DeviceConfig>,
     /// A TOML or JSON file with the same settings; flags given as well override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -220,6 +226,8 @@ impl RunArgs {
         if let Some(w) = self.dma_window {
             config.dma_window.size = w;
         }
+        // Devices on the command line add to those in the file.
+        config.devices.extend(self.devices);
         if let Some(r) = self.region {
             if let Some(size) = r.size {
                 config.region.size = Some(size);

@@ -170,6 +170,65 @@ pub struct RegionConfig {
     pub backing: RegionBacking,
 }
 
+/// Which guest memory a passed-through device may DMA to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DmaPolicy {
+    /// Exactly the ranges the guest MAPped through virtio-dma, while they are mapped; the rest
+    /// of guest memory stays movable and lendable.
+    #[default]
+    Mapped,
+    /// All guest memory, pinned for the VM's life (as QEMU and Cloud Hypervisor do); lending
+    /// is off.
+    All,
+}
+
+impl FromStr for DmaPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "mapped" => Ok(Self::Mapped),
+            "all" => Ok(Self::All),
+            _ => Err(format!("unknown DMA policy `{s}`; use dma=mapped (only the ranges the guest MAPs) or dma=all (all guest memory)")),
+        }
+    }
+}
+
+/// A host PCI device passed through to the guest with VFIO.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// The device in sysfs, e.g. /sys/bus/pci/devices/0000:00:04.0, bound to vfio-pci.
+    pub vfio: PathBuf,
+    #[serde(default)]
+    pub dma: DmaPolicy,
+}
+
+impl FromStr for DeviceConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = "the accepted form is --device vfio=/sys/bus/pci/devices/DDDD:BB:DD.F[,dma=mapped|all]";
+        let mut vfio = None;
+        let mut dma = DmaPolicy::default();
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("vfio", v)) if !v.is_empty() => {
+                    // A bare address is the sysfs device of that address.
+                    vfio = Some(if v.starts_with('/') {
+                        PathBuf::from(v)
+                    } else {
+                        Path::new("/sys/bus/pci/devices").join(v)
+                    })
+                }
+                Some(("dma", v)) => dma = v.parse()?,
+                _ => return Err(format!("`{part}` in --device {s}: {usage}")),
+            }
+        }
+        let vfio = vfio.ok_or_else(|| format!("--device {s} names no device: {usage}"))?;
+        Ok(Self { vfio, dma })
+    }
+}
+
 /// Everything needed to start a VM. `dmavisor run` flags and `--config FILE` both produce it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -190,6 +249,9 @@ pub struct VmConfig {
     pub dma_window: DmaWindowConfig,
     #[serde(default)]
     pub region: RegionConfig,
+    /// Host PCI devices passed through (`[[device]]` in a file, `--device` on the command line).
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceConfig>,
 }
 
 fn default_cpus() -> u8 {
@@ -250,6 +312,7 @@ impl VmConfig {
             cpus: default_cpus(),
             dma_window: DmaWindowConfig::default(),
             region: RegionConfig::default(),
+            devices: Vec::new(),
         }
     }
 
@@ -387,6 +450,28 @@ mod tests {
         let e = VmConfig::from_file(&j).unwrap_err().to_string();
         assert!(e.contains("memroy"), "unknown keys are named: {e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn devices_parse_and_name_mistakes() {
+        let d: DeviceConfig = "vfio=/sys/bus/pci/devices/0000:00:04.0".parse().unwrap();
+        assert_eq!(d.vfio, PathBuf::from("/sys/bus/pci/devices/0000:00:04.0"));
+        assert_eq!(d.dma, DmaPolicy::Mapped);
+        let d: DeviceConfig = "vfio=0000:00:04.0,dma=all".parse().unwrap();
+        assert_eq!(d.vfio, PathBuf::from("/sys/bus/pci/devices/0000:00:04.0"));
+        assert_eq!(d.dma, DmaPolicy::All);
+        let e = "vfio=/x,dma=some".parse::<DeviceConfig>().unwrap_err();
+        assert!(e.contains("dma=mapped") && e.contains("`some`"), "{e}");
+        let e = "dma=all".parse::<DeviceConfig>().unwrap_err();
+        assert!(e.contains("names no device"), "{e}");
+        let e = "pci=1".parse::<DeviceConfig>().unwrap_err();
+        assert!(e.contains("`pci=1`") && e.contains("--device vfio="), "{e}");
+        let t: VmConfig = toml::from_str(
+            "kernel = \"/k\"\n[[device]]\nvfio = \"/sys/bus/pci/devices/0000:00:04.0\"\ndma = \"all\"\n",
+        )
+        .unwrap();
+        assert_eq!(t.devices.len(), 1);
+        assert_eq!(t.devices[0].dma, DmaPolicy::All);
     }
 
     #[test]

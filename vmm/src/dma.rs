@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use cma::{Backing, HugePageSize, Region};
-use devices::dma_memory::{DmaMemory, DmaMemoryError};
+use devices::dma_memory::{DmaMemory, DmaMemoryError, IommuAttachment};
 use devices::guest_memory::GuestMemoryHandle;
 use devices::virtio::dma::{Config, Dma, RequestHandler};
 use devices::virtio::MmioTransport;
@@ -168,6 +168,7 @@ pub fn attach_device(
     guest: &GuestMemoryHandle,
     window: (u64, u64),
     region_config: RegionConfig,
+    iommu: Option<IommuAttachment>,
 ) -> Result<DmaSlot, DmaError> {
     precheck(&region_config, window.1)?;
     let owner_guest = guest.clone();
@@ -178,7 +179,7 @@ pub fn attach_device(
         .spawn(move || {
             lower_priority();
             let path =
-                build_path(&region_config, &owner_guest, window).map_err(|e| e.to_string())?;
+                build_path(&region_config, &owner_guest, window, iommu).map_err(|e| e.to_string())?;
             // The control API reads the DMA path from here once it exists.
             let _ = published.set(path.clone());
             Ok(path.device)
@@ -239,11 +240,12 @@ fn build_path(
     config: &RegionConfig,
     guest: &GuestMemoryHandle,
     (base, len): (u64, u64),
+    iommu: Option<IommuAttachment>,
 ) -> Result<DmaPath, DmaError> {
     let (region, choice) = reserve_region(config, len)?;
     let largest_extent = region.largest_extent() as u64;
     let region_size = region.len() as u64;
-    let memory = DmaMemory::new(region, guest, base, len)?;
+    let memory = DmaMemory::with_iommu(region, guest, base, len, iommu)?;
     let config = Config {
         window_base: base,
         window_size: len,

@@ -7,9 +7,11 @@ mod config;
 mod devices;
 mod dma;
 mod hypervisor;
+mod irq;
 mod memory;
 mod pins;
 mod vcpu;
+mod vfio;
 mod vm;
 
 use std::process::ExitCode;

@@ -61,6 +61,8 @@ pub enum VmError {
     EventLoop(String),
     #[error("creating an eventfd: {0}")]
     EventFd(io::Error),
+    #[error(transparent)]
+    Vfio(#[from] crate::vfio::VfioError),
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -96,7 +98,9 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 /// A VM, built and ready to start.
 pub struct Vm {
     _kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
+    // Passed-through devices: their VFIO files and IOMMU domain live as long as the VM.
+    _passthrough: Option<crate::vfio::Passthrough>,
     // Keeps the guest mappings alive: KVM's memory slots point into them.
     _mem: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
@@ -120,7 +124,7 @@ impl Vm {
             .ok();
         let kvm = hypervisor::open()?;
         tracing::debug!(elapsed = ?started.elapsed(), "KVM opened");
-        let vm = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("CREATE_VM"))?);
         tracing::debug!(elapsed = ?started.elapsed(), "VM created");
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("SET_TSS_ADDR"))?;
@@ -183,6 +187,25 @@ impl Vm {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         let transport = MmioTransport::new(rng, guest.clone(), irq).map_err(VmError::EventFd)?;
         devices.add_virtio_mmio(&vm, &mut cmdline, transport)?;
+        // A PCI bus the guest finds through config mechanism #1, with passed-through devices.
+        let router = Arc::new(crate::irq::GsiRouter::new(vm.clone()));
+        let mut pci = devices::pci::PciBus::new();
+        let passthrough = crate::vfio::Passthrough::attach(
+            &vm,
+            &router,
+            &mut devices,
+            &mut pci,
+            &config.devices,
+            &mem,
+            layout.dma_window,
+        )?;
+        devices.add_pio(
+            &vm,
+            Arc::new(Mutex::new(pci)),
+            devices::pci::PCI_CONFIG_IO_BASE,
+            devices::pci::PCI_CONFIG_IO_LEN,
+            None,
+        )?;
         let dma_slot = match layout.dma_window {
             Some(window) => dma::attach_device(
                 &vm,
@@ -191,6 +214,7 @@ impl Vm {
                 &guest,
                 window,
                 config.region.clone(),
+                passthrough.as_ref().map(|p| p.attachment()),
             )?,
             None => DmaSlot::default(),
         };
@@ -217,6 +241,7 @@ impl Vm {
         Ok(Self {
             _kvm: kvm,
             vm,
+            _passthrough: passthrough,
             _mem: mem,
             vcpus,
             devices,

@@ -151,6 +151,12 @@ impl DmaMapper for DmaMemory {
             )));
         }
         let (alloc, placement, phases) = self.inner.map_pages(first, n, opts)?;
+        // A passed-through device may DMA to the range from now on; the guest learns of the
+        // mapping only once the IOMMU has it.
+        if let Err(e) = self.inner.iommu_map(self, gpa, len) {
+            self.inner.unmap_pages(first, alloc);
+            return Err(e);
+        }
         lock(&self.inner.mappings).insert(gpa, alloc);
         self.inner.samples.record(
             t.elapsed().as_nanos() as u64,
@@ -161,14 +167,16 @@ impl DmaMapper for DmaMemory {
     }
 
     fn unmap(&self, gpa: u64, len: u64) -> Result<(), MapError> {
-        let alloc = {
-            let mut mappings = lock(&self.inner.mappings);
-            match mappings.get(&gpa) {
-                Some(a) if a.len() as u64 == len => {}
-                _ => return Err(MapError::NotMapped),
-            }
-            mappings.remove(&gpa).ok_or(MapError::NotMapped)?
-        };
+        match lock(&self.inner.mappings).get(&gpa) {
+            Some(a) if a.len() as u64 == len => {}
+            _ => return Err(MapError::NotMapped),
+        }
+        // Out of the IOMMU first: no DMA reaches the frames once they change hands. If the
+        // IOMMU refuses, the mapping stays as it was.
+        self.inner.iommu_unmap(gpa, len)?;
+        let alloc = lock(&self.inner.mappings)
+            .remove(&gpa)
+            .ok_or(MapError::NotMapped)?;
         self.inner
             .unmap_pages(self.inner.window.page_of(gpa), alloc);
         Ok(())

@@ -26,6 +26,7 @@
 //! region and allocator move to the shared part; the allocator already tells occupants apart by
 //! owner id ([`window::WINDOW_OWNER`] is this VM's).
 
+mod iommu;
 mod map;
 mod pins;
 mod stats;
@@ -40,6 +41,7 @@ use cma::{AllocError, AllocRequest, Allocation, Allocator, AllocatorConfig, Regi
 
 use crate::guest_memory::GuestMemoryHandle;
 
+pub use iommu::{Iommu, IommuAttachment, IommuPolicy, IommuStats};
 pub use map::{DmaMapper, MapError, MapOptions, MappingInfo, Placement};
 pub use pins::{HostBuffer, LongTermPin, PinHolder, TransientPin};
 pub use stats::{DmaMemoryStats, LendingStats, MapPercentiles};
@@ -74,8 +76,18 @@ pub enum DmaMemoryError {
     Pin { page: usize, source: cma::PinError },
     #[error("window page {page} is on a region the kernel cannot pin (a dma-buf: its mapping is VM_PFNMAP, which get_user_pages refuses, as on the kernel's own CMA heap), and the region never moves it out; use a hugetlb or memfd region for I/O that pins guest pages long-term")]
     NotPinnable { page: usize },
-    #[error("the region is lent whole (1G huge pages, or a dma-buf from the host's CMA heap): its pages never move, so nothing can be migrated")]
-    Fixed,
+    #[error("the window never moves ({0}), so nothing can be migrated")]
+    Fixed(&'static str),
+    #[error("forced migration of {asked} frames: only {movable} of the region's {frames} frames can move; {mapped} hold DMA mappings ({iommu} of them mapped in the IOMMU for a passed-through device, which may DMA to them at any time), and a mapping's frames never move")]
+    HeldByMappings {
+        asked: usize,
+        movable: usize,
+        frames: usize,
+        mapped: usize,
+        iommu: usize,
+    },
+    #[error("mapping the whole window in the IOMMU (dma=all): {0}")]
+    IommuAll(std::io::Error),
     #[error("forced migration: {0}")]
     Migrate(AllocError),
 }
@@ -104,6 +116,12 @@ struct Owner {
     longterm_ranges: AtomicU64,
     /// MAPs refused because a page of their range was pinned long-term.
     longterm_refusals: AtomicU64,
+    /// The IOMMU of passed-through devices, if any, kept in step with the mappings.
+    iommu: Option<IommuAttachment>,
+    /// With [`IommuPolicy::Mapped`]: the pin of each range the IOMMU maps, by guest address. A
+    /// leaf lock.
+    iommu_pins: Mutex<BTreeMap<u64, LongTermPin>>,
+    counters: iommu::IommuCounters,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -121,6 +139,20 @@ impl DmaMemory {
         base: u64,
         len: u64,
     ) -> Result<Self, DmaMemoryError> {
+        Self::with_iommu(region, guest, base, len, None)
+    }
+
+    /// Like [`DmaMemory::new`], keeping `iommu` in step with the mappings (see [`IommuPolicy`]).
+    /// With [`IommuPolicy::All`] the window is lent whole, never moves, and is mapped in the
+    /// IOMMU once, here.
+    pub fn with_iommu(
+        region: Region,
+        guest: &GuestMemoryHandle,
+        base: u64,
+        len: u64,
+        iommu: Option<IommuAttachment>,
+    ) -> Result<Self, DmaMemoryError> {
+        let iommu_all = iommu.as_ref().is_some_and(|a| a.policy == IommuPolicy::All);
         let host_addr = guest
             .whole_region_host_addr(base, len)
             .ok_or(DmaMemoryError::NoWindow { base, len })?;
@@ -131,7 +163,7 @@ impl DmaMemory {
         // `VM_PFNMAP` pieces under a running guest lost guest writes in a test (3 of 5 runs of
         // forced migrations, docs/virtio-dma.md §8.1), which nothing here explains yet.
         let unit = region.lend_unit();
-        let fixed = unit > MAX_REMAP_PAGE || !region.kernel_can_pin();
+        let fixed = unit > MAX_REMAP_PAGE || !region.kernel_can_pin() || iommu_all;
         let page = if fixed { MAX_REMAP_PAGE } else { unit };
         if unit > MAX_REMAP_PAGE && !len.is_multiple_of(unit as u64) {
             return Err(DmaMemoryError::PageTooLarge {
@@ -173,9 +205,18 @@ impl DmaMemory {
                 pin_waits: AtomicU64::new(0),
                 longterm_ranges: AtomicU64::new(0),
                 longterm_refusals: AtomicU64::new(0),
+                iommu,
+                iommu_pins: Mutex::new(BTreeMap::new()),
+                counters: iommu::IommuCounters::default(),
             }),
         };
         memory.lend_window().map_err(DmaMemoryError::Lend)?;
+        if let Some(a) = memory.inner.iommu.as_ref().filter(|_| iommu_all) {
+            a.iommu
+                .map(base, host_addr, len as usize)
+                .map_err(DmaMemoryError::IommuAll)?;
+            tracing::info!(base, len, "dma=all: the whole window is mapped in the IOMMU");
+        }
         Ok(memory)
     }
 
@@ -273,7 +314,31 @@ impl DmaMemory {
     pub fn migrate(&self, frames: usize) -> Result<u64, DmaMemoryError> {
         let o = &self.inner;
         if o.window.fixed {
-            return Err(DmaMemoryError::Fixed);
+            return Err(DmaMemoryError::Fixed(o.window_fixed_reason()));
+        }
+        {
+            // A mapping's frames never move; say so rather than fail in the allocator.
+            let pages = o.window.lock();
+            let mapped = pages
+                .table
+                .iter()
+                .filter(|s| matches!(s.backing, Backing::Mapped(_)))
+                .count();
+            drop(pages);
+            let total = o.allocator.frames();
+            if frames > total - mapped.min(total) && mapped > 0 {
+                let iommu = (0..o.window.page_count())
+                    .filter(|&p| self.iommu_maps_page(p))
+                    .count()
+                    .min(mapped);
+                return Err(DmaMemoryError::HeldByMappings {
+                    asked: frames,
+                    movable: total - mapped,
+                    frames: total,
+                    mapped,
+                    iommu,
+                });
+            }
         }
         let before = o.window.counters.moves.load(Ordering::Relaxed);
         let _layout = lock(&o.layout);
@@ -331,6 +396,17 @@ impl DmaMemory {
 }
 
 impl Owner {
+    /// Why the window was lent whole, for errors.
+    fn window_fixed_reason(&self) -> &'static str {
+        if self.iommu.as_ref().is_some_and(|a| a.policy == IommuPolicy::All) {
+            "dma=all: a passed-through device may DMA to all of it through the IOMMU, which a move would leave pointing at the old frames"
+        } else if self.window.region().kernel_can_pin() {
+            "it is lent whole: 1G huge pages cannot be remapped in pieces"
+        } else {
+            "it is lent whole: a dma-buf from the host's CMA heap is one extent, and moving its VM_PFNMAP pieces lost guest writes"
+        }
+    }
+
     fn relend_locked(&self, max: usize) -> usize {
         let ram: Vec<usize> = {
             let pages = self.window.lock();

@@ -163,7 +163,9 @@ impl DmaMemory {
         let _layout = lock(&o.layout);
         // A mapped page is pinned where it is; on a region the kernel cannot pin, the caller's
         // own pin (io_uring, vfio) would then fail. Refuse before taking anything.
-        if !o.window.region().kernel_can_pin() {
+        // The IOMMU (VFIO type1) maps a `VM_PFNMAP` range by PFN without pinning it; such a
+        // region never moves anyway.
+        if !o.window.region().kernel_can_pin() && holder != PinHolder::Iommu {
             let pages = o.window.lock();
             // On a region lent whole (a dma-buf is), lent pages stay in place too.
             if let Some(p) = (first..first + n)

@@ -98,6 +98,13 @@ pub fn summary(v: &StatReply) -> String {
         l.pages, l.lent, l.mapped, l.ram, l.longterm_pinned, l.longterm_pinned_in_ram, l.orphans,
         l.moves, l.moves_out, mib(l.bytes_moved), l.claimed_in_place,
     );
+    if let Some(io) = &v.iommu {
+        out += &format!(
+            "iommu: dma={}, {} window range(s) mapped ({}), {} mapped in all ({} pinned); {} maps, {} unmaps, mean {} us / {} us; {} refused\n",
+            io.policy, io.ranges, mib(io.window_bytes), mib(io.total_bytes), mib(io.total_bytes),
+            io.maps, io.unmaps, io.map_us_mean, io.unmap_us_mean, io.map_failures,
+        );
+    }
     let churn = match &p.churn {
         None => "no pin churn".to_string(),
         Some(c) => format!(

@@ -14,6 +14,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::types::*;
 use super::ApiError;
+use devices::dma_memory::IommuPolicy;
 use crate::dma::{DmaPath, DmaSlot};
 use crate::pins::{ChurnShape, PinChurn, UringPins};
 
@@ -284,6 +285,21 @@ impl ApiServer {
             pins_taken: s.pins,
             pin_refusals: s.pin_refusals,
             longterm_moved_out: s.longterm_moved_out,
+        });
+        let io = dma.memory.iommu_stats();
+        v.iommu = io.policy.map(|policy| IommuStat {
+            policy: match policy {
+                IommuPolicy::Mapped => "mapped".into(),
+                IommuPolicy::All => "all".into(),
+            },
+            ranges: io.ranges,
+            window_bytes: io.mapped_bytes,
+            total_bytes: io.total_bytes,
+            maps: io.maps,
+            unmaps: io.unmaps,
+            map_us_mean: io.map_ns / io.maps.max(1) / 1000,
+            unmap_us_mean: io.unmap_ns / io.unmaps.max(1) / 1000,
+            map_failures: io.map_failures,
         });
         let (dev, cfg) = (dma.device.stat(), dma.device.config());
         v.device = Some(DeviceStat {

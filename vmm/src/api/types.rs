@@ -87,6 +87,27 @@ pub struct StatReply {
     pub maps: Option<MapsStat>,
     pub pins: Option<PinsStat>,
     pub device: Option<DeviceStat>,
+    /// The IOMMU of passed-through devices; null without one.
+    #[serde(default)]
+    pub iommu: Option<IommuStat>,
+}
+
+/// What the IOMMU maps for passed-through devices.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IommuStat {
+    /// `mapped` or `all`.
+    pub policy: String,
+    /// Window ranges mapped now (with `all`: the window, once) and their bytes.
+    pub ranges: u64,
+    pub window_bytes: u64,
+    /// Every byte mapped in the IOMMU now, guest RAM included (with `all`): what it pins.
+    pub total_bytes: u64,
+    pub maps: u64,
+    pub unmaps: u64,
+    /// Mean time of one IOMMU map and unmap, in microseconds.
+    pub map_us_mean: u64,
+    pub unmap_us_mean: u64,
+    pub map_failures: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
