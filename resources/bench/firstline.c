@@ -1,6 +1,8 @@
 // Runs a VMM, timestamps the first console line containing MARKER (the guest init's first
 // line), measures the VMM's resident memory outside guest memory at that moment, and reports:
 //   BENCH label=L run=N first_line_ms=T exit=S rss_total_kb=A rss_guest_kb=G rss_overhead_kb=O
+//         locked_kb=K pinned_kb=P
+// (locked_kb: VmLck, where VFIO's type1 IOMMU accounts the pages it pins; pinned_kb: VmPin.)
 //
 // usage: firstline --label L --run N --marker M --guest-min-kb KB [--timeout S] -- CMD...
 #define _GNU_SOURCE
@@ -39,6 +41,20 @@ static void rss(pid_t pid, unsigned long guest_min_kb, unsigned long *total, uns
     }
   }
   fclose(f);
+}
+
+// A "Key:   N kB" line of /proc/PID/status.
+static unsigned long status_kb(pid_t pid, const char *key) {
+  char path[64], line[256];
+  unsigned long kb = 0;
+  snprintf(path, sizeof path, "/proc/%d/status", pid);
+  FILE *f = fopen(path, "r");
+  if (!f) return 0;
+  size_t n = strlen(key);
+  while (fgets(line, sizeof line, f))
+    if (!strncmp(line, key, n) && line[n] == ':') sscanf(line + n + 1, "%lu", &kb);
+  fclose(f);
+  return kb;
 }
 
 int main(int argc, char **argv) {
@@ -81,7 +97,7 @@ int main(int argc, char **argv) {
   char buf[65536];
   size_t have = 0;
   double first = -1, deadline = t0 + timeout * 1e3;
-  unsigned long total = 0, guest = 0;
+  unsigned long total = 0, guest = 0, locked = 0, pinned = 0;
   int timed_out = 0;
   for (;;) {
     double left = deadline - now_ms();
@@ -102,6 +118,8 @@ int main(int argc, char **argv) {
       if (first < 0 && strstr(start, marker)) {
         first = now_ms() - t0;
         rss(pid, guest_min_kb, &total, &guest);
+        locked = status_kb(pid, "VmLck");
+        pinned = status_kb(pid, "VmPin");
       }
       snprintf(tail[ntail++ % TAIL], sizeof tail[0], "%s", start);
       start = nl + 1;
@@ -118,9 +136,9 @@ int main(int argc, char **argv) {
   int status = 0;
   waitpid(pid, &status, 0);
   printf("BENCH label=%s run=%d first_line_ms=%.1f exit=%d rss_total_kb=%lu rss_guest_kb=%lu "
-         "rss_overhead_kb=%lu\n",
+         "rss_overhead_kb=%lu locked_kb=%lu pinned_kb=%lu\n",
          label, run, first, WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status),
-         total, guest, total - guest);
+         total, guest, total - guest, locked, pinned);
   fflush(stdout);
   return first < 0;
 }

@@ -168,7 +168,14 @@ pub fn run_dmavisor(args: &[String], timeout: Duration) -> GuestRun {
 /// `resources/sandbox/run.sh` with the guest kernel and initramfs copied in (guests may be named
 /// in a config file rather than on the command line); the caller adds `-- COMMAND`.
 fn sandbox_command(timeout: Duration, bin: &Path) -> Command {
+    sandbox_command_with(timeout, bin, None)
+}
+
+fn sandbox_command_with(timeout: Duration, bin: &Path, vfio: Option<&str>) -> Command {
     let mut c = Command::new(root().join("resources/sandbox/run.sh"));
+    if let Some(mode) = vfio {
+        c.args(["--vfio", mode]);
+    }
     c.arg("--timeout")
         .arg(timeout.as_secs().to_string())
         .args(["--with".as_ref(), guest_kernel().as_os_str()])
@@ -243,6 +250,55 @@ pub fn run_dmavisor_with_input(
 /// Runs a shell script where guests run (here, or inside the sandbox host) with `dmavisor` on
 /// its PATH, e.g. to start a VM in the background and query its control API.
 pub fn run_shell(script: &str, timeout: Duration) -> GuestRun {
+    run_shell_with(script, timeout, None)
+}
+
+/// Where the VFIO tests' devices are: in the sandbox host (`run.sh --vfio edu`), QEMU's `edu`
+/// devices; on a host that runs guests directly, the device named by `DMAVISOR_VFIO_DEVICE`
+/// (bound to vfio-pci), and the error cases only where the sandbox stages them.
+#[derive(Clone, Debug)]
+pub struct VfioHost {
+    /// A device bound to vfio-pci, alone in its IOMMU group.
+    pub device: String,
+    /// A device bound to vfio-pci whose group has a device bound to another driver.
+    pub non_viable: Option<String>,
+    /// A device bound to a driver other than vfio-pci.
+    pub other_driver: Option<String>,
+    /// Whether the host can be booted without an IOMMU for the "no IOMMU" error (the sandbox).
+    pub can_drop_iommu: bool,
+}
+
+/// The VFIO host, or None (and why) when there is no device to pass through.
+pub fn vfio_host() -> Result<VfioHost, String> {
+    match mode() {
+        Mode::Sandbox if sandbox_kernel() == "debian" => Err(
+            "the Debian sandbox kernel has no VFIO set up (run.sh --vfio needs the project's kernel)".into(),
+        ),
+        Mode::Sandbox => Ok(VfioHost {
+            device: "/sys/bus/pci/devices/0000:00:04.0".into(),
+            non_viable: Some("/sys/bus/pci/devices/0000:01:01.0".into()),
+            other_driver: Some("/sys/bus/pci/devices/0000:01:02.0".into()),
+            can_drop_iommu: true,
+        }),
+        Mode::Direct => match std::env::var("DMAVISOR_VFIO_DEVICE") {
+            Ok(device) => Ok(VfioHost {
+                device,
+                non_viable: None,
+                other_driver: None,
+                can_drop_iommu: false,
+            }),
+            Err(_) => Err("guests run directly here and DMAVISOR_VFIO_DEVICE names no device bound to vfio-pci".into()),
+        },
+    }
+}
+
+/// Like [`run_shell`], where the VFIO devices are: in the sandbox, booted with
+/// `run.sh --vfio MODE` (`edu`, or `noiommu` for the same devices without an IOMMU).
+pub fn run_shell_vfio(script: &str, timeout: Duration, vfio: &str) -> GuestRun {
+    run_shell_with(script, timeout, Some(vfio))
+}
+
+fn run_shell_with(script: &str, timeout: Duration, vfio: Option<&str>) -> GuestRun {
     let _one = ONE_GUEST_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
@@ -264,7 +320,7 @@ pub fn run_shell(script: &str, timeout: Duration) -> GuestRun {
             c
         }
         Mode::Sandbox => {
-            let mut c = sandbox_command(timeout, &bin);
+            let mut c = sandbox_command_with(timeout, &bin, vfio);
             c.args(["--", "sh", "-c", script]);
             c
         }
@@ -520,12 +576,24 @@ pub fn driven_script(
     cmdline: &str,
     steps: &str,
 ) -> String {
+    driven_script_with(scenario, window, region, "", cmdline, steps)
+}
+
+/// [`driven_script`] with more `dmavisor run` arguments (`args`, e.g. `--device ...`).
+pub fn driven_script_with(
+    scenario: &str,
+    window: &str,
+    region: &str,
+    args: &str,
+    cmdline: &str,
+    steps: &str,
+) -> String {
     format!(
         "trap '' PIPE; out=/tmp/dmavisor-pins.out; sock=/tmp/dmavisor-pins.sock; in=/tmp/dmavisor-pins.in; \
          rm -f $out $sock $in; mkfifo $in; \
          dd if=/dev/zero of=/tmp/dmavisor-pinio.img bs=1M count=64 2>/dev/null; \
          dev=$(losetup -f) && losetup $dev /tmp/dmavisor-pinio.img || echo LOSETUP-FAILED; \
-         dmavisor run --api-sock $sock --test-commands --pin-target $dev --memory size=256M --dma-window size={window} --region {region} \
+         dmavisor run --api-sock $sock --test-commands --pin-target $dev --memory size=256M --dma-window size={window} --region {region} {args} \
            --kernel {k} --initrd {i} \
            --cmdline 'console=ttyS0 reboot=k panic=-1 quiet dmavisor.scenario={scenario} {cmdline}' \
            <$in >$out 2>&1 & \
