@@ -207,7 +207,8 @@ pub struct DeviceConfig {
 impl FromStr for DeviceConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let usage = "the accepted form is --device vfio=/sys/bus/pci/devices/DDDD:BB:DD.F[,dma=mapped|all]";
+        let usage =
+            "the accepted form is --device vfio=/sys/bus/pci/devices/DDDD:BB:DD.F[,dma=mapped|all]";
         let mut vfio = None;
         let mut dma = DmaPolicy::default();
         for part in s.split(',') {

@@ -178,8 +178,8 @@ pub fn attach_device(
         .name("region".into())
         .spawn(move || {
             lower_priority();
-            let path =
-                build_path(&region_config, &owner_guest, window, iommu).map_err(|e| e.to_string())?;
+            let path = build_path(&region_config, &owner_guest, window, iommu)
+                .map_err(|e| e.to_string())?;
             // The control API reads the DMA path from here once it exists.
             let _ = published.set(path.clone());
             Ok(path.device)

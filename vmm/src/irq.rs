@@ -137,6 +137,9 @@ mod tests {
         assert_eq!((e.gsi, e.type_), (24, KVM_IRQ_ROUTING_MSI));
         // SAFETY: the entry was built as an MSI entry just above.
         let m = unsafe { e.u.msi };
-        assert_eq!((m.address_lo, m.address_hi, m.data), (0xfee0_0000, 1, 0x4041));
+        assert_eq!(
+            (m.address_lo, m.address_hi, m.data),
+            (0xfee0_0000, 1, 0x4041)
+        );
     }
 }

@@ -25,8 +25,8 @@ use std::sync::{Arc, Mutex};
 use devices::dma_memory::{Iommu, IommuAttachment, IommuPolicy};
 use devices::pci::{merge_dword, PciBus, PciDevice};
 use devices::BusDevice;
-use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_ioctls::VmFd;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioOps};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -80,7 +80,9 @@ pub enum VfioError {
         path: PathBuf,
         source: vfio_ioctls::VfioError,
     },
-    #[error("--device vfio={path}: BAR {bar} of {size:#x} bytes does not fit in the guest's PCI space")]
+    #[error(
+        "--device vfio={path}: BAR {bar} of {size:#x} bytes does not fit in the guest's PCI space"
+    )]
     BarSpace { path: PathBuf, bar: u32, size: u64 },
     #[error("--device vfio={path}: mapping BAR {bar} into the guest: {source}")]
     BarMap {
@@ -432,10 +434,62 @@ pub struct VfioPci {
     msi_enabled: bool,
 }
 
+/// The MSI capability, emulated: VFIO keeps the enable bit clear until MSI is enabled through
+/// its own interface, so the guest's view (control, address, data) lives here, and VFIO's
+/// trigger follows the enable bit the guest wrote.
 #[derive(Clone, Copy, Debug)]
 struct MsiCap {
     offset: usize,
     is64: bool,
+    /// The capability's dwords as the guest sees them (header+control, address, [address
+    /// high,] data, [mask, pending]).
+    regs: [u32; 6],
+}
+
+impl MsiCap {
+    fn len(&self) -> usize {
+        let masking = self.regs[0] >> 16 & 0x100 != 0;
+        match (self.is64, masking) {
+            (false, false) => 12,
+            (true, false) => 16,
+            (false, true) => 20,
+            (true, true) => 24,
+        }
+    }
+
+    fn covers(&self, reg: usize) -> bool {
+        reg * 4 >= self.offset && reg * 4 < self.offset + self.len()
+    }
+
+    fn write(&mut self, reg: usize, offset: usize, data: &[u8]) {
+        let i = reg - self.offset / 4;
+        let old = self.regs[i];
+        let mut new = merge_dword(old, offset, data);
+        if i == 0 {
+            // Only enable (bit 0) and multiple message enable (bits 4-6) of the control word are
+            // writable; the header and the capability bits stay.
+            let writable = 0x0071 << 16;
+            new = (old & !writable) | (new & writable);
+        }
+        self.regs[i] = new;
+    }
+
+    fn enabled(&self) -> bool {
+        self.regs[0] >> 16 & 1 != 0
+    }
+
+    fn message(&self) -> MsiMessage {
+        let lo = u64::from(self.regs[1]);
+        let (hi, data) = if self.is64 {
+            (u64::from(self.regs[2]), self.regs[3] & 0xffff)
+        } else {
+            (0, self.regs[2] & 0xffff)
+        };
+        MsiMessage {
+            address: hi << 32 | lo,
+            data,
+        }
+    }
 }
 
 impl VfioPci {
@@ -494,10 +548,16 @@ impl VfioPci {
             match header & 0xff {
                 0x05 => {
                     let ctrl = self.cfg_read(ptr + 2, 2);
-                    self.msi = Some(MsiCap {
+                    let mut cap = MsiCap {
                         offset: ptr,
                         is64: ctrl & 0x80 != 0,
-                    });
+                        regs: [0; 6],
+                    };
+                    cap.regs[0] = self.cfg_read(ptr, 4) & !(0x0071 << 16);
+                    for i in 1..cap.len() / 4 {
+                        cap.regs[i] = self.cfg_read(ptr + 4 * i, 4);
+                    }
+                    self.msi = Some(cap);
                 }
                 0x11 => self.msix = Some(ptr as u8),
                 _ => {}
@@ -595,8 +655,9 @@ impl VfioPci {
                         .mmio
                         .insert(trap, b.addr, b.size)
                         .map_err(|e| VfioError::Bus(e.to_string()))?;
-                    let mmappable =
-                        self.dev.get_region_flags(b.index) & vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_MMAP != 0;
+                    let mmappable = self.dev.get_region_flags(b.index)
+                        & vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_MMAP
+                        != 0;
                     if mmappable && b.size.is_multiple_of(4096) {
                         match self.map_bar(vm, b, *next_slot) {
                             Ok(()) => {
@@ -692,25 +753,13 @@ impl VfioPci {
     /// VFIO's MSI trigger on or off to match the enable bit.
     fn update_msi(&mut self) {
         let Some(cap) = self.msi else { return };
-        let ctrl = self.cfg_read(cap.offset + 2, 2);
-        let enabled = ctrl & 1 != 0;
-        if enabled {
-            let lo = self.cfg_read(cap.offset + 4, 4) as u64;
-            let (hi, data) = if cap.is64 {
-                (
-                    self.cfg_read(cap.offset + 8, 4) as u64,
-                    self.cfg_read(cap.offset + 12, 2),
-                )
-            } else {
-                (0, self.cfg_read(cap.offset + 8, 2))
-            };
-            if ctrl >> 4 & 7 != 0 {
-                tracing::warn!("the guest enabled several MSI vectors; only the first is delivered");
+        if cap.enabled() {
+            if cap.regs[0] >> 16 & 0x70 != 0 {
+                tracing::warn!(
+                    "the guest enabled several MSI vectors; only the first is delivered"
+                );
             }
-            let msg = MsiMessage {
-                address: hi << 32 | lo,
-                data,
-            };
+            let msg = cap.message();
             if let Err(e) = self.router.set_msi(self.gsi, msg) {
                 tracing::error!("routing the device's MSI: {e}");
                 return;
@@ -775,6 +824,11 @@ impl PciDevice for VfioPci {
             4..=9 => self.bar_read(reg),
             // No expansion ROM for the guest.
             12 => 0,
+            _ if self.msi.is_some_and(|c| c.covers(reg)) => {
+                let cap = self.msi.expect("checked");
+                let v = cap.regs[reg - cap.offset / 4];
+                self.hide_msix(reg, v)
+            }
             _ if reg < 64 => {
                 let v = self.cfg_read(reg * 4, 4);
                 self.hide_msix(reg, v)
@@ -787,15 +841,15 @@ impl PciDevice for VfioPci {
         match reg {
             4..=9 => self.bar_write(reg, offset, data),
             12 => {}
+            _ if self.msi.is_some_and(|c| c.covers(reg)) => {
+                if let Some(cap) = self.msi.as_mut() {
+                    cap.write(reg, offset, data);
+                }
+                self.update_msi();
+            }
             _ => {
                 let at = reg * 4 + offset;
                 self.dev.region_write(CONFIG_REGION, data, at as u64);
-                if let Some(cap) = self.msi {
-                    let len = if cap.is64 { 24 } else { 20 };
-                    if at < cap.offset + len && at + data.len() > cap.offset {
-                        self.update_msi();
-                    }
-                }
             }
         }
     }

@@ -14,9 +14,9 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::types::*;
 use super::ApiError;
-use devices::dma_memory::IommuPolicy;
 use crate::dma::{DmaPath, DmaSlot};
 use crate::pins::{ChurnShape, PinChurn, UringPins};
+use devices::dma_memory::IommuPolicy;
 
 /// What the commands that exist for tests may do: nothing unless the VMM was started with
 /// `--test-commands`; pin churn writes only to `--pin-target`.
