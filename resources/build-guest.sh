@@ -87,7 +87,8 @@ build_kernel() {
 # ---------------------------------------------------------------- initramfs
 build_initramfs() {
   local progs=()
-  mapfile -t progs < <(find "$GUEST/programs" -name '*.c' -o -name '*.h' | sort)
+  # Programs may include a driver's ioctl header (resources/guest/driver/*_uapi.h).
+  mapfile -t progs < <(find "$GUEST/programs" "$GUEST/driver" -name '*.c' -path '*/programs/*' -o -name '*.h' | sort)
   local hash
   hash=$(inputs_hash "$GUEST/init" "$0" "${progs[@]}" /bin/busybox)
   if [ -f "$OUT/initramfs.cpio.gz" ] && [ "$(cat "$OUT/initramfs.hash" 2>/dev/null)" = "$hash" ]; then
