@@ -25,13 +25,6 @@ fn host_or_skip(what: &str) -> Option<integration_tests::VfioHost> {
     }
 }
 
-fn kv(line: &str) -> HashMap<String, String> {
-    line.split_whitespace()
-        .filter_map(|w| w.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 fn n(m: &HashMap<String, String>, key: &str) -> u64 {
     let v = m
         .get(key)
@@ -178,5 +171,279 @@ fn device_errors_say_what_is_wrong_and_how_to_fix_it() {
     assert!(
         msg.contains("no IOMMU") && msg.contains("intel_iommu=on"),
         "{msg}"
+    );
+}
+
+/// The guest's view of the device and of its DMA, from the `vfio` scenario's result lines.
+fn assert_enumerated_and_live(g: &GuestRun) {
+    let dev = g
+        .results()
+        .into_iter()
+        .find(|r| r.get("vendor").map(String::as_str) == Some("0x1234"))
+        .unwrap_or_else(|| {
+            panic!(
+                "the guest enumerated no edu device; console:\n{}",
+                g.console
+            )
+        });
+    assert_eq!(dev["device"], "0x11e8", "{dev:?}");
+    assert_eq!(
+        dev["driver"], "edu-dma",
+        "the guest's driver bound: {dev:?}"
+    );
+    assert_eq!(n(&dev, "msi_irqs"), 1, "{dev:?}");
+    let info = g
+        .results()
+        .into_iter()
+        .find(|r| r.contains_key("edu_ident"))
+        .expect("edu info");
+    // The identification register (major.minor, 0xed) and liveness, read through the BAR.
+    assert_eq!(n(&info, "edu_ident") & 0xff, 0xed, "{info:?}");
+    assert_eq!(info["edu_live"], "ok", "{info:?}");
+    assert_eq!(
+        info["edu_msi_selftest"], "ok",
+        "an MSI raised through the BAR arrived: {info:?}"
+    );
+}
+
+fn assert_round_trips(g: &GuestRun, min: u64) -> HashMap<String, String> {
+    let rt = result_with(g, "edu_roundtrips");
+    println!(
+        "round trips: {} ({} bytes) in {} ms; mismatches {}, timeouts {}, errors {}",
+        rt["edu_roundtrips"],
+        rt["edu_bytes"],
+        rt["edu_ms"],
+        rt["edu_mismatches"],
+        rt["edu_timeouts"],
+        rt["edu_errors"]
+    );
+    assert!(n(&rt, "edu_roundtrips") >= min, "{rt:?}");
+    assert_eq!(
+        n(&rt, "edu_roundtrips"),
+        n(&rt, "edu_cases") * n(&rt, "edu_passes"),
+        "{rt:?}"
+    );
+    for k in [
+        "edu_mismatches",
+        "edu_timeouts",
+        "edu_errors",
+        "edu_bad_bytes",
+        "edu_bus_wrong",
+        "edu_skipped",
+    ] {
+        assert_eq!(n(&rt, k), 0, "{k}: {rt:?}\nconsole:\n{}", g.console);
+    }
+    // Every size the device supports: 1 byte up to its 4 KiB buffer (less the odd offsets).
+    assert!(n(&rt, "edu_max_len") >= 4095, "{rt:?}");
+    rt
+}
+
+#[test]
+fn the_device_dmas_only_into_mapped_buffers_byte_for_byte() {
+    let Some(h) = host_or_skip("VFIO DMA") else {
+        return;
+    };
+    // dma=mapped on 2 MiB pages, with host pin churn and forced migrations on the rest of the
+    // window while the device copies between virtio-dma buffers, under memory-heavy load.
+    let steps = "api pin-churn io_kib=64 hold_us=200; waitfor 'DMAVISOR-WAIT vfio-roundtrip'; \
+                 echo \"STAT-BEFORE $(dmavisor stat --api-sock $sock --json)\"; echo go >&3; \
+                 for i in 1 2 3 4 5 6; do api migrate frames=4; sleep 1; done; \
+                 waitfor edu_roundtrips; echo \"STAT-AFTER $(dmavisor stat --api-sock $sock --json)\"; \
+                 waitfor vfio_done";
+    let g = integration_tests::run_shell_vfio(
+        &driven_script_with(
+            "vfio",
+            "64M",
+            "backing=hugetlb",
+            &format!("--device vfio={}", h.device),
+            "dmavisor.vfio_wait=1 dmavisor.iterations=3 dmavisor.load=auto",
+            steps,
+        ),
+        Duration::from_secs(600),
+        "edu",
+    );
+    assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
+    assert_enumerated_and_live(&g);
+    assert_round_trips(&g, 90);
+    // The rest of the window kept moving while the device was attached.
+    let migrations: Vec<&str> = g
+        .console
+        .lines()
+        .filter(|l| l.starts_with("API migrate "))
+        .collect();
+    assert_eq!(migrations.len(), 6, "console:\n{}", g.console);
+    let moved: u64 = migrations
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l.split_once(" => ").unwrap().1).ok())
+        .filter_map(|v| v["moved"].as_u64())
+        .sum();
+    assert!(
+        moved > 0,
+        "forced migrations moved lent pages: {migrations:?}"
+    );
+    let before = json_after(&g, "STAT-BEFORE ");
+    assert_eq!(before["iommu"]["policy"], "mapped", "{before}");
+    let after = json_after(&g, "STAT-AFTER ");
+    let io = &after["iommu"];
+    assert!(u(&io["maps"]) >= 1, "{after}");
+    assert_eq!(io["map_failures"], 0, "{after}");
+    // Only MAPped ranges are DMA-able: what the IOMMU maps is what the device has mapped.
+    assert_eq!(
+        u(&io["total_bytes"]),
+        u(&io["window_bytes"]),
+        "no guest RAM in the IOMMU: {after}"
+    );
+    assert!(
+        u(&io["total_bytes"]) <= u(&after["device"]["mapped_bytes"]),
+        "{after}"
+    );
+    assert!(
+        u(&after["lending"]["lent"]) > 0,
+        "lending stays on: {after}"
+    );
+    assert!(
+        u(&after["pins"]["churn"]["pins"]) > 0,
+        "pin churn ran: {after}"
+    );
+
+    // A DMA to guest RAM that no MAP covers is stopped by the host IOMMU: not one byte moved.
+    let blocked = result_with(&g, "edu_blocked_changed");
+    assert_eq!(n(&blocked, "edu_blocked_changed"), 0, "{blocked:?}");
+    assert_eq!(n(&blocked, "edu_blocked_now_src"), 0, "{blocked:?}");
+    // The control: the same raw DMA into a mapped buffer lands whole; after the buffer's UNMAP
+    // (which takes it out of the IOMMU first), the same address is blocked.
+    let mapped = result_with(&g, "edu_mapped_changed");
+    assert_eq!(
+        n(&mapped, "edu_mapped_now_src"),
+        n(&blocked, "edu_raw_len"),
+        "{mapped:?}"
+    );
+    let after_unmap = result_with(&g, "edu_after_unmap_changed");
+    assert_eq!(
+        n(&after_unmap, "edu_after_unmap_changed"),
+        0,
+        "{after_unmap:?}"
+    );
+    assert!(
+        n(&after_unmap, "edu_unmaps_after") > n(&after_unmap, "edu_unmaps_before"),
+        "the buffer was UNMAPped before the DMA: {after_unmap:?}"
+    );
+    // The host IOMMU reported both blocked writes (the sandbox kernel's DMAR log).
+    if integration_tests::mode() == integration_tests::Mode::Sandbox {
+        for addr in [
+            &blocked["edu_blocked_phys"],
+            &after_unmap["edu_after_unmap_phys"],
+        ] {
+            let a = u64::from_str_radix(addr.trim_start_matches("0x"), 16).unwrap();
+            assert!(
+                g.console.contains(&format!("fault addr {a:#x}")),
+                "a DMAR fault at {a:#x}; console:\n{}",
+                g.console
+            );
+        }
+    }
+}
+
+#[test]
+fn seed001_with_the_device_attached_has_no_failed_loops_and_lending_stays_on() {
+    let Some(h) = host_or_skip("seed 001 with a VFIO device") else {
+        return;
+    };
+    let steps = "api pin-churn io_kib=64 hold_us=200; waitfor 'DMAVISOR-WAIT loaded'; echo go >&3; \
+                 waitfor 'DMAVISOR-WAIT done'; echo \"STAT-DONE $(dmavisor stat --api-sock $sock --json)\"; echo go >&3";
+    let g = run_shell_vfio(
+        &driven_script_with(
+            "seed001",
+            "56M",
+            "backing=hugetlb",
+            &format!("--device vfio={},dma=mapped", h.device),
+            "dmavisor.seconds=15",
+            steps,
+        ),
+        Duration::from_secs(420),
+        "edu",
+    );
+    assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
+    let runs: Vec<_> = g
+        .results()
+        .into_iter()
+        .filter(|r| r.contains_key("loops"))
+        .collect();
+    assert_eq!(runs.len(), 2, "console:\n{}", g.console);
+    for r in &runs {
+        println!(
+            "{}: {} loops, {} failed; allocation p50 {} us, p99 {} us",
+            r["heap"], r["loops"], r["failed_loops"], r["p50_us"], r["p99_us"]
+        );
+    }
+    let ours = runs
+        .iter()
+        .find(|r| r["heap"].ends_with("virtio-dma"))
+        .expect("virtio-dma run");
+    assert!(n(ours, "loops") >= 1, "{ours:?}");
+    assert_eq!(n(ours, "failed_loops"), 0, "{ours:?}");
+    let stat = json_after(&g, "STAT-DONE ");
+    let io = &stat["iommu"];
+    assert_eq!(io["policy"], "mapped", "{stat}");
+    assert!(u(&io["maps"]) > 0, "every MAP went into the IOMMU: {stat}");
+    assert_eq!(io["map_failures"], 0, "{stat}");
+    assert_eq!(u(&io["total_bytes"]), u(&io["window_bytes"]), "{stat}");
+    // Lending stays on: the window's pages are on region frames, and every MAP claimed its
+    // pages' own frames in place and gave them back at UNMAP.
+    assert!(u(&stat["lending"]["lent"]) > 0, "lending stays on: {stat}");
+    assert!(u(&stat["lending"]["claimed_in_place"]) > 0, "{stat}");
+    assert!(u(&stat["lending"]["returned_in_place"]) > 0, "{stat}");
+    assert!(
+        u(&stat["pins"]["churn"]["pins"]) > 0,
+        "pin churn ran: {stat}"
+    );
+}
+
+#[test]
+fn dma_all_maps_all_guest_memory_and_nothing_moves() {
+    let Some(h) = host_or_skip("VFIO dma=all") else {
+        return;
+    };
+    let steps = "waitfor 'DMAVISOR-WAIT vfio-roundtrip'; api migrate frames=2; \
+                 echo \"STAT-ALL $(dmavisor stat --api-sock $sock --json)\"; echo go >&3; waitfor vfio_done";
+    let g = run_shell_vfio(
+        &driven_script_with(
+            "vfio",
+            "64M",
+            "backing=hugetlb",
+            &format!("--device vfio={},dma=all", h.device),
+            "dmavisor.vfio_wait=1 dmavisor.vfio_steps=pci,info,roundtrip,blocked",
+            steps,
+        ),
+        Duration::from_secs(420),
+        "edu",
+    );
+    assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
+    assert_enumerated_and_live(&g);
+    assert_round_trips(&g, 30);
+    let stat = json_after(&g, "STAT-ALL ");
+    let io = &stat["iommu"];
+    assert_eq!(io["policy"], "all", "{stat}");
+    // 256M of RAM and the 64M window: everything, pinned.
+    assert_eq!(u(&io["total_bytes"]), (256 + 64) << 20, "{stat}");
+    assert_eq!(u(&stat["lending"]["moves"]), 0, "nothing moves: {stat}");
+    let migrate = g
+        .console
+        .lines()
+        .find(|l| l.starts_with("API migrate "))
+        .expect("migrate asked");
+    assert!(
+        migrate.contains("dma=all"),
+        "forced migration is refused with the reason: {migrate}"
+    );
+    assert!(
+        g.console.contains("lending is off"),
+        "the log says lending is off and why"
+    );
+    // The contrast with dma=mapped: here the device reaches any guest page.
+    let blocked = result_with(&g, "edu_blocked_changed");
+    assert!(
+        n(&blocked, "edu_blocked_now_src") > 0,
+        "with dma=all a DMA to ordinary guest RAM lands: {blocked:?}"
     );
 }

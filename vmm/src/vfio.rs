@@ -259,7 +259,7 @@ impl Passthrough {
                     })?;
                 bytes += r.len();
             }
-            tracing::info!(
+            tracing::warn!(
                 bytes,
                 ms = t.elapsed().as_millis() as u64,
                 "dma=all: guest RAM mapped (and pinned) in the IOMMU; lending is off: the window is lent whole and never moves, since a move would leave the IOMMU pointing at the old pages"
@@ -824,6 +824,8 @@ impl PciDevice for VfioPci {
             4..=9 => self.bar_read(reg),
             // No expansion ROM for the guest.
             12 => 0,
+            // Interrupt pin 0: INTx is not routed (devices use MSI), so none is offered.
+            15 => self.cfg_read(0x3c, 4) & !0xff00,
             _ if self.msi.is_some_and(|c| c.covers(reg)) => {
                 let cap = self.msi.expect("checked");
                 let v = cap.regs[reg - cap.offset / 4];
