@@ -420,6 +420,21 @@ struct Bar {
     mapped: bool,
 }
 
+/// A BAR register holding `raw`, as the guest reads it: the address bits a BAR of `size` bytes
+/// leaves writable (all ones written: the size mask), and its type bits. For the upper half of
+/// a 64-bit BAR, `size` is the whole BAR's.
+fn bar_register(kind: BarKind, flags: u32, size: u64, raw: u32) -> u32 {
+    match kind {
+        BarKind::None => 0,
+        BarKind::Upper => raw & !((size - 1) >> 32) as u32,
+        _ => {
+            let mask = !(size as u32).wrapping_sub(1);
+            let type_mask = if kind == BarKind::Io { 0x3 } else { 0xf };
+            (raw & mask & !type_mask) | flags
+        }
+    }
+}
+
 /// One passed-through PCI function.
 pub struct VfioPci {
     path: PathBuf,
@@ -716,15 +731,12 @@ impl VfioPci {
     /// leaves writable, and its type bits.
     fn bar_value(&self, reg: usize, raw: u32) -> u32 {
         let b = &self.bars[reg - 4];
-        match b.kind {
-            BarKind::None => 0,
-            BarKind::Upper => raw & !((self.bars[reg - 5].size - 1) >> 32) as u32,
-            _ => {
-                let mask = !(b.size as u32).wrapping_sub(1);
-                let type_mask = if b.kind == BarKind::Io { 0x3 } else { 0xf };
-                (raw & mask & !type_mask) | b.flags
-            }
-        }
+        let size = if b.kind == BarKind::Upper {
+            self.bars[reg - 5].size
+        } else {
+            b.size
+        };
+        bar_register(b.kind, b.flags, size, raw)
     }
 
     fn bar_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
@@ -870,5 +882,65 @@ impl BusDevice for BarTrap {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         self.dev.region_write(self.index, data, offset);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bars_size_like_hardware() {
+        // A 1 MiB 32-bit memory BAR: all ones reads back the size mask with the type bits.
+        assert_eq!(
+            bar_register(BarKind::Mem32, 0, 1 << 20, u32::MAX),
+            0xfff0_0000
+        );
+        assert_eq!(
+            bar_register(BarKind::Mem32, 0x8, 1 << 20, 0xe000_0000),
+            0xe000_0008
+        );
+        // The low bits of an address written are not kept.
+        assert_eq!(
+            bar_register(BarKind::Mem32, 0, 1 << 20, 0xe001_2345),
+            0xe000_0000
+        );
+        // A 64-bit BAR of 8 GiB: the upper half keeps only the bits above its size.
+        assert_eq!(
+            bar_register(BarKind::Upper, 0, 8 << 30, u32::MAX),
+            0xffff_fffe
+        );
+        // A 256-byte I/O BAR.
+        assert_eq!(bar_register(BarKind::Io, 1, 256, u32::MAX), 0xffff_ff01);
+        assert_eq!(bar_register(BarKind::None, 0, 0, u32::MAX), 0);
+    }
+
+    #[test]
+    fn msi_capability_keeps_read_only_bits_and_reports_the_message() {
+        // A 64-bit MSI capability at 0x40 without masking: ID 5, next 0, control 0x80.
+        let mut cap = MsiCap {
+            offset: 0x40,
+            is64: true,
+            regs: [0x0080_0005, 0, 0, 0, 0, 0],
+        };
+        assert_eq!(cap.len(), 16);
+        assert!(cap.covers(0x40 / 4) && cap.covers(0x4c / 4) && !cap.covers(0x50 / 4));
+        cap.write(0x44 / 4, 0, &0xfee0_1000u32.to_le_bytes());
+        cap.write(0x48 / 4, 0, &0u32.to_le_bytes());
+        cap.write(0x4c / 4, 0, &0x4025u16.to_le_bytes());
+        assert!(!cap.enabled());
+        // A guest writing the whole control word: only enable and MME stick.
+        cap.write(0x40 / 4, 2, &0xffffu16.to_le_bytes());
+        assert!(cap.enabled());
+        assert_eq!(cap.regs[0], 0x00f1_0005);
+        assert_eq!(
+            cap.message(),
+            MsiMessage {
+                address: 0xfee0_1000,
+                data: 0x4025
+            }
+        );
+        cap.write(0x40 / 4, 2, &0x0080u16.to_le_bytes());
+        assert!(!cap.enabled());
     }
 }
