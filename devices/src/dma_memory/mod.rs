@@ -215,7 +215,11 @@ impl DmaMemory {
             a.iommu
                 .map(base, host_addr, len as usize)
                 .map_err(DmaMemoryError::IommuAll)?;
-            tracing::info!(base, len, "dma=all: the whole window is mapped in the IOMMU");
+            tracing::info!(
+                base,
+                len,
+                "dma=all: the whole window is mapped in the IOMMU"
+            );
         }
         Ok(memory)
     }
@@ -398,7 +402,11 @@ impl DmaMemory {
 impl Owner {
     /// Why the window was lent whole, for errors.
     fn window_fixed_reason(&self) -> &'static str {
-        if self.iommu.as_ref().is_some_and(|a| a.policy == IommuPolicy::All) {
+        if self
+            .iommu
+            .as_ref()
+            .is_some_and(|a| a.policy == IommuPolicy::All)
+        {
             "dma=all: a passed-through device may DMA to all of it through the IOMMU, which a move would leave pointing at the old frames"
         } else if self.window.region().kernel_can_pin() {
             "it is lent whole: 1G huge pages cannot be remapped in pieces"

@@ -393,3 +393,132 @@ fn a_failed_long_term_pin_changes_nothing() {
         Err(DmaMemoryError::OutOfWindow { .. })
     ));
 }
+
+/// An IOMMU that records what is mapped, and can be told to refuse.
+#[derive(Default)]
+struct FakeIommu {
+    maps: std::sync::Mutex<Vec<(u64, usize, usize)>>,
+    refuse_map: AtomicBool,
+    refuse_unmap: AtomicBool,
+}
+
+impl Iommu for FakeIommu {
+    fn map(&self, iova: u64, host_addr: usize, len: usize) -> std::io::Result<()> {
+        if self.refuse_map.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.maps.lock().unwrap().push((iova, host_addr, len));
+        Ok(())
+    }
+    fn unmap(&self, iova: u64, len: usize) -> std::io::Result<()> {
+        if self.refuse_unmap.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+        }
+        let mut m = self.maps.lock().unwrap();
+        let i = m
+            .iter()
+            .position(|&(a, _, l)| a == iova && l == len)
+            .expect("unmap of exactly a mapped range");
+        m.remove(i);
+        Ok(())
+    }
+    fn mapped_bytes(&self) -> u64 {
+        self.maps.lock().unwrap().iter().map(|m| m.2 as u64).sum()
+    }
+}
+
+fn memory_with_iommu(
+    region_len: usize,
+    window_len: u64,
+    policy: IommuPolicy,
+) -> (DmaMemory, GuestMemoryHandle, Arc<FakeIommu>) {
+    let mem = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), MIB as usize),
+        (GuestAddress(BASE), window_len as usize),
+    ])
+    .unwrap();
+    let guest = GuestMemoryHandle::new(mem);
+    let region = Region::reserve(region_len, RegionBacking::Memfd).unwrap();
+    let iommu = Arc::new(FakeIommu::default());
+    let dma = DmaMemory::with_iommu(
+        region,
+        &guest,
+        BASE,
+        window_len,
+        Some(IommuAttachment {
+            iommu: iommu.clone(),
+            policy,
+        }),
+    )
+    .unwrap();
+    (dma, guest, iommu)
+}
+
+#[test]
+fn mapped_policy_maps_exactly_the_mapped_ranges_and_pins_them() {
+    let (dma, _guest, iommu) = memory_with_iommu(8 << 20, 16 * MIB, IommuPolicy::Mapped);
+    assert!(
+        iommu.maps.lock().unwrap().is_empty(),
+        "nothing DMA-able at start"
+    );
+    let gpa = BASE + 2 * MIB;
+    dma.map(gpa, MIB, FAILFAST).unwrap();
+    let host = dma.mappings()[0].host_addr as usize;
+    assert_eq!(*iommu.maps.lock().unwrap(), vec![(gpa, host, MIB as usize)]);
+    let page = dma.inner.window.page_of(gpa);
+    let state = dma.page_state(page).unwrap();
+    assert!(state.pinned(), "an IOMMU-mapped page is pinned long-term");
+    assert!(dma.iommu_maps_page(page));
+    assert!(!dma.iommu_maps_page(page + (MIB / PAGE) as usize));
+    let s = dma.iommu_stats();
+    assert_eq!((s.ranges, s.mapped_bytes, s.maps), (1, MIB, 1));
+    // Forced migration of every frame is refused with the reason: a mapping's frames hold.
+    let e = dma.migrate(2048).unwrap_err().to_string();
+    assert!(e.contains("mapped in the IOMMU"), "{e}");
+    // The rest of the window still moves: migrating the free frames works.
+    dma.migrate(64).unwrap();
+    assert_eq!(iommu.maps.lock().unwrap().len(), 1, "the mapping stayed");
+    // UNMAP takes it out of the IOMMU, then the pin goes.
+    dma.unmap(gpa, MIB).unwrap();
+    assert!(iommu.maps.lock().unwrap().is_empty());
+    assert!(!dma.page_state(page).unwrap().pinned());
+    assert_eq!(dma.iommu_stats().unmaps, 1);
+}
+
+#[test]
+fn an_iommu_that_refuses_leaves_no_trace() {
+    let (dma, _guest, iommu) = memory_with_iommu(8 << 20, 16 * MIB, IommuPolicy::Mapped);
+    let gpa = BASE + 4 * MIB;
+    iommu.refuse_map.store(true, Ordering::SeqCst);
+    let e = dma.map(gpa, MIB, FAILFAST).unwrap_err();
+    assert!(e.to_string().contains("IOMMU map"), "{e}");
+    assert!(dma.mappings().is_empty(), "a refused MAP changed nothing");
+    let page = dma.inner.window.page_of(gpa);
+    assert!(!dma.page_state(page).unwrap().pinned());
+    assert_eq!(dma.iommu_stats().map_failures, 1);
+    iommu.refuse_map.store(false, Ordering::SeqCst);
+    dma.map(gpa, MIB, FAILFAST).unwrap();
+    // An UNMAP the IOMMU refuses keeps the mapping whole: DMA may still reach it.
+    iommu.refuse_unmap.store(true, Ordering::SeqCst);
+    assert!(dma.unmap(gpa, MIB).is_err());
+    assert_eq!(dma.mappings().len(), 1);
+    assert!(dma.page_state(page).unwrap().pinned());
+    iommu.refuse_unmap.store(false, Ordering::SeqCst);
+    dma.unmap(gpa, MIB).unwrap();
+    assert!(dma.mappings().is_empty());
+}
+
+#[test]
+fn all_policy_maps_the_window_once_and_never_moves_it() {
+    let (dma, _guest, iommu) = memory_with_iommu(8 << 20, 16 * MIB, IommuPolicy::All);
+    let maps = iommu.maps.lock().unwrap().clone();
+    assert_eq!(maps.len(), 1);
+    assert_eq!((maps[0].0, maps[0].2), (BASE, 16 * MIB as usize));
+    let e = dma.migrate(1).unwrap_err().to_string();
+    assert!(e.contains("dma=all"), "{e}");
+    // MAPs are in place and add no IOMMU mapping: all of it is mapped already.
+    dma.map(BASE, 2 * MIB, FAILFAST).unwrap();
+    assert_eq!(iommu.maps.lock().unwrap().len(), 1);
+    dma.unmap(BASE, 2 * MIB).unwrap();
+    assert_eq!(iommu.maps.lock().unwrap().len(), 1);
+}
