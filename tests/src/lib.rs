@@ -512,6 +512,32 @@ fn tempfile(what: &str) -> PathBuf {
     std::env::temp_dir().join(format!("dmavisor-test-{}-{n}-{what}", std::process::id()))
 }
 
+/// The seed 001 scenario's two runs (the kernel's CMA heap, then virtio-dma), printed; returns
+/// the virtio-dma run, which must have run at least one loop.
+pub fn seed001_virtio_dma_run(g: &GuestRun) -> HashMap<String, String> {
+    let runs: Vec<_> = g
+        .results()
+        .into_iter()
+        .filter(|r| r.contains_key("loops"))
+        .collect();
+    assert_eq!(runs.len(), 2, "console:\n{}", g.console);
+    for r in &runs {
+        println!(
+            "{}: {} loops, {} failed; allocation p50 {} us, p99 {} us",
+            r["heap"], r["loops"], r["failed_loops"], r["p50_us"], r["p99_us"]
+        );
+    }
+    let ours = runs
+        .into_iter()
+        .find(|r| r["heap"].ends_with("virtio-dma"))
+        .expect("virtio-dma run");
+    assert!(
+        ours.get("loops").and_then(|l| l.parse::<u64>().ok()) >= Some(1),
+        "{ours:?}"
+    );
+    ours
+}
+
 /// A guest boot running one scenario of the guest init.
 pub struct Boot {
     pub scenario: &'static str,

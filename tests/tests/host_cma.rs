@@ -421,23 +421,7 @@ fn seed001_on_the_cma_region_has_no_failed_loops() {
     );
     let stat = json_after(&g, "STAT-DONE ");
     assert_eq!(stat["region"]["contiguity"], "VerifiedCmaArea", "{stat}");
-    let runs: Vec<_> = g
-        .results()
-        .into_iter()
-        .filter(|r| r.contains_key("loops"))
-        .collect();
-    assert_eq!(runs.len(), 2, "console:\n{}", g.console);
-    for r in &runs {
-        println!(
-            "{}: {} loops, {} failed; allocation p50 {} us, p99 {} us",
-            r["heap"], r["loops"], r["failed_loops"], r["p50_us"], r["p99_us"]
-        );
-    }
-    let ours = runs
-        .iter()
-        .find(|r| r["heap"].ends_with("virtio-dma"))
-        .expect("virtio-dma run");
-    assert!(n(ours, "loops") >= 1, "{ours:?}");
+    let ours = &integration_tests::seed001_virtio_dma_run(&g);
     assert_eq!(n(ours, "failed_loops"), 0, "{ours:?}");
     assert!(u(&stat["device"]["maps_ok"]) > 0, "{stat}");
 }

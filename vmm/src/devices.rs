@@ -32,6 +32,8 @@ pub struct DeviceManager {
     pub pio: Bus,
     pub mmio: Bus,
     next_virtio_slot: u32,
+    /// IOAPIC pins above this one are taken by PCI INTx lines (handed out from the top).
+    top_irq: u32,
 }
 
 impl DeviceManager {
@@ -40,7 +42,18 @@ impl DeviceManager {
             pio: Bus::new(),
             mmio: Bus::new(),
             next_virtio_slot: 0,
+            top_irq: IRQ_MAX,
         }
+    }
+
+    /// An IOAPIC pin for a PCI device's INTx line, from the top of the pins virtio devices
+    /// count up through; None when they meet.
+    pub fn take_pci_irq(&mut self) -> Option<u32> {
+        let pin = self.top_irq;
+        (pin >= VIRTIO_IRQ_BASE + self.next_virtio_slot + 1).then(|| {
+            self.top_irq -= 1;
+            pin
+        })
     }
 
     /// A legacy port-I/O device, with an optional interrupt line wired through `irq_evt`.
@@ -69,7 +82,7 @@ impl DeviceManager {
         transport: MmioTransport<D>,
     ) -> Result<(u64, u32), DeviceError> {
         let irq = VIRTIO_IRQ_BASE + self.next_virtio_slot;
-        if irq > IRQ_MAX {
+        if irq > self.top_irq {
             return Err(DeviceError::OutOfIrqs);
         }
         let base = VIRTIO_MMIO_BASE + u64::from(self.next_virtio_slot) * MMIO_DEVICE_SIZE;

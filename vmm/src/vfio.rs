@@ -32,6 +32,7 @@ use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioOps};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::mptable::PciIntx;
 use crate::config::{DeviceConfig, DmaPolicy};
 use crate::devices::DeviceManager;
 use crate::irq::{GsiRouter, MsiMessage};
@@ -105,6 +106,8 @@ pub struct Passthrough {
     policy: IommuPolicy,
     iommu: Arc<VfioIommu>,
     _devices: Vec<Arc<Mutex<VfioPci>>>,
+    /// The devices' INTx lines, for the MP table.
+    pub intx: Vec<PciIntx>,
 }
 
 /// The container as the DMA memory owner's IOMMU.
@@ -192,6 +195,7 @@ impl Passthrough {
         let mut next_io = BAR_IO_START;
         let mut next_slot = BAR_SLOT_BASE;
         let mut attached = Vec::new();
+        let mut intx = Vec::new();
         for (c, group) in configs.iter().zip(groups) {
             let dev = VfioDevice::new(&c.vfio, container.clone() as Arc<dyn VfioOps>, false)
                 .map_err(|source| match source {
@@ -225,12 +229,24 @@ impl Passthrough {
                 .add(pci_dev.clone())
                 .map_err(|e| VfioError::Bus(e.to_string()))?;
             {
-                let d = pci_dev.lock().unwrap_or_else(|e| e.into_inner());
+                let mut d = pci_dev.lock().unwrap_or_else(|e| e.into_inner());
+                match (d.intx_pin(), devices.take_pci_irq()) {
+                    (Some(pin), Some(ioapic_pin)) => {
+                        d.setup_intx(vm, ioapic_pin)?;
+                        intx.push((slot, pin, ioapic_pin as u8));
+                    }
+                    (Some(_), None) => tracing::warn!(
+                        device = %c.vfio.display(),
+                        "no IOAPIC pin left for the device's INTx line; it has MSI only"
+                    ),
+                    (None, _) => {}
+                }
                 tracing::info!(
                     device = %c.vfio.display(),
                     guest = format_args!("00:{slot:02x}.0"),
                     id = d.ids(),
-                    gsi = d.gsi,
+                    msi_gsi = d.gsi,
+                    intx = ?intx.last().filter(|l| l.0 == slot).map(|l| l.2),
                     bars = ?d.bars.iter().filter(|b| b.size > 0).map(|b| (b.index, format!("{:#x}+{:#x}", b.addr, b.size), b.mapped)).collect::<Vec<_>>(),
                     dma = ?c.dma,
                     "VFIO device passed through"
@@ -274,6 +290,7 @@ impl Passthrough {
             policy,
             iommu,
             _devices: attached,
+            intx,
         }))
     }
 
@@ -447,7 +464,22 @@ pub struct VfioPci {
     gsi: u32,
     msi_evt: EventFd,
     msi_enabled: bool,
+    /// The legacy INTx line, when the device has one and an IOAPIC pin was free.
+    intx: Option<Intx>,
 }
+
+/// A level-triggered INTx line: VFIO signals `trigger` and masks the line; KVM raises the
+/// IOAPIC pin, and at the guest's EOI signals `resample`, on which VFIO unmasks it.
+struct Intx {
+    trigger: EventFd,
+    resample: EventFd,
+    enabled: bool,
+    /// The interrupt line register (0x3c): the IOAPIC pin, as firmware writes it; the guest
+    /// may overwrite it (it is only a note for drivers).
+    line: u8,
+}
+
+const INTX: u32 = vfio_bindings::bindings::vfio::VFIO_PCI_INTX_IRQ_INDEX;
 
 /// The MSI capability, emulated: VFIO keeps the enable bit clear until MSI is enabled through
 /// its own interface, so the guest's view (control, address, data) lives here, and VFIO's
@@ -533,6 +565,7 @@ impl VfioPci {
             gsi,
             msi_evt,
             msi_enabled: false,
+            intx: None,
         };
         d.find_capabilities();
         d.read_bars();
@@ -761,8 +794,58 @@ impl VfioPci {
         }
     }
 
+    /// The device's interrupt pin (1..=4 for INTA..INTD), if VFIO offers its INTx.
+    fn intx_pin(&self) -> Option<u8> {
+        let pin = self.cfg_read(0x3d, 1) as u8;
+        let offered = self.dev.get_irq_info(INTX).is_some_and(|i| i.count > 0);
+        (1..=4).contains(&pin).then_some(pin).filter(|_| offered)
+    }
+
+    /// Wires the INTx line to IOAPIC pin `gsi` (level, with KVM's resample irqfd) and turns it
+    /// on; MSI takes over when the guest enables it.
+    fn setup_intx(&mut self, vm: &VmFd, gsi: u32) -> Result<(), VfioError> {
+        let evt = || {
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
+                VfioError::Irq(kvm_ioctls::Error::new(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                ))
+            })
+        };
+        let intx = Intx {
+            trigger: evt()?,
+            resample: evt()?,
+            enabled: false,
+            line: gsi as u8,
+        };
+        vm.register_irqfd_with_resample(&intx.trigger, &intx.resample, gsi)
+            .map_err(VfioError::Irq)?;
+        self.intx = Some(intx);
+        self.set_intx(true);
+        Ok(())
+    }
+
+    fn set_intx(&mut self, on: bool) {
+        let Some(intx) = self.intx.as_mut() else {
+            return;
+        };
+        if on == intx.enabled {
+            return;
+        }
+        let done = if on {
+            self.dev
+                .enable_irq(INTX, vec![&intx.trigger])
+                .and_then(|()| self.dev.set_irq_resample_fd(INTX, vec![&intx.resample]))
+        } else {
+            self.dev.disable_irq(INTX)
+        };
+        match done {
+            Ok(()) => intx.enabled = on,
+            Err(e) => tracing::error!("VFIO INTx {}: {e}", if on { "enable" } else { "disable" }),
+        }
+    }
+
     /// After a guest write into the MSI capability: point the GSI at the message and turn
-    /// VFIO's MSI trigger on or off to match the enable bit.
+    /// VFIO's MSI trigger on or off to match the enable bit (INTx is off while MSI is on).
     fn update_msi(&mut self) {
         let Some(cap) = self.msi else { return };
         if cap.enabled() {
@@ -777,6 +860,7 @@ impl VfioPci {
                 return;
             }
             if !self.msi_enabled {
+                self.set_intx(false);
                 match self.dev.enable_msi(vec![&self.msi_evt]) {
                     Ok(()) => self.msi_enabled = true,
                     Err(e) => tracing::error!("VFIO MSI enable: {e}"),
@@ -789,6 +873,7 @@ impl VfioPci {
             }
             let _ = self.router.clear(self.gsi);
             self.msi_enabled = false;
+            self.set_intx(true);
         }
     }
 
@@ -836,8 +921,11 @@ impl PciDevice for VfioPci {
             4..=9 => self.bar_read(reg),
             // No expansion ROM for the guest.
             12 => 0,
-            // Interrupt pin 0: INTx is not routed (devices use MSI), so none is offered.
-            15 => self.cfg_read(0x3c, 4) & !0xff00,
+            // Interrupt pin 0 when INTx is not wired (no free IOAPIC pin, or VFIO offers none).
+            15 => match &self.intx {
+                None => self.cfg_read(0x3c, 4) & !0xffff,
+                Some(intx) => (self.cfg_read(0x3c, 4) & !0xff) | u32::from(intx.line),
+            },
             _ if self.msi.is_some_and(|c| c.covers(reg)) => {
                 let cap = self.msi.expect("checked");
                 let v = cap.regs[reg - cap.offset / 4];
@@ -855,6 +943,11 @@ impl PciDevice for VfioPci {
         match reg {
             4..=9 => self.bar_write(reg, offset, data),
             12 => {}
+            15 if offset == 0 => {
+                if let Some(intx) = self.intx.as_mut() {
+                    intx.line = data[0];
+                }
+            }
             _ if self.msi.is_some_and(|c| c.covers(reg)) => {
                 if let Some(cap) = self.msi.as_mut() {
                     cap.write(reg, offset, data);

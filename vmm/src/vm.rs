@@ -227,7 +227,8 @@ impl Vm {
             &cmdline,
         )?;
         tracing::info!(?entry, cmdline = ?cmdline.as_cstring().ok(), elapsed = ?started.elapsed(), "kernel loaded");
-        mptable::setup(&mem, config.cpus)?;
+        let intx = passthrough.as_ref().map_or(&[][..], |p| &p.intx[..]);
+        mptable::setup(&mem, config.cpus, intx)?;
         regs::write_boot_tables(&mem, entry.mode)?;
 
         let supported = kvm

@@ -65,6 +65,10 @@ module_param(dev_buf_bytes, uint, 0644);
 MODULE_PARM_DESC(dev_buf_bytes,
 		 "Bytes of edu's 4 KiB buffer that transfers use (4096 only with a fixed QEMU)");
 
+static bool intx;
+module_param(intx, bool, 0444);
+MODULE_PARM_DESC(intx, "Use the legacy INTx line instead of MSI");
+
 static DEFINE_IDA(edu_ida);
 
 struct edu {
@@ -244,7 +248,7 @@ static long edu_ioctl_info(struct edu *edu, void __user *uarg)
 	struct edu_dma_info info = {
 		.ident = edu->ident,
 		.live_ok = edu->live_ok,
-		.msi_vectors = 1,
+		.msi_vectors = edu->pdev->msi_enabled ? 1 : 0,
 		.msi_selftest_ok = edu->msi_selftest_ok,
 		.interrupts = atomic64_read(&edu->interrupts),
 		.dmas = edu->dmas,
@@ -548,13 +552,13 @@ static int edu_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	if (ret)
 		goto put;
 
-	ret = pci_alloc_irq_vectors(pdev, 1, 1, PCI_IRQ_MSI);
+	ret = pci_alloc_irq_vectors(pdev, 1, 1, intx ? PCI_IRQ_INTX : PCI_IRQ_MSI);
 	if (ret < 0) {
-		dev_err_probe(dev, ret, "no MSI vector (the driver does not use INTx)\n");
+		dev_err_probe(dev, ret, "no %s interrupt\n", intx ? "INTx" : "MSI");
 		goto put;
 	}
 	edu->irq = pci_irq_vector(pdev, 0);
-	ret = request_irq(edu->irq, edu_irq, 0, "edu-dma", edu);
+	ret = request_irq(edu->irq, edu_irq, intx ? IRQF_SHARED : 0, "edu-dma", edu);
 	if (ret) {
 		dev_err_probe(dev, ret, "cannot request IRQ %d\n", edu->irq);
 		goto put;
@@ -576,8 +580,8 @@ static int edu_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		goto irq;
 	}
 	pci_set_drvdata(pdev, edu);
-	dev_info(dev, "edu %u.%u, BAR0 %pR, MSI IRQ %d%s: /dev/%s\n", edu->ident >> 24,
-		 (edu->ident >> 16) & 0xff, &pdev->resource[0], edu->irq,
+	dev_info(dev, "edu %u.%u, BAR0 %pR, %s IRQ %d%s: /dev/%s\n", edu->ident >> 24,
+		 (edu->ident >> 16) & 0xff, &pdev->resource[0], intx ? "INTx" : "MSI", edu->irq,
 		 edu->msi_selftest_ok ? "" : " (self-test interrupt lost)", edu->name);
 	return 0;
 

@@ -25,7 +25,17 @@ const IRQ_TYPE_INT: u8 = 0;
 const IRQ_TYPE_NMI: u8 = 1;
 const IRQ_TYPE_EXTINT: u8 = 3;
 const IRQ_FLAGS_CONFORMING: u16 = 0;
-const ISA_BUS_ID: u8 = 0;
+/// Linux matches an MP PCI interrupt entry's bus ID against the PCI bus number itself
+/// (`IO_APIC_get_PCI_irq_vector()`), so PCI bus 0 is MP bus 0 and ISA comes after it, as
+/// firmware lays it out.
+const PCI_BUS_ID: u8 = 0;
+const ISA_BUS_ID: u8 = 1;
+/// PCI INTx lines: active low, level triggered.
+const IRQ_FLAGS_PCI: u16 = 0x0f;
+
+/// A PCI device's INTx line wired to an IOAPIC pin: `(device number on bus 0, interrupt pin
+/// 1..=4 for INTA..INTD, IOAPIC pin)`.
+pub type PciIntx = (u8, u8, u8);
 const ALL_LOCAL_APICS: u8 = 0xff;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +50,9 @@ fn checksum(bytes: &[u8]) -> u8 {
     0u8.wrapping_sub(bytes.iter().fold(0u8, |a, &b| a.wrapping_add(b)))
 }
 
-/// The table for `num_cpus` vCPUs (APIC IDs 0..num_cpus), as it is written at `EBDA_START`.
-pub fn build(num_cpus: u8) -> Result<Vec<u8>, MpTableError> {
+/// The table for `num_cpus` vCPUs (APIC IDs 0..num_cpus), as it is written at `EBDA_START`,
+/// with PCI bus 0 and the INTx lines `pci` (their IOAPIC pins are not ISA interrupts).
+pub fn build(num_cpus: u8, pci: &[PciIntx]) -> Result<Vec<u8>, MpTableError> {
     let ioapic_id = num_cpus
         .checked_add(1)
         .ok_or(MpTableError::TooManyCpus(num_cpus))?;
@@ -55,15 +66,32 @@ pub fn build(num_cpus: u8) -> Result<Vec<u8>, MpTableError> {
         entries.extend([0u8; 8]);
         count += 1;
     }
+    entries.extend([ENTRY_BUS, PCI_BUS_ID]);
+    entries.extend(b"PCI   ");
     entries.extend([ENTRY_BUS, ISA_BUS_ID]);
     entries.extend(b"ISA   ");
     entries.extend([ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend(IOAPIC_ADDR.to_le_bytes());
-    count += 2;
+    count += 3;
     for irq in 0..=IRQ_MAX as u8 {
+        if pci.iter().any(|&(_, _, pin)| pin == irq) {
+            continue;
+        }
         entries.extend([ENTRY_INTSRC, IRQ_TYPE_INT]);
         entries.extend(IRQ_FLAGS_CONFORMING.to_le_bytes());
         entries.extend([ISA_BUS_ID, irq, ioapic_id, irq]);
+        count += 1;
+    }
+    for &(device, int_pin, ioapic_pin) in pci {
+        // Source bus IRQ: device number in bits 2..7, INTA..INTD as 0..3.
+        entries.extend([ENTRY_INTSRC, IRQ_TYPE_INT]);
+        entries.extend(IRQ_FLAGS_PCI.to_le_bytes());
+        entries.extend([
+            PCI_BUS_ID,
+            device << 2 | (int_pin - 1),
+            ioapic_id,
+            ioapic_pin,
+        ]);
         count += 1;
     }
     for (irq_type, lint) in [(IRQ_TYPE_EXTINT, 0u8), (IRQ_TYPE_NMI, 1u8)] {
@@ -107,8 +135,8 @@ pub fn build(num_cpus: u8) -> Result<Vec<u8>, MpTableError> {
 }
 
 /// Writes the MP table for `num_cpus` vCPUs into guest memory.
-pub fn setup(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), MpTableError> {
-    let bytes = build(num_cpus)?;
+pub fn setup(mem: &GuestMemoryMmap, num_cpus: u8, pci: &[PciIntx]) -> Result<(), MpTableError> {
+    let bytes = build(num_cpus, pci)?;
     mem.write_slice(&bytes, GuestAddress(EBDA_START))
         .map_err(MpTableError::Write)
 }
@@ -124,7 +152,7 @@ mod tests {
     #[test]
     fn checksums_and_cpu_entries() {
         for cpus in [1u8, 2, 32] {
-            let t = build(cpus).unwrap();
+            let t = build(cpus, &[]).unwrap();
             assert_eq!(&t[0..4], b"_MP_");
             assert_eq!(sum(&t[..16]), 0, "floating pointer checksum");
             let table = &t[16..];
@@ -146,6 +174,30 @@ mod tests {
 
     #[test]
     fn too_many_cpus_is_an_error() {
-        assert!(matches!(build(64), Err(MpTableError::TooManyCpus(64))));
+        assert!(matches!(build(64, &[]), Err(MpTableError::TooManyCpus(64))));
+    }
+
+    #[test]
+    fn a_pci_intx_line_takes_its_pin_from_the_isa_entries() {
+        let t = build(1, &[(1, 1, 23)]).unwrap();
+        let table = &t[16..];
+        let entries = &table[44 + 20..];
+        // 8-byte entries after the processor: buses, IOAPIC, interrupt sources, local sources.
+        let intsrc: Vec<&[u8]> = entries.chunks(8).filter(|e| e[0] == ENTRY_INTSRC).collect();
+        assert_eq!(
+            intsrc.len(),
+            IRQ_MAX as usize + 1,
+            "23 ISA lines and one PCI line"
+        );
+        let pci: Vec<_> = intsrc.iter().filter(|e| e[4] == PCI_BUS_ID).collect();
+        assert_eq!(pci.len(), 1);
+        // Device 1, INTA, level and active low, on IOAPIC pin 23.
+        assert_eq!(pci[0][5], 1 << 2);
+        assert_eq!(pci[0][7], 23);
+        assert_eq!(u16::from_le_bytes([pci[0][2], pci[0][3]]), IRQ_FLAGS_PCI);
+        assert!(!intsrc.iter().any(|e| e[4] == ISA_BUS_ID && e[7] == 23));
+        assert!(entries
+            .chunks(8)
+            .any(|e| e[0] == ENTRY_BUS && &e[2..8] == b"PCI   "));
     }
 }
