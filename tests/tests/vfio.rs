@@ -464,8 +464,7 @@ fn intx_carries_the_interrupts_of_a_guest_driver_without_msi() {
     let info = g
         .results()
         .into_iter()
-        .filter(|r| r.contains_key("edu_interrupts"))
-        .next_back()
+        .rfind(|r| r.contains_key("edu_interrupts"))
         .expect("edu info after the round trips");
     // One interrupt per transfer (two per round trip) and the self-test's, none lost.
     assert!(

@@ -50,7 +50,7 @@ impl DeviceManager {
     /// count up through; None when they meet.
     pub fn take_pci_irq(&mut self) -> Option<u32> {
         let pin = self.top_irq;
-        (pin >= VIRTIO_IRQ_BASE + self.next_virtio_slot + 1).then(|| {
+        (pin > VIRTIO_IRQ_BASE + self.next_virtio_slot).then(|| {
             self.top_irq -= 1;
             pin
         })
