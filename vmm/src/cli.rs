@@ -104,7 +104,8 @@ struct RunArgs {
     /// Serve the control API (JSON over this Unix socket; see `dmavisor stat`).
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
-    /// Turn on the control API's test commands (pin churn, long-term pins, forced migration).
+    /// Turn on the control API's test commands (pin churn, long-term pins, forced migration,
+    /// stalling the virtio-dma device).
     #[arg(long, requires = "api_sock")]
     test_commands: bool,
     /// The one file or block device that the `pin-churn` test command may overwrite.

@@ -147,6 +147,7 @@ impl ApiServer {
                 reply(Ok(UnpinLongtermReply { released, relent }))
             }
             Request::Migrate { frames } => reply(migrate(dma, frames)),
+            Request::DmaStall { on } => reply(dma_stall(dma, on)),
         }
     }
 
@@ -327,6 +328,24 @@ impl ApiServer {
             Err(_) => false,
         }
     }
+}
+
+fn dma_stall(dma: &DmaPath, on: u64) -> Result<DmaStallReply, String> {
+    let on = match on {
+        0 => false,
+        1 => true,
+        _ => {
+            return Err(format!(
+                "dma-stall on={on}: use on=1 (stall) or on=0 (answer again)"
+            ))
+        }
+    };
+    let was_stalled = dma.device.set_stalled(on);
+    tracing::info!(was_stalled, stalled = on, "virtio-dma: dma-stall");
+    Ok(DmaStallReply {
+        stalled: on,
+        was_stalled,
+    })
 }
 
 fn migrate(dma: &DmaPath, frames: u64) -> Result<MigrateReply, String> {

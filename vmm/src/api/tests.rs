@@ -47,6 +47,7 @@ fn stat_without_dma_path_and_bad_requests() {
         "{\"cmd\":\"pin-churn\"}",
         "{\"cmd\":\"migrate\",\"frames\":1}",
         "{\"cmd\":\"unpin-longterm\"}",
+        "{\"cmd\":\"dma-stall\",\"on\":1}",
     ] {
         let e = error_of(&server.answer(cmd));
         assert!(
@@ -75,6 +76,7 @@ fn test_commands_need_the_dma_path() {
         "{\"cmd\":\"pin-churn\"}",
         "{\"cmd\":\"pin-longterm\",\"gpa\":0,\"len\":1}",
         "{\"cmd\":\"migrate\",\"frames\":1}",
+        "{\"cmd\":\"dma-stall\",\"on\":0}",
     ] {
         let e = error_of(&server.answer(cmd));
         assert!(e.contains("needs the DMA path"), "{cmd}: {e}");
@@ -147,6 +149,7 @@ fn docs_api_md_is_in_step_with_the_types() {
         },
         Request::PinLongterm { gpa: 1, len: 1 },
         Request::Migrate { frames: 1 },
+        Request::DmaStall { on: 1 },
     ];
     let full_stat = StatReply {
         region: Some(RegionStat {
@@ -173,6 +176,7 @@ fn docs_api_md_is_in_step_with_the_types() {
             serde_json::to_value(PinLongtermReply::default()).unwrap(),
             serde_json::to_value(UnpinLongtermReply::default()).unwrap(),
             serde_json::to_value(MigrateReply::default()).unwrap(),
+            serde_json::to_value(DmaStallReply::default()).unwrap(),
             serde_json::to_value(ErrorReply {
                 error: String::new(),
             })

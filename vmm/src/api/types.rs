@@ -33,6 +33,9 @@ pub enum Request {
     UnpinLongterm,
     /// Test command: forces migrations of `frames` region frames.
     Migrate { frames: u64 },
+    /// Test command: `on=1` makes the virtio-dma device stop answering requests (they wait on
+    /// their queues), `on=0` makes it answer them.
+    DmaStall { on: u64 },
 }
 
 fn default_io_kib() -> u64 {
@@ -41,7 +44,7 @@ fn default_io_kib() -> u64 {
 
 impl Request {
     /// Every command name, in the order the docs list them.
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 8] = [
         "stat",
         "mappings",
         "pin-churn",
@@ -49,6 +52,7 @@ impl Request {
         "pin-longterm",
         "unpin-longterm",
         "migrate",
+        "dma-stall",
     ];
 
     /// The command's name on the wire.
@@ -61,6 +65,7 @@ impl Request {
             Request::PinLongterm { .. } => Self::NAMES[4],
             Request::UnpinLongterm => Self::NAMES[5],
             Request::Migrate { .. } => Self::NAMES[6],
+            Request::DmaStall { .. } => Self::NAMES[7],
         }
     }
 
@@ -260,6 +265,15 @@ pub struct PinLongtermReply {
 pub struct UnpinLongtermReply {
     pub released: u64,
     pub relent: u64,
+}
+
+/// The reply to `dma-stall`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DmaStallReply {
+    /// Whether the device is stalled now.
+    pub stalled: bool,
+    /// Whether it was before this request.
+    pub was_stalled: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -129,7 +129,13 @@ struct QueueWorker<M: DmaMapper> {
 impl<M: DmaMapper> QueueWorker<M> {
     fn serve(&mut self) {
         let mut served = 0;
-        while let Some((head, written)) = serve_chain(&self.handler, &self.guest, &mut self.queue) {
+        // While the host stalls the device, requests wait on the queue (a test of the driver's
+        // timeouts); the worker is woken when the stall ends.
+        while !self.handler.stalled() {
+            let Some((head, written)) = serve_chain(&self.handler, &self.guest, &mut self.queue)
+            else {
+                break;
+            };
             let mem = self.guest.memory();
             if let Err(e) = self.queue.add_used(&*mem, head, written) {
                 tracing::warn!("virtio-dma: returning request {head}: {e:?}");
@@ -266,6 +272,12 @@ impl<M: DmaMapper + 'static> VirtioDevice for Dma<M> {
             .map_err(|e| ActivateError::Device(e.to_string()))?
             .clone();
         self.workers.clear();
+        let kicks = queue_evts
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ActivateError::Device(format!("cloning the queue eventfds: {e}")))?;
+        handler.set_kicks(kicks);
         for (index, (queue, kick)) in queues.into_iter().zip(queue_evts).enumerate() {
             let name = if index == MAPQ {
                 "virtio-dma-map"
@@ -288,9 +300,11 @@ impl<M: DmaMapper + 'static> VirtioDevice for Dma<M> {
     }
 
     fn reset(&mut self) {
+        // Requests still on the queues (a stalled device's too) are dropped with them.
         self.workers.clear();
         // A reset driver has forgotten its mappings; so does the device.
         if let Ok(handler) = self.handler() {
+            handler.set_kicks(Vec::new());
             handler.unmap_all();
         }
     }
@@ -452,5 +466,42 @@ mod tests {
             serve(&mem, &[(0x8000, 32, F_NEXT), (0x1_0000_0000, 24, F_WRITE)]).0,
             0
         );
+    }
+
+    #[test]
+    fn a_stalled_device_keeps_requests_and_answers_them_when_the_stall_ends() {
+        let mem = mem_with(0x8000, &Request::encode(REQ_MAP, 0, 0x10_0000, 0x1000, 0));
+        let access = mem.memory();
+        let vq = MockSplitQueue::new(&*access, 16);
+        let raw = [(0x8000, 32, F_NEXT), (0x9000, 24, F_WRITE)]
+            .map(|(a, l, f)| RawDescriptor::from(SplitDescriptor::new(a, l, f, 0)));
+        vq.build_desc_chain(&raw).unwrap();
+        let queue: Queue = vq.create_queue().unwrap();
+        drop(access);
+        let handler = Arc::new(handler());
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        handler.set_kicks(vec![kick.try_clone().unwrap()]);
+        let mut worker = QueueWorker {
+            handler: handler.clone(),
+            guest: mem.clone(),
+            queue,
+            kick: kick.try_clone().unwrap(),
+            interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+        };
+        assert!(!handler.set_stalled(true));
+        worker.serve();
+        let used = |q: &Queue| q.used_idx(&*mem.memory(), std::sync::atomic::Ordering::Acquire);
+        assert_eq!(used(&worker.queue).unwrap().0, 0, "nothing answered");
+        assert_eq!(handler.stat().maps_ok, 0, "nothing carried out");
+        // Ending the stall wakes the worker through the queue's eventfd.
+        assert!(handler.set_stalled(false));
+        assert_eq!(kick.read().unwrap(), 1, "the worker was woken");
+        worker.serve();
+        assert_eq!(
+            used(&worker.queue).unwrap().0,
+            1,
+            "answered after the stall"
+        );
+        assert_eq!(handler.stat().maps_ok, 1);
     }
 }

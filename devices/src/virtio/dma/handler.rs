@@ -8,8 +8,11 @@
 //! UNMAP of a range still being mapped gets NOENT. UNMAP never waits on a MAP.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
 
 use super::protocol::{Config, Request, Response, Stat, Status, RESP_HOST_PHYS};
 use crate::dma_memory::{DmaMapper, MapError, MapOptions};
@@ -25,6 +28,10 @@ impl MapError {
             MapError::Io(_) => Status::IoErr,
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A guest range in the table: being placed, or mapped.
@@ -48,11 +55,22 @@ struct MappingTable {
     stat: Stat,
 }
 
+/// The host's test switch that makes the device stop answering (`dma-stall` in the control
+/// API): while it is on, the queue workers leave every request on its queue; turning it off
+/// wakes them, and they answer what waited.
+#[derive(Default)]
+struct Stall {
+    on: AtomicBool,
+    /// Clones of the queues' notification eventfds, to wake the workers when the stall ends.
+    kicks: Mutex<Vec<EventFd>>,
+}
+
 /// The device's request logic, shared by the queue workers.
 pub struct RequestHandler<M: DmaMapper> {
     config: Config,
     memory: M,
     table: Mutex<MappingTable>,
+    stall: Stall,
 }
 
 impl<M: DmaMapper> RequestHandler<M> {
@@ -64,7 +82,33 @@ impl<M: DmaMapper> RequestHandler<M> {
                 entries: BTreeMap::new(),
                 stat: Stat::default(),
             }),
+            stall: Stall::default(),
         }
+    }
+
+    /// Whether the device is stalled: its workers leave requests on their queues.
+    pub fn stalled(&self) -> bool {
+        self.stall.on.load(Ordering::Acquire)
+    }
+
+    /// Stalls the device, or ends the stall and wakes the queue workers so they answer the
+    /// requests that waited. Returns whether it was stalled before.
+    pub fn set_stalled(&self, on: bool) -> bool {
+        let was = self.stall.on.swap(on, Ordering::AcqRel);
+        if was && !on {
+            for kick in lock(&self.stall.kicks).iter() {
+                if let Err(e) = kick.write(1) {
+                    tracing::warn!("virtio-dma: waking a queue after a stall: {e}");
+                }
+            }
+        }
+        was
+    }
+
+    /// The queues' notification eventfds of the running device (none after a reset), for
+    /// [`Self::set_stalled`] to wake.
+    pub(super) fn set_kicks(&self, kicks: Vec<EventFd>) {
+        *lock(&self.stall.kicks) = kicks;
     }
 
     pub fn config(&self) -> &Config {
@@ -76,7 +120,7 @@ impl<M: DmaMapper> RequestHandler<M> {
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, MappingTable> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.table)
     }
 
     pub fn stat(&self) -> Stat {
