@@ -112,7 +112,7 @@ fn guest_finds_the_virtio_dma_device_with_a_window() {
     let g = info_guest();
     let ids = g.result("virtio_ids").unwrap_or_default();
     assert!(
-        ids.contains("0x0004") && ids.contains("0x00c8"),
+        ids.contains("0x0004") && ids.contains("0x003c"),
         "virtio IDs {ids:?}; console:\n{}",
         g.console
     );

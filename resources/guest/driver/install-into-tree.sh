@@ -31,7 +31,7 @@ config VIRTIO_DMA
 	bool "virtio-dma: host-contiguous DMA buffers from the guest's CMA area"
 	depends on VIRTIO && DMA_CMA && DMABUF_HEAPS
 	help
-	  Driver for dmavisor's virtio-dma device (device ID 200). Allocates
+	  Driver for dmavisor's virtio-dma device (device ID 60). Allocates
 	  buffers with cma_alloc() on the CMA area that is the VMM's DMA
 	  window, asks the host to back them with host-contiguous pinned
 	  memory, and exports them as the dma-buf heaps "virtio-dma" and

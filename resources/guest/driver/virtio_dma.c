@@ -32,7 +32,7 @@
 #include <linux/virtio_config.h>
 #include <linux/workqueue.h>
 
-#define VIRTIO_ID_DMA 200
+#define VIRTIO_ID_DMA 60
 
 #define VIRTIO_DMA_F_HOST_PHYS 0
 #define VIRTIO_DMA_F_DEADLINE 1

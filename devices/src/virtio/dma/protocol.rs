@@ -11,8 +11,14 @@ use std::mem::size_of;
 
 use vm_memory::{ByteValued, Le32, Le64};
 
-/// Not an assigned virtio ID; see docs/virtio-dma.md §1.
-pub const VIRTIO_ID_DMA: u32 = 200;
+/// The virtio device ID (docs/virtio-dma.md, Device ID): 60, not assigned by OASIS. Nonstandard
+/// IDs count down from 63, as crosvm's do (61-63 are crosvm's), so that the modern virtio-pci
+/// device ID `0x1040 + 60 = 0x107c` stays inside the range Linux's virtio-pci accepts
+/// (0x1040..=0x107f, virtio IDs 0..=63).
+pub const VIRTIO_ID_DMA: u32 = 60;
+
+// Usable on virtio-pci as well as virtio-mmio.
+const _: () = assert!(VIRTIO_ID_DMA <= 0x7f - 0x40);
 
 pub const MAPQ: usize = 0;
 pub const CTRLQ: usize = 1;
