@@ -89,8 +89,9 @@ struct RunArgs {
     #[arg(long = "dma-window", value_name = "size=SIZE", value_parser = parse_size_option("--dma-window"))]
     dma_window: Option<ByteSize>,
     /// The host contiguous region behind DMA mappings, e.g. size=128M,backing=hugetlb
-    /// (backing: auto, dma-heap, hugetlb-1g, hugetlb, memfd; default: the window's size, auto).
-    #[arg(long, value_name = "size=SIZE,backing=KIND", value_parser = parse_region)]
+    /// (backing: auto, dma-heap, hugetlb-1g, hugetlb, memfd; default: the window's size, auto);
+    /// host-phys=on tells the guest the host-physical address of each mapping (default off).
+    #[arg(long, value_name = "size=SIZE,backing=KIND,host-phys=on|off", value_parser = parse_region)]
     region: Option<RegionArg>,
     /// Pass a host PCI device bound to vfio-pci through to the guest (repeatable), e.g.
     /// vfio=/sys/bus/pci/devices/0000:00:04.0,dma=mapped. dma=mapped (default): the device may
@@ -118,6 +119,7 @@ struct RunArgs {
 struct RegionArg {
     size: Option<ByteSize>,
     backing: Option<RegionBacking>,
+    host_phys: Option<bool>,
 }
 
 fn parse_region(s: &str) -> Result<RegionArg, String> {
@@ -126,9 +128,11 @@ fn parse_region(s: &str) -> Result<RegionArg, String> {
         match part.split_once('=') {
             Some(("size", v)) => arg.size = Some(v.parse::<ByteSize>().map_err(|e| e.to_string())?),
             Some(("backing", v)) => arg.backing = Some(v.parse()?),
+            Some(("host-phys", "on")) => arg.host_phys = Some(true),
+            Some(("host-phys", "off")) => arg.host_phys = Some(false),
             _ => {
                 return Err(format!(
-                    "`{part}` in --region {s}: the accepted form is --region size=SIZE,backing=auto|dma-heap|hugetlb-1g|hugetlb|memfd"
+                    "`{part}` in --region {s}: the accepted form is --region size=SIZE,backing=auto|dma-heap|hugetlb-1g|hugetlb|memfd,host-phys=on|off"
                 ))
             }
         }
@@ -236,6 +240,9 @@ impl RunArgs {
             if let Some(backing) = r.backing {
                 config.region.backing = backing;
             }
+            if let Some(host_phys) = r.host_phys {
+                config.region.host_phys = host_phys;
+            }
         }
         Ok(config)
     }
@@ -286,6 +293,24 @@ mod tests {
         assert!(parse_region("sise=1G")
             .unwrap_err()
             .contains("size=SIZE,backing="));
+        assert_eq!(parse_region("size=64M").unwrap().host_phys, None);
+        assert_eq!(
+            parse_region("backing=hugetlb,host-phys=on")
+                .unwrap()
+                .host_phys,
+            Some(true)
+        );
+        assert_eq!(
+            parse_region("host-phys=off").unwrap().host_phys,
+            Some(false)
+        );
+        assert!(parse_region("host-phys=yes")
+            .unwrap_err()
+            .contains("host-phys=on|off"));
+        assert!(
+            !crate::config::RegionConfig::default().host_phys,
+            "off by default"
+        );
     }
 
     #[test]

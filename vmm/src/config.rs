@@ -168,6 +168,11 @@ pub struct RegionConfig {
     pub size: Option<ByteSize>,
     #[serde(default)]
     pub backing: RegionBacking,
+    /// Offer the guest host-physical addresses of its mappings (virtio-dma's
+    /// `VIRTIO_DMA_F_HOST_PHYS`, when the region knows them); off by default: it tells the
+    /// guest where its memory is on the host (docs/virtio-dma.md, Security Considerations).
+    #[serde(default)]
+    pub host_phys: bool,
 }
 
 /// Which guest memory a passed-through device may DMA to.

@@ -171,6 +171,7 @@ pub fn attach_device(
     iommu: Option<IommuAttachment>,
 ) -> Result<DmaSlot, DmaError> {
     precheck(&region_config, window.1)?;
+    let offer_host_phys = region_config.host_phys;
     let owner_guest = guest.clone();
     let slot = DmaSlot::default();
     let published = slot.clone();
@@ -185,7 +186,7 @@ pub fn attach_device(
             Ok(path.device)
         })
         .map_err(DmaError::Io)?;
-    let device = Dma::deferred(build);
+    let device = Dma::deferred(build, offer_host_phys);
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DmaError::Io)?;
     let transport = MmioTransport::new(device, guest.clone(), irq).map_err(DmaError::Io)?;
     let (mmio, gsi) = devices.add_virtio_mmio(vm, cmdline, transport)?;

@@ -31,6 +31,9 @@ pub struct Placement {
     /// Host-physical address if `host_phys`, else the offset in the region.
     pub host_addr: u64,
     pub host_phys: bool,
+    /// The offset in the region, always (what a device tells a guest that may not learn
+    /// host-physical addresses).
+    pub region_offset: u64,
     /// Index of the host-contiguous extent that holds the mapping.
     pub extent: u64,
     /// Bytes of other occupants moved to make room.
@@ -192,6 +195,7 @@ impl Owner {
         Placement {
             host_addr: alloc.phys_addr().unwrap_or(alloc.offset() as u64),
             host_phys: alloc.phys_addr().is_some(),
+            region_offset: alloc.offset() as u64,
             extent: alloc.extent() as u64,
             bytes_migrated: alloc.migrated_frames() as u64 * self.window.page as u64 + copied,
         }

@@ -92,12 +92,14 @@ fn write_reply(guest: &GuestMemoryHandle, writable: &[(GuestAddress, u32)], out:
     done as u32
 }
 
-/// Serves one descriptor chain of `queue`: decodes it, carries it out and writes the answer.
-/// Returns the head index and the bytes written, or `None` when the queue is empty.
+/// Serves one descriptor chain of `queue` for a driver that negotiated `features`: decodes
+/// it, carries it out and writes the answer. Returns the head index and the bytes written, or
+/// `None` when the queue is empty.
 pub fn serve_chain<M: DmaMapper>(
     handler: &RequestHandler<M>,
     guest: &GuestMemoryHandle,
     queue: &mut Queue,
+    features: u64,
 ) -> Option<(u16, u32)> {
     let decoded = decode_next(queue, guest)?;
     let room: u64 = decoded.writable.iter().map(|&(_, l)| u64::from(l)).sum();
@@ -107,7 +109,7 @@ pub fn serve_chain<M: DmaMapper>(
     // No guard is held here: a MAP may move guest pages.
     let (response, stat) = match decoded.request {
         Ok(req) if room < req.response_len() as u64 => (Response::status(Status::Inval), None),
-        Ok(req) => handler.handle(req),
+        Ok(req) => handler.handle(req, features),
         Err(status) => (Response::status(status), None),
     };
     let mut out = response.encode().to_vec();
@@ -120,6 +122,8 @@ pub fn serve_chain<M: DmaMapper>(
 /// One queue's worker: serves the queue each time the driver notifies it.
 struct QueueWorker<M: DmaMapper> {
     handler: Arc<RequestHandler<M>>,
+    /// The features the driver negotiated.
+    features: u64,
     guest: GuestMemoryHandle,
     queue: Queue,
     kick: EventFd,
@@ -132,7 +136,8 @@ impl<M: DmaMapper> QueueWorker<M> {
         // While the host stalls the device, requests wait on the queue (a test of the driver's
         // timeouts); the worker is woken when the stall ends.
         while !self.handler.stalled() {
-            let Some((head, written)) = serve_chain(&self.handler, &self.guest, &mut self.queue)
+            let Some((head, written)) =
+                serve_chain(&self.handler, &self.guest, &mut self.queue, self.features)
             else {
                 break;
             };
@@ -181,19 +186,30 @@ type HandlerResult<M> = Result<Arc<RequestHandler<M>>, String>;
 pub struct Dma<M: DmaMapper + 'static> {
     pending: std::sync::Mutex<Option<JoinHandle<HandlerResult<M>>>>,
     handler: std::sync::OnceLock<HandlerResult<M>>,
+    /// Whether the host allows `VIRTIO_DMA_F_HOST_PHYS` (off unless asked for: it tells the
+    /// guest where its memory is on the host).
+    offer_host_phys: bool,
     acked: u64,
     workers: Vec<Worker>,
 }
 
 impl<M: DmaMapper + 'static> Dma<M> {
-    /// A device whose request handler `build` is still making.
-    pub fn deferred(build: JoinHandle<HandlerResult<M>>) -> Self {
+    /// A device whose request handler `build` is still making. It offers
+    /// `VIRTIO_DMA_F_HOST_PHYS` only if `offer_host_phys` and the region knows its physical
+    /// addresses.
+    pub fn deferred(build: JoinHandle<HandlerResult<M>>, offer_host_phys: bool) -> Self {
         Self {
             pending: std::sync::Mutex::new(Some(build)),
             handler: std::sync::OnceLock::new(),
+            offer_host_phys,
             acked: 0,
             workers: Vec::new(),
         }
+    }
+
+    /// The features the driver acked and the device offered: what the device honours.
+    fn negotiated(&self) -> u64 {
+        self.acked & self.device_features()
     }
 
     /// The request handler, waiting for it if it is still being built.
@@ -228,7 +244,7 @@ impl<M: DmaMapper + 'static> VirtioDevice for Dma<M> {
     }
     fn device_features(&self) -> u64 {
         let phys = match self.handler() {
-            Ok(h) if h.memory().host_phys() => F_HOST_PHYS,
+            Ok(h) if self.offer_host_phys && h.memory().host_phys() => F_HOST_PHYS,
             _ => 0,
         };
         VIRTIO_F_VERSION_1 | F_DEADLINE | F_DISCARD | phys
@@ -278,6 +294,7 @@ impl<M: DmaMapper + 'static> VirtioDevice for Dma<M> {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ActivateError::Device(format!("cloning the queue eventfds: {e}")))?;
         handler.set_kicks(kicks);
+        let features = self.negotiated();
         for (index, (queue, kick)) in queues.into_iter().zip(queue_evts).enumerate() {
             let name = if index == MAPQ {
                 "virtio-dma-map"
@@ -287,6 +304,7 @@ impl<M: DmaMapper + 'static> VirtioDevice for Dma<M> {
             debug_assert!(index == MAPQ || index == CTRLQ);
             let worker = QueueWorker {
                 handler: handler.clone(),
+                features,
                 guest: guest.clone(),
                 queue,
                 kick,
@@ -322,6 +340,7 @@ mod tests {
 
     const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
     const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const ALL_FEATURES: u64 = VIRTIO_F_VERSION_1 | F_HOST_PHYS | F_DEADLINE | F_DISCARD;
 
     /// Places every MAP at host-physical 0x1000 in extent 3.
     struct FixedPlacement;
@@ -330,6 +349,7 @@ mod tests {
             Ok(Placement {
                 host_addr: 0x1000,
                 host_phys: true,
+                region_offset: 0x3000,
                 extent: 3,
                 bytes_migrated: 0,
             })
@@ -367,7 +387,7 @@ mod tests {
         vq.build_desc_chain(&raw).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         drop(mem);
-        let (_, written) = serve_chain(&handler(), guest, &mut q).unwrap();
+        let (_, written) = serve_chain(&handler(), guest, &mut q, ALL_FEATURES).unwrap();
         let mem = guest.memory();
         let resp_at = descs.iter().find(|d| d.2 & F_WRITE != 0).map_or(0, |d| d.0);
         let mut b = [0xffu8; RESP_SIZE];
@@ -449,7 +469,7 @@ mod tests {
         let mut q: Queue = vq.create_queue().unwrap();
         drop(access);
         let handler = handler();
-        serve_chain(&handler, &mem, &mut q).unwrap();
+        serve_chain(&handler, &mem, &mut q, ALL_FEATURES).unwrap();
         assert_eq!(handler.stat().mappings, 0, "a looping chain maps nothing");
     }
 
@@ -483,6 +503,7 @@ mod tests {
         handler.set_kicks(vec![kick.try_clone().unwrap()]);
         let mut worker = QueueWorker {
             handler: handler.clone(),
+            features: ALL_FEATURES,
             guest: mem.clone(),
             queue,
             kick: kick.try_clone().unwrap(),

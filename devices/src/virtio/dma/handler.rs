@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::protocol::{Config, Request, Response, Stat, Status, RESP_HOST_PHYS};
+use super::protocol::{Config, Request, Response, Stat, Status, F_HOST_PHYS, RESP_HOST_PHYS};
 use crate::dma_memory::{DmaMapper, MapError, MapOptions};
 
 impl MapError {
@@ -141,8 +141,13 @@ impl<M: DmaMapper> RequestHandler<M> {
         Ok(())
     }
 
-    /// Carries out one request; for STAT also returns the counters.
-    pub fn handle(&self, req: Request) -> (Response, Option<Stat>) {
+    /// Carries out one request of a driver that negotiated `features`; for STAT also returns
+    /// the counters. A request relying on a feature that was not negotiated is `INVAL` and
+    /// changes nothing.
+    pub fn handle(&self, req: Request, features: u64) -> (Response, Option<Stat>) {
+        if req.required_features() & !features != 0 {
+            return (Response::status(Status::Inval), None);
+        }
         match req {
             Request::Map {
                 gpa,
@@ -156,14 +161,16 @@ impl<M: DmaMapper> RequestHandler<M> {
                     discard,
                     deadline: Duration::from_millis(u64::from(deadline_ms)),
                 };
-                (self.map(gpa, len, opts), None)
+                (self.map(gpa, len, opts, features & F_HOST_PHYS != 0), None)
             }
             Request::Unmap { gpa, len, .. } => (self.unmap(gpa, len), None),
             Request::Stat => (Response::status(Status::Ok), Some(self.stat())),
         }
     }
 
-    fn map(&self, gpa: u64, len: u64, opts: MapOptions) -> Response {
+    /// MAP; the response names a host-physical address only if the driver negotiated
+    /// `VIRTIO_DMA_F_HOST_PHYS` (`host_phys`), and the region offset otherwise.
+    fn map(&self, gpa: u64, len: u64, opts: MapOptions, host_phys: bool) -> Response {
         let fail = |table: &mut MappingTable, status: Status| {
             table.stat.maps_failed += 1;
             match status {
@@ -204,14 +211,15 @@ impl<M: DmaMapper> RequestHandler<M> {
                 table.stat.mappings += 1;
                 table.stat.mapped_bytes += len;
                 table.stat.bytes_migrated += placement.bytes_migrated;
+                let (flags, host_addr) = if host_phys && placement.host_phys {
+                    (RESP_HOST_PHYS, placement.host_addr)
+                } else {
+                    (0, placement.region_offset)
+                };
                 Response {
                     status: Status::Ok as u32,
-                    flags: if placement.host_phys {
-                        RESP_HOST_PHYS
-                    } else {
-                        0
-                    },
-                    host_addr: placement.host_addr,
+                    flags,
+                    host_addr,
                     extent: placement.extent,
                 }
             }
@@ -268,22 +276,44 @@ impl<M: DmaMapper> RequestHandler<M> {
 mod tests {
     use super::*;
     use crate::dma_memory::Placement;
-    use crate::virtio::dma::protocol::{MAP_FAILFAST, REQ_MAP, REQ_STAT, REQ_UNMAP};
+    use crate::virtio::dma::protocol::{
+        F_DEADLINE, F_DISCARD, MAP_DISCARD, MAP_FAILFAST, REQ_MAP, REQ_STAT, REQ_UNMAP,
+    };
     use std::sync::atomic::{AtomicU64, Ordering};
 
     const BASE: u64 = 0x2000_0000;
     const MIB: u64 = 1 << 20;
 
-    /// Places mappings bump-style in a 16 MiB "region" and fails on command.
+    /// Where [`BumpMapper`]'s "region" is on the host.
+    const PHYS_BASE: u64 = 0x1_4000_0000;
+
+    /// Places mappings bump-style in a 16 MiB "region" whose host-physical addresses it knows,
+    /// fails on command, and can hold a MAP until told to go on.
     #[derive(Default)]
     struct BumpMapper {
         next: AtomicU64,
         fail_with: Mutex<Option<MapError>>,
         unmapped: Mutex<Vec<(u64, u64)>>,
+        last_opts: Mutex<Option<MapOptions>>,
+        /// While true, MAP waits (a placement that takes long).
+        hold: (Mutex<bool>, std::sync::Condvar),
+    }
+
+    impl BumpMapper {
+        fn set_hold(&self, on: bool) {
+            *self.hold.0.lock().unwrap() = on;
+            self.hold.1.notify_all();
+        }
     }
 
     impl DmaMapper for BumpMapper {
-        fn map(&self, _gpa: u64, len: u64, _o: MapOptions) -> Result<Placement, MapError> {
+        fn map(&self, _gpa: u64, len: u64, o: MapOptions) -> Result<Placement, MapError> {
+            *self.last_opts.lock().unwrap() = Some(o);
+            let mut held = self.hold.0.lock().unwrap();
+            while *held {
+                held = self.hold.1.wait(held).unwrap();
+            }
+            drop(held);
             if let Some(e) = self.fail_with.lock().unwrap().clone() {
                 return Err(e);
             }
@@ -292,8 +322,9 @@ mod tests {
                 return Err(MapError::NoMem);
             }
             Ok(Placement {
-                host_addr: at,
-                host_phys: false,
+                host_addr: PHYS_BASE + at,
+                host_phys: true,
+                region_offset: at,
                 extent: 0,
                 bytes_migrated: 0,
             })
@@ -303,7 +334,7 @@ mod tests {
             Ok(())
         }
         fn host_phys(&self) -> bool {
-            false
+            true
         }
     }
 
@@ -323,10 +354,110 @@ mod tests {
 
     fn send(c: &RequestHandler<BumpMapper>, kind: u32, flags: u32, gpa: u64, len: u64) -> u32 {
         let req = Request::parse(&Request::encode(kind, flags, gpa, len, 0)).unwrap();
-        c.handle(req).0.status
+        c.handle(req, ALL).0.status
     }
 
     const OK: u32 = Status::Ok as u32;
+    const ALL: u64 = F_HOST_PHYS | F_DEADLINE | F_DISCARD;
+
+    fn request(kind: u32, flags: u32, gpa: u64, len: u64, deadline_ms: u32) -> Request {
+        Request::parse(&Request::encode(kind, flags, gpa, len, deadline_ms)).unwrap()
+    }
+
+    #[test]
+    fn discard_without_f_discard_is_inval_and_changes_nothing() {
+        let c = handler();
+        let no_discard = ALL & !F_DISCARD;
+        let map = request(REQ_MAP, MAP_DISCARD, BASE, MIB, 0);
+        assert_eq!(c.handle(map, no_discard).0.status, Status::Inval as u32);
+        assert!(
+            c.memory.last_opts.lock().unwrap().is_none(),
+            "nothing placed"
+        );
+        assert_eq!(c.stat().mappings, 0);
+        assert_eq!(send(&c, REQ_MAP, 0, BASE, MIB), OK);
+        let unmap = request(REQ_UNMAP, MAP_DISCARD, BASE, MIB, 0);
+        assert_eq!(c.handle(unmap, no_discard).0.status, Status::Inval as u32);
+        assert_eq!(c.stat().mappings, 1, "the mapping is still there");
+        assert!(c.memory.unmapped.lock().unwrap().is_empty());
+        // With the feature, the same requests are fine.
+        assert_eq!(c.handle(unmap, ALL).0.status, OK);
+        assert_eq!(c.handle(map, ALL).0.status, OK);
+        assert!(c.memory.last_opts.lock().unwrap().unwrap().discard);
+    }
+
+    #[test]
+    fn deadline_without_f_deadline_is_inval_and_changes_nothing() {
+        let c = handler();
+        let no_deadline = ALL & !F_DEADLINE;
+        let map = request(REQ_MAP, 0, BASE, MIB, 50);
+        assert_eq!(c.handle(map, no_deadline).0.status, Status::Inval as u32);
+        assert!(
+            c.memory.last_opts.lock().unwrap().is_none(),
+            "nothing placed"
+        );
+        // deadline_ms 0 needs no feature: one sweep.
+        let once = request(REQ_MAP, 0, BASE, MIB, 0);
+        assert_eq!(c.handle(once, no_deadline).0.status, OK);
+        let opts = c.memory.last_opts.lock().unwrap().unwrap();
+        assert_eq!((opts.failfast, opts.deadline), (false, Duration::ZERO));
+        // With the feature, the deadline reaches the placement.
+        let map = request(REQ_MAP, 0, BASE + MIB, MIB, 50);
+        assert_eq!(c.handle(map, ALL).0.status, OK);
+        let opts = c.memory.last_opts.lock().unwrap().unwrap();
+        assert_eq!(opts.deadline, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn map_response_carries_no_host_physical_address_without_f_host_phys() {
+        let c = handler();
+        let (r, _) = c.handle(request(REQ_MAP, 0, BASE, MIB, 0), ALL & !F_HOST_PHYS);
+        assert_eq!(
+            (r.status, r.flags, r.host_addr),
+            (OK, 0, 0),
+            "the region offset"
+        );
+        let (r, _) = c.handle(request(REQ_MAP, 0, BASE + MIB, MIB, 0), ALL & !F_HOST_PHYS);
+        assert_eq!((r.status, r.flags, r.host_addr), (OK, 0, MIB));
+        // With the feature: the host-physical address, flagged.
+        let (r, _) = c.handle(request(REQ_MAP, 0, BASE + 2 * MIB, MIB, 0), ALL);
+        assert_eq!(
+            (r.status, r.flags, r.host_addr),
+            (OK, RESP_HOST_PHYS, PHYS_BASE + 2 * MIB)
+        );
+    }
+
+    #[test]
+    fn a_range_being_mapped_is_exists_to_map_and_noent_to_unmap_and_unmap_never_waits() {
+        let c = std::sync::Arc::new(handler());
+        assert_eq!(send(&c, REQ_MAP, 0, BASE + 8 * MIB, MIB), OK);
+        c.memory.set_hold(true);
+        let slow = {
+            let c = c.clone();
+            std::thread::spawn(move || send(&c, REQ_MAP, 0, BASE, 2 * MIB))
+        };
+        // Wait until the slow MAP has reserved its range (it then waits in the placement).
+        while !c.table().entries.contains_key(&BASE) {
+            std::thread::yield_now();
+        }
+        assert_eq!(
+            send(&c, REQ_MAP, 0, BASE + MIB, MIB),
+            Status::Exists as u32,
+            "overlaps the range being mapped"
+        );
+        assert_eq!(
+            send(&c, REQ_UNMAP, 0, BASE, 2 * MIB),
+            Status::NoEnt as u32,
+            "not mapped yet"
+        );
+        // UNMAP and STAT of everything else go on while the MAP waits.
+        assert_eq!(send(&c, REQ_UNMAP, 0, BASE + 8 * MIB, MIB), OK);
+        assert_eq!(send(&c, REQ_STAT, 0, 0, 0), OK);
+        assert!(!slow.is_finished(), "the MAP was still waiting all along");
+        c.memory.set_hold(false);
+        assert_eq!(slow.join().unwrap(), OK);
+        assert_eq!(send(&c, REQ_UNMAP, 0, BASE, 2 * MIB), OK);
+    }
 
     #[test]
     fn map_then_unmap() {
@@ -463,7 +594,10 @@ mod tests {
         let c = handler();
         send(&c, REQ_MAP, 0, BASE, MIB);
         send(&c, REQ_MAP, 0, BASE + MIB, MIB);
-        let (r, s) = c.handle(Request::parse(&Request::encode(REQ_STAT, 0, 0, 0, 0)).unwrap());
+        let (r, s) = c.handle(
+            Request::parse(&Request::encode(REQ_STAT, 0, 0, 0, 0)).unwrap(),
+            ALL,
+        );
         assert_eq!(r.status, OK);
         assert_eq!(s.unwrap().mapped_bytes, 2 * MIB);
         c.unmap_all();

@@ -6,6 +6,8 @@
 mod device;
 mod handler;
 pub mod protocol;
+#[cfg(test)]
+mod requirements;
 
 pub use device::{serve_chain, Dma};
 pub use handler::RequestHandler;

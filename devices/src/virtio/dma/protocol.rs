@@ -227,6 +227,22 @@ impl Request {
         }
     }
 
+    /// The device features a request relies on: `DISCARD` needs `VIRTIO_DMA_F_DISCARD`, a
+    /// nonzero `deadline_ms` needs `VIRTIO_DMA_F_DEADLINE`. A request relying on one that was
+    /// not negotiated is `INVAL` (docs/virtio-dma.md, Device Requirements).
+    pub fn required_features(&self) -> u64 {
+        let (discard, deadline_ms) = match *self {
+            Request::Map {
+                discard,
+                deadline_ms,
+                ..
+            } => (discard, deadline_ms),
+            Request::Unmap { discard, .. } => (discard, 0),
+            Request::Stat => (false, 0),
+        };
+        (if discard { F_DISCARD } else { 0 }) | (if deadline_ms != 0 { F_DEADLINE } else { 0 })
+    }
+
     /// The response bytes a request of this kind needs.
     pub fn response_len(&self) -> usize {
         match self {
