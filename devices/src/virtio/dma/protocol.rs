@@ -71,7 +71,7 @@ fn from_bytes<T: ByteValued, const N: usize>(b: &[u8; N]) -> T {
     v
 }
 
-/// `struct virtio_dma_req` (docs/virtio-dma.md §5): the device-readable request header, as the
+/// `struct virtio_dma_req` (docs/virtio-dma.md §6.1): the device-readable request header, as the
 /// guest wrote it. Nothing in it is checked yet; [`Request::from_header`] does that.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -105,7 +105,7 @@ impl RequestHeader {
     }
 }
 
-/// `struct virtio_dma_resp` (docs/virtio-dma.md §5): the wire form of [`Response`].
+/// `struct virtio_dma_resp` (docs/virtio-dma.md §6.1): the wire form of [`Response`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WireResponse {
@@ -119,7 +119,7 @@ pub struct WireResponse {
 // and filling the struct exactly (asserted above): no padding.
 unsafe impl ByteValued for WireResponse {}
 
-/// `struct virtio_dma_stat` (docs/virtio-dma.md §5): the wire form of [`Stat`].
+/// `struct virtio_dma_stat` (docs/virtio-dma.md §6.4): the wire form of [`Stat`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WireStat {
@@ -419,7 +419,7 @@ mod tests {
     #[test]
     fn layouts_match_the_documented_offsets() {
         use std::mem::offset_of;
-        // docs/virtio-dma.md §5, struct virtio_dma_req.
+        // docs/virtio-dma.md §6.1, struct virtio_dma_req.
         assert_eq!(
             [
                 offset_of!(RequestHeader, kind),
