@@ -128,5 +128,8 @@ pub fn summary(v: &StatReply) -> String {
         d.window_base, mib(d.window_size), d.granule, d.mappings, mib(d.mapped_bytes),
         d.maps_ok, d.maps_failed, d.maps_busy, d.maps_timeout, d.unmaps,
     );
+    if d.stalled {
+        out += "virtio-dma: STALLED (dma-stall on=1): requests wait unanswered\n";
+    }
     out
 }

@@ -314,6 +314,7 @@ impl ApiServer {
             maps_busy: dev.maps_busy,
             maps_timeout: dev.maps_timeout,
             unmaps: dev.unmaps,
+            stalled: dma.device.stalled(),
         });
         v
     }

@@ -245,6 +245,9 @@ pub struct DeviceStat {
     pub maps_busy: u64,
     pub maps_timeout: u64,
     pub unmaps: u64,
+    /// The device is stalled by `dma-stall` and answers nothing.
+    #[serde(default)]
+    pub stalled: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
