@@ -90,7 +90,11 @@ build_initramfs() {
   # Programs may include a driver's ioctl header (resources/guest/driver/*_uapi.h).
   mapfile -t progs < <(find "$GUEST/programs" "$GUEST/driver" -name '*.c' -path '*/programs/*' -o -name '*.h' | sort)
   local hash
-  hash=$(inputs_hash "$GUEST/init" "$0" "${progs[@]}" /bin/busybox)
+  # The kernel's own dma-buf heap selftest, from the guest's tree (run by the dmabuf-selftest
+  # scenario against every heap the guest has, virtio-dma's included).
+  local tree="$OUT/linux"
+  local selftest="$tree/tools/testing/selftests/dmabuf-heaps/dmabuf-heap.c"
+  hash=$(inputs_hash "$GUEST/init" "$0" "${progs[@]}" /bin/busybox "$selftest")
   if [ -f "$OUT/initramfs.cpio.gz" ] && [ "$(cat "$OUT/initramfs.hash" 2>/dev/null)" = "$hash" ]; then
     log "initramfs up to date ($OUT/initramfs.cpio.gz)"
     return
@@ -109,6 +113,10 @@ build_initramfs() {
     name=$(basename "$c" .c)
     gcc -static -O2 -Wall -Wextra -Werror -o "$root/bin/$name" "$c"
   done
+  # Against the tree's exported uapi headers (drm/drm.h, linux/dma-heap.h), as kselftest builds it.
+  make -s -C "$tree" headers_install INSTALL_HDR_PATH="$OUT/uapi" >/dev/null
+  gcc -static -O2 -Wall -I "$tree/tools/testing/selftests" -I "$OUT/uapi/include" \
+    -o "$root/bin/dmabuf-heap-selftest" "$selftest"
   (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -9) >"$OUT/initramfs.cpio.gz.tmp"
   mv "$OUT/initramfs.cpio.gz.tmp" "$OUT/initramfs.cpio.gz"
   echo "$hash" >"$OUT/initramfs.hash"

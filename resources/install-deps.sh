@@ -5,6 +5,7 @@ set -euo pipefail
 
 PKGS=(
   build-essential flex bison bc libelf-dev cpio xz-utils zstd kmod python3
+  rsync  # the guest tree's headers_install, for the kernel's dma-buf heap selftest
   linux-source-6.12
   busybox-static
   qemu-system-x86
