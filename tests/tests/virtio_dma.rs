@@ -5,8 +5,9 @@
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
+use std::time::Duration;
 
-use integration_tests::{Boot, GuestRun};
+use integration_tests::{driven_script, run_shell, Boot, GuestRun};
 
 const MIB: i64 = 1 << 20;
 
@@ -198,4 +199,195 @@ fn larger_than_any_extent_is_toobig_on_the_host_and_enomem_in_the_guest() {
     let small = heap_result(&g, "/dev/dma_heap/virtio-dma", MIB, 4);
     assert_eq!(small["ok"], "4", "smaller buffers still fine: {small:?}");
     assert_eq!(g.exit_code, Some(0));
+}
+
+/// The JSON reply of the first `api CMD` a driven script ran.
+fn api_reply(g: &GuestRun, cmd: &str) -> serde_json::Value {
+    let prefix = format!("API {cmd} ");
+    let line = g
+        .console
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no `api {cmd}`; console:\n{}", g.console));
+    let json = line.split_once(" => ").map_or("", |(_, j)| j);
+    serde_json::from_str(json).unwrap_or_else(|e| {
+        panic!(
+            "`{line}` is not a JSON reply ({e}); console:\n{}",
+            g.console
+        )
+    })
+}
+
+/// The guest's CMA area and the host's books are back where they started: the driver
+/// returned every page (an idle chunk too, after idle_chunk_ms) and the host maps nothing.
+fn assert_nothing_left(g: &GuestRun) {
+    assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
+    for key in [
+        "life_cma_free_start_kb",
+        "life_cma_free_end_kb",
+        "drained_ds",
+        "end_stats",
+    ] {
+        println!("{key}={}", g.result(key).unwrap_or_default());
+    }
+    assert_eq!(
+        g.number("life_cma_used_end"),
+        g.number("life_cma_used_start"),
+        "CMA pages in use (cma_alloc'd) before and after; console:\n{}",
+        g.console
+    );
+    let free_diff = g.number("life_cma_free_end_kb") - g.number("life_cma_free_start_kb");
+    assert!(
+        free_diff.abs() <= 256,
+        "CmaFree moved by {free_diff} KiB (movable pages may come and go; the driver's are whole chunks of 2048 KiB); console:\n{}",
+        g.console
+    );
+    let end = stats_of(g, "end_stats");
+    assert_eq!(end["chunks_live"], 0, "{end:?}");
+    assert_eq!(end["withheld_pages"], 0, "{end:?}");
+    assert_eq!(end["unmap_backlog"], 0, "{end:?}");
+    assert_eq!(end["mappings"], 0, "the device's own count: {end:?}");
+    let m = api_reply(g, "mappings");
+    assert_eq!(
+        m["mappings"].as_array().map(Vec::len),
+        Some(0),
+        "the host maps nothing: {m}"
+    );
+}
+
+fn stats_of(g: &GuestRun, key: &str) -> HashMap<String, i64> {
+    let line = g
+        .result(key)
+        .unwrap_or_else(|| panic!("no {key}; console:\n{}", g.console));
+    line.split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v)))
+        .collect()
+}
+
+#[test]
+fn unbind_is_refused_with_buffers_live_and_10000_buffers_closed_at_once_leave_nothing() {
+    let steps = "waitfor 'DMAVISOR-WAIT check'; api mappings; echo go >&3";
+    let g = run_shell(
+        &driven_script("virtio-dma-life", "64M", "size=64M", "", steps),
+        Duration::from_secs(400),
+    );
+    // The heaps cannot be removed (Linux 6.12), so sysfs unbind is not offered at all.
+    let u = g
+        .line_with("unbind", "refused")
+        .unwrap_or_else(|| panic!("unbind was not refused; console:\n{}", g.console));
+    assert_eq!(u["still_bound"], "1", "{u:?}");
+    let held = g
+        .line_with("many_heap", "/dev/dma_heap/virtio-dma")
+        .unwrap_or_else(|| panic!("console:\n{}", g.console));
+    assert_eq!((held["ok"].as_str(), held["verify"].as_str()), ("4", "ok"));
+    let after = heap_result(&g, "/dev/dma_heap/virtio-dma", MIB, 2);
+    assert_eq!(after["ok"], "2", "allocations after the attempt: {after:?}");
+    let odd = g
+        .results()
+        .into_iter()
+        .find(|r| r.get("size").map(String::as_str) == Some("3149824"))
+        .unwrap_or_else(|| panic!("console:\n{}", g.console));
+    assert_eq!(
+        (odd["ok"].as_str(), odd["wrong_size"].as_str()),
+        ("2", "0"),
+        "exported at the length asked for (page-aligned), not whole granules: {odd:?}"
+    );
+    let many = g
+        .results()
+        .into_iter()
+        .find(|r| r.get("count").map(String::as_str) == Some("10000"))
+        .unwrap_or_else(|| panic!("console:\n{}", g.console));
+    assert_eq!(
+        (many["ok"].as_str(), many["verify"].as_str()),
+        ("10000", "ok"),
+        "{many:?}"
+    );
+    assert_nothing_left(&g);
+}
+
+#[test]
+fn a_device_that_stops_answering_fails_allocations_in_time_and_loses_no_unmap() {
+    let steps = "waitfor 'DMAVISOR-WAIT stall'; api dma-stall on=1; echo go >&3; \
+                 waitfor 'DMAVISOR-WAIT unstall'; api dma-stall on=0; echo go >&3; \
+                 waitfor 'DMAVISOR-WAIT check'; api mappings; echo go >&3";
+    let g = run_shell(
+        &driven_script("virtio-dma-stall", "384M", "size=384M", "", steps),
+        Duration::from_secs(400),
+    );
+    assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
+    let stall = api_reply(&g, "dma-stall on=1");
+    assert!(stall.get("error").is_none(), "{stall}");
+    // The default deadline (1000 ms) plus the reply margin (1000 ms); failfast: the margin.
+    for (key, lo, hi) in [("stalled", 1900, 6000), ("stalled_failfast", 900, 4000)] {
+        let r = g
+            .results()
+            .into_iter()
+            .find(|r| r.contains_key(key) && r.contains_key("many_heap"))
+            .unwrap_or_else(|| panic!("no {key} result; console:\n{}", g.console));
+        assert_eq!(
+            (r["ok"].as_str(), r["errno"].as_str()),
+            ("0", "110"),
+            "ETIMEDOUT: {r:?}"
+        );
+        let ms: i64 = r["first_fail_ms"].parse().unwrap();
+        assert!((lo..=hi).contains(&ms), "{key} failed after {ms} ms: {r:?}");
+    }
+    let k = g.line_with("killed_ended", "1").unwrap_or_else(|| {
+        panic!(
+            "a task waiting on the stalled device survived SIGKILL; console:\n{}",
+            g.console
+        )
+    });
+    assert!(k["killed_wait_ds"].parse::<i64>().unwrap() <= 10, "{k:?}");
+    let holder = g
+        .results()
+        .into_iter()
+        .find(|r| r.get("count").map(String::as_str) == Some("150"))
+        .unwrap_or_else(|| panic!("console:\n{}", g.console));
+    assert_eq!(
+        (holder["ok"].as_str(), holder["verify"].as_str()),
+        ("150", "ok")
+    );
+    // The UNMAPs that did not fit the ring waited for room instead of being dropped.
+    let stalled = stats_of(&g, "stalled_stats");
+    assert!(stalled["unmap_backlog_max"] >= 1, "{stalled:?}");
+    let end = stats_of(&g, "end_stats");
+    assert!(end["abandoned"] >= 2, "{end:?}");
+    assert_nothing_left(&g);
+}
+
+#[test]
+fn removed_by_its_transport_the_heaps_stay_and_buffers_stay_usable() {
+    let g = Boot::scenario("virtio-dma-remove").run();
+    assert_eq!(g.exit_code, Some(0), "console:\n{}", g.console);
+    assert!(
+        g.result("heaps").is_some_and(|h| h.contains("virtio-dma,")),
+        "the heaps outlive the device; console:\n{}",
+        g.console
+    );
+    let removed = g
+        .line_with("removed", "1")
+        .unwrap_or_else(|| panic!("console:\n{}", g.console));
+    assert_eq!(
+        (removed["ok"].as_str(), removed["errno"].as_str()),
+        ("0", "19"),
+        "ENODEV without a device: {removed:?}"
+    );
+    let held = g
+        .line_with("many_heap", "/dev/dma_heap/virtio-dma")
+        .unwrap_or_else(|| panic!("console:\n{}", g.console));
+    assert_eq!(
+        (held["ok"].as_str(), held["verify"].as_str()),
+        ("4", "ok"),
+        "buffers held across the removal: {held:?}"
+    );
+    assert_eq!(g.result("rebound").as_deref(), Some("1"));
+    let again = g
+        .line_with("after_rebind", "1")
+        .unwrap_or_else(|| panic!("console:\n{}", g.console));
+    assert_eq!(
+        (again["ok"].as_str(), again["verify"].as_str()),
+        ("2", "ok")
+    );
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Puts the guest drivers into a Linux source tree, each with its Kconfig symbol. Idempotent.
 #  - virtio-dma (drivers/virtio/virtio_dma.c, CONFIG_VIRTIO_DMA). Built in, not a module:
-#    cma_alloc, cma_release and dma_heap_add are not exported to modules in 6.12.
+#    cma_alloc, cma_release and dma_heap_add are not exported to modules in 6.12. Its wire format
+#    (virtio_dma_uapi.h) becomes include/uapi/linux/virtio_dma.h; CONFIG_VIRTIO_DMA_TEST_HOOKS
+#    adds its debugfs test hooks.
 #  - edu-dma (drivers/misc/edu_dma.c, CONFIG_DMAVISOR_EDU): the test driver for QEMU's edu PCI
 #    device passed through with VFIO; its ioctls are in edu_dma_uapi.h, which the guest program
 #    resources/guest/programs/edudma.c includes too.
@@ -24,6 +26,8 @@ open(path, "w").write(s[:i] + entry + "\n" + s[i:])
 }
 
 cp "$here/virtio_dma.c" "$tree/drivers/virtio/virtio_dma.c"
+# The wire format, where upstream keeps each virtio device's: include/uapi/linux/virtio_*.h.
+cp "$here/virtio_dma_uapi.h" "$tree/include/uapi/linux/virtio_dma.h"
 grep -q 'virtio_dma.o' "$tree/drivers/virtio/Makefile" ||
   echo 'obj-$(CONFIG_VIRTIO_DMA) += virtio_dma.o' >>"$tree/drivers/virtio/Makefile"
 add_kconfig "$tree/drivers/virtio/Kconfig" VIRTIO_DMA "endif # VIRTIO_MENU" <<'KCONFIG'
@@ -36,6 +40,16 @@ config VIRTIO_DMA
 	  window, asks the host to back them with host-contiguous pinned
 	  memory, and exports them as the dma-buf heaps "virtio-dma" and
 	  "virtio-dma-failfast".
+KCONFIG
+add_kconfig "$tree/drivers/virtio/Kconfig" VIRTIO_DMA_TEST_HOOKS "endif # VIRTIO_MENU" <<'KCONFIG'
+config VIRTIO_DMA_TEST_HOOKS
+	bool "virtio-dma: debugfs test hooks"
+	depends on VIRTIO_DMA && DEBUG_FS
+	help
+	  Adds debugfs files for testing the virtio-dma device and driver:
+	  raw (sends a request header verbatim, to test how the device
+	  treats malformed requests) and timer_free (drops a buffer's last
+	  reference from a timer callback). For test kernels only.
 KCONFIG
 
 cp "$here/edu_dma.c" "$here/edu_dma_uapi.h" "$tree/drivers/misc/"

@@ -6,155 +6,167 @@
  * VMM's DMA window); the device is then asked to MAP them, which makes them host-contiguous
  * and pinned on the host. They are exported as the dma-buf heaps "virtio-dma" (MAP retries
  * within a deadline) and "virtio-dma-failfast" (MAP never waits). Buffers smaller than 2 MiB
- * share MAPped 2 MiB chunks. Ending a mapping sends UNMAP without waiting; the pages return to
- * CMA once the device has answered.
+ * share MAPped 2 MiB chunks. Ending a mapping sends UNMAP without waiting (queued while the
+ * ring is full); the pages return to CMA once the device has answered OK. Pages whose UNMAP
+ * failed stay out of CMA, since the host may still map them, until the device is reset.
+ *
+ * Every request waits at most its deadline plus a margin, and a fatal signal ends the wait.
+ * A request given up on keeps its memory (and a MAP its pages) until the device answers or
+ * is reset.
+ *
+ * dma-buf heaps cannot be removed in Linux 6.12, so the heaps are added once and outlive the
+ * device: without a device, allocations fail with -ENODEV and live buffers stay usable memory.
  *
  * debugfs (virtio-dma/): buffers (gpa, length, host address of every live buffer), stats
- * (the device's counters), raw (send one request header verbatim and read its status: for
- * testing how the device treats malformed requests), timer_free (allocate a buffer and drop
+ * (the device's counters and the driver's). With CONFIG_VIRTIO_DMA_TEST_HOOKS: raw (send one
+ * request header verbatim and read its status) and timer_free (allocate a buffer and drop
  * the last reference from a timer callback).
  */
 #include <linux/cma.h>
 #include <linux/debugfs.h>
+#include <linux/delay.h>
 #include <linux/dma-buf.h>
 #include <linux/dma-heap.h>
 #include <linux/dma-map-ops.h>
 #include <linux/highmem.h>
 #include <linux/iosys-map.h>
+#include <linux/kref.h>
 #include <linux/mm.h>
-#include <linux/delay.h>
 #include <linux/module.h>
 #include <linux/scatterlist.h>
+#include <linux/sched/signal.h>
 #include <linux/seq_file.h>
 #include <linux/slab.h>
 #include <linux/timer.h>
 #include <linux/virtio.h>
 #include <linux/virtio_config.h>
+#include <linux/virtio_dma.h>
 #include <linux/workqueue.h>
 
 #define VIRTIO_ID_DMA 60
 
-#define VIRTIO_DMA_F_HOST_PHYS 0
-#define VIRTIO_DMA_F_DEADLINE 1
-#define VIRTIO_DMA_F_DISCARD 2
-
-#define REQ_MAP 1
-#define REQ_UNMAP 2
-#define REQ_STAT 3
-#define MAP_FAILFAST (1u << 0)
-#define MAP_DISCARD (1u << 1)
-#define RESP_HOST_PHYS (1u << 0)
-
-enum vdma_status {
-	VDMA_OK = 0, VDMA_INVAL, VDMA_RANGE, VDMA_UNALIGNED, VDMA_TOOBIG, VDMA_NOMEM,
-	VDMA_BUSY, VDMA_TIMEOUT, VDMA_EXISTS, VDMA_NOENT, VDMA_IOERR,
-};
-
-struct virtio_dma_config {
-	__le64 window_base;
-	__le64 window_size;
-	__le32 granule;
-	__le32 max_mappings;
-	__le64 max_map_len;
-	__le64 region_size;
-};
-
-struct virtio_dma_req {
-	__le32 type;
-	__le32 flags;
-	__le64 gpa;
-	__le64 len;
-	__le32 deadline_ms;
-	__le32 reserved;
-};
-
-struct virtio_dma_resp {
-	__le32 status;
-	__le32 flags;
-	__le64 host_addr;
-	__le64 extent;
-	__le64 stat[8]; /* only STAT fills these */
-};
-
 static unsigned int deadline_ms = 1000;
 module_param(deadline_ms, uint, 0644);
-MODULE_PARM_DESC(deadline_ms, "How long a (non-failfast) MAP may retry on the host");
+MODULE_PARM_DESC(deadline_ms, "How long a (non-failfast) allocation may retry");
 
-struct vdma;
-struct vdma_buffer;
+static unsigned int reply_margin_ms = 1000;
+module_param(reply_margin_ms, uint, 0644);
+MODULE_PARM_DESC(reply_margin_ms,
+		 "How long past its deadline a request may go unanswered before it fails");
 
-struct vdma_chunk;
+static unsigned int idle_chunk_ms = 1000;
+module_param(idle_chunk_ms, uint, 0644);
+MODULE_PARM_DESC(idle_chunk_ms, "How long an empty shared chunk stays mapped for reuse");
 
-/* One request in flight. Either waited for (done) or finished by a work item (work). */
-struct vdma_request {
-	struct virtio_dma_req req;
-	struct virtio_dma_resp resp;
-	unsigned int resp_len;
-	struct completion done;
-	struct work_struct work;
-	bool async;
-	struct vdma_chunk *chunk;
-};
+/* Pause between cma_alloc() retries: about the length of the pins that make it fail. */
+#define VDMA_RETRY_MIN_US 100
+#define VDMA_RETRY_MAX_US 300
 
 /*
  * Buffers smaller than a chunk share 2 MiB chunks: one cma_alloc() and one MAP per chunk, and
- * a buffer is a run of pages in it (seed 004's "chunk heap"). Larger buffers get a chunk of
- * their own. At most one empty chunk is kept mapped for the next small buffer.
+ * a buffer is a run of pages in it. Larger buffers get a chunk of their own. At most one
+ * empty chunk stays mapped, for idle_chunk_ms.
  */
 #define POOL_CHUNK_ORDER 9
-#define POOL_CHUNK_PAGES (1UL << POOL_CHUNK_ORDER)
+#define POOL_CHUNK_PAGES BIT(POOL_CHUNK_ORDER)
+
+struct vdma;
+struct vdma_chunk;
+
+enum vdma_req_kind {
+	VDMA_WAITED,	/* a task waits on done */
+	VDMA_ASYNC,	/* an UNMAP: finished by work */
+	VDMA_ABANDONED,	/* its waiter gave up: finished by work */
+};
+
+/* One request. kind and answered are under the lock of the request's queue. */
+struct vdma_request {
+	struct virtio_dma_req req;
+	struct virtio_dma_resp resp;
+	struct virtio_dma_stat stat;	/* STAT only */
+	unsigned int resp_len;
+	int error;			/* -ENODEV: the device went away before answering */
+	enum vdma_req_kind kind;
+	bool answered;
+	struct completion done;
+	struct work_struct work;
+	struct list_head backlog;	/* in vdma.backlog while the ring is full */
+	struct vdma_chunk *chunk;	/* UNMAP, or a MAP given up on: its chunk */
+};
 
 /* A host mapping: guest pages from cma_alloc() that the device has MAPped. */
 struct vdma_chunk {
 	struct vdma *v;
-	struct list_head node; /* in v->pool, for pooled chunks */
+	struct list_head node;	/* in v->pool (pooled chunks) or v->withheld */
 	struct page *pages;
 	unsigned long pagecount;
 	u64 host_addr;
 	u32 resp_flags;
 	u64 extent;
 	bool pooled;
-	unsigned long used; /* pages handed out, for pooled chunks; under v->pool_lock */
+	unsigned long used;	/* pooled: pages handed out; under v->pool_lock */
 	DECLARE_BITMAP(map, POOL_CHUNK_PAGES);
-	struct vdma_request *unmap; /* preallocated: ending a mapping never allocates */
+	struct vdma_request *unmap;	/* preallocated: ending a mapping never allocates */
 };
 
 struct vdma {
-	struct virtio_device *vdev;
+	struct kref ref;		/* the device's, and one per chunk and allocation */
+	struct virtio_device *vdev;	/* a reference is held */
 	struct virtqueue *mapq, *ctrlq;
-	spinlock_t mapq_lock, ctrlq_lock; /* serialise virtqueue_add/get on each queue */
+	/* Each serialises its queue, and the kind/answered of the requests on it. */
+	spinlock_t mapq_lock, ctrlq_lock;
+	bool gone;			/* removed: nothing more is sent; under both queue locks */
+	struct list_head backlog;	/* UNMAPs waiting for room on ctrlq; under ctrlq_lock */
+	unsigned long backlog_len, backlog_max;
 	struct cma *cma;
 	u64 window_base, window_size, granule, max_map_len;
-	struct dma_heap *heap, *heap_failfast;
-	spinlock_t buffers_lock; /* protects buffers */
+	bool f_deadline, f_discard, f_host_phys;
+	spinlock_t buffers_lock;	/* protects buffers */
 	struct list_head buffers;
-	spinlock_t pool_lock; /* protects pool and every pooled chunk's map and used */
+	spinlock_t pool_lock;		/* protects pool, idle, every pooled chunk's map and used */
 	struct list_head pool;
+	struct vdma_chunk *idle;	/* the one empty pooled chunk kept mapped, if any */
+	struct delayed_work idle_work;
+	spinlock_t withheld_lock;	/* protects withheld, withheld_pages and reset */
+	struct list_head withheld;	/* chunks whose UNMAP failed: the host may still map them */
+	unsigned long withheld_pages;
+	bool reset;			/* the device has been reset: it maps nothing any more */
 	struct dentry *debugfs;
-	struct mutex raw_lock; /* one raw request at a time */
+#ifdef CONFIG_VIRTIO_DMA_TEST_HOOKS
+	struct mutex raw_lock;		/* one raw request at a time */
 	u32 raw_status;
+#endif
 	atomic64_t unmaps_sent;
+	atomic64_t unmaps_failed;
 	atomic64_t cma_retries;
 	atomic64_t host_busy_skips;
+	atomic64_t abandoned;
+	atomic64_t chunks_live;
 };
 
-/* Only one device is expected; the heaps and debugfs are per device, named for the first. */
-static struct vdma *vdma_global;
+/*
+ * The heaps are added at the first probe and never removed (6.12 has no dma_heap_remove);
+ * an allocation takes a reference on the device bound now, if any.
+ */
+static DEFINE_MUTEX(vdma_heaps_lock);
+static struct dma_heap *vdma_heap, *vdma_heap_failfast;
+static DEFINE_SPINLOCK(vdma_current_lock);
+static struct vdma *vdma_current;
 
 struct vdma_heap_priv {
-	struct vdma *v;
 	bool failfast;
 };
 
-static struct vdma_heap_priv heap_retry, heap_failfast;
+static struct vdma_heap_priv heap_retry = { .failfast = false };
+static struct vdma_heap_priv heap_failfast = { .failfast = true };
 
 struct vdma_buffer {
 	struct vdma *v;
-	struct list_head node; /* in v->buffers */
+	struct list_head node;		/* in v->buffers */
 	struct list_head attachments;
-	struct mutex lock; /* protects attachments */
+	struct mutex lock;		/* protects attachments */
 	struct vdma_chunk *chunk;
-	unsigned long first; /* page index in the chunk */
+	unsigned long first;		/* page index in the chunk */
 	struct page *pages;
 	unsigned long pagecount;
 	size_t size;
@@ -168,37 +180,120 @@ struct vdma_attachment {
 	bool mapped;
 };
 
-static struct virtqueue *vdma_queue(struct vdma *v, u32 type, spinlock_t **lock)
+static void vdma_free(struct kref *ref)
 {
-	if (type == REQ_MAP) {
-		*lock = &v->mapq_lock;
-		return v->mapq;
-	}
-	*lock = &v->ctrlq_lock;
-	return v->ctrlq;
+	struct vdma *v = container_of(ref, struct vdma, ref);
+
+	put_device(&v->vdev->dev);
+	kfree(v);
 }
 
-static int vdma_send(struct vdma *v, struct vdma_request *r, gfp_t gfp)
+static void vdma_put(struct vdma *v)
 {
-	struct scatterlist out, in, *sgs[2];
-	unsigned int in_len = le32_to_cpu(r->req.type) == REQ_STAT ?
-		sizeof(r->resp) : offsetof(struct virtio_dma_resp, stat);
-	struct virtqueue *vq;
-	spinlock_t *lock;
+	kref_put(&v->ref, vdma_free);
+}
+
+/* The bound device, with a reference; NULL if none is. */
+static struct vdma *vdma_get_current(void)
+{
+	struct vdma *v;
+
+	spin_lock(&vdma_current_lock);
+	v = vdma_current;
+	if (v)
+		kref_get(&v->ref);
+	spin_unlock(&vdma_current_lock);
+	return v;
+}
+
+/* ---- requests ---- */
+
+static spinlock_t *vdma_lock_of(struct vdma *v, struct vdma_request *r)
+{
+	return le32_to_cpu(r->req.type) == VIRTIO_DMA_T_MAP ? &v->mapq_lock : &v->ctrlq_lock;
+}
+
+/* Called with the request's queue lock held, when the device answered or went away. */
+static void vdma_answered(struct vdma_request *r)
+{
+	r->answered = true;
+	if (r->kind == VDMA_WAITED)
+		complete(&r->done);
+	else
+		queue_work(system_wq, &r->work);
+}
+
+/* Adds a request to its queue; its queue lock held. Never allocates more than GFP_ATOMIC. */
+static int vdma_add(struct vdma *v, struct vdma_request *r)
+{
+	struct scatterlist out, in, stat, *sgs[3] = { &out, &in, &stat };
+	u32 type = le32_to_cpu(r->req.type);
+	struct virtqueue *vq = type == VIRTIO_DMA_T_MAP ? v->mapq : v->ctrlq;
+
+	sg_init_one(&out, &r->req, sizeof(r->req));
+	sg_init_one(&in, &r->resp, sizeof(r->resp));
+	sg_init_one(&stat, &r->stat, sizeof(r->stat));
+	/* Under a spinlock with interrupts off: GFP_ATOMIC (indirect descriptors allocate). */
+	return virtqueue_add_sgs(vq, sgs, 1, type == VIRTIO_DMA_T_STAT ? 2 : 1, r, GFP_ATOMIC);
+}
+
+/*
+ * Sends a request. An UNMAP (VDMA_ASYNC) is never refused: while the ring is full it waits in
+ * the backlog, and without a device it is answered at once with -ENODEV.
+ */
+static int vdma_send(struct vdma *v, struct vdma_request *r)
+{
+	spinlock_t *lock = vdma_lock_of(v, r);
+	bool async = r->kind == VDMA_ASYNC;
 	unsigned long flags;
 	int err;
 
-	vq = vdma_queue(v, le32_to_cpu(r->req.type), &lock);
-	sg_init_one(&out, &r->req, sizeof(r->req));
-	sg_init_one(&in, &r->resp, in_len);
-	sgs[0] = &out;
-	sgs[1] = &in;
+	r->answered = false;
+	r->error = 0;
+	r->resp_len = 0;
 	spin_lock_irqsave(lock, flags);
-	err = virtqueue_add_sgs(vq, sgs, 1, 1, r, gfp);
-	if (!err)
-		virtqueue_kick(vq);
+	if (v->gone) {
+		err = -ENODEV;
+	} else if (async && !list_empty(&v->backlog)) {
+		err = -ENOSPC;	/* keep the order */
+	} else {
+		err = vdma_add(v, r);
+		if (!err)
+			virtqueue_kick(le32_to_cpu(r->req.type) == VIRTIO_DMA_T_MAP ?
+				       v->mapq : v->ctrlq);
+	}
+	if (err && async) {
+		if (err == -ENOSPC) {
+			list_add_tail(&r->backlog, &v->backlog);
+			v->backlog_len++;
+			v->backlog_max = max(v->backlog_max, v->backlog_len);
+		} else {
+			r->error = err;
+			vdma_answered(r);
+		}
+		err = 0;
+	}
 	spin_unlock_irqrestore(lock, flags);
 	return err;
+}
+
+/* Moves backlogged UNMAPs onto ctrlq while it has room; ctrlq_lock held. */
+static void vdma_flush_backlog(struct vdma *v)
+{
+	struct vdma_request *r, *next;
+	bool added = false;
+
+	if (v->gone)
+		return;
+	list_for_each_entry_safe(r, next, &v->backlog, backlog) {
+		if (vdma_add(v, r))
+			break;
+		list_del(&r->backlog);
+		v->backlog_len--;
+		added = true;
+	}
+	if (added)
+		virtqueue_kick(v->ctrlq);
 }
 
 static void vdma_vq_done(struct virtqueue *vq)
@@ -214,32 +309,62 @@ static void vdma_vq_done(struct virtqueue *vq)
 		virtqueue_disable_cb(vq);
 		while ((r = virtqueue_get_buf(vq, &len))) {
 			r->resp_len = len;
-			if (r->async)
-				schedule_work(&r->work);
-			else
-				complete(&r->done);
+			vdma_answered(r);
 		}
+		if (vq == v->ctrlq)
+			vdma_flush_backlog(v);
 	} while (!virtqueue_enable_cb(vq));
 	spin_unlock_irqrestore(lock, flags);
 }
 
-/* Sends a request and waits for its answer; returns the device's status or -errno. */
-static int vdma_request_sync(struct vdma *v, struct vdma_request *r)
+/* The device's status for an answered request, or -errno. */
+static int vdma_status(struct vdma_request *r)
 {
-	int err;
-
-	init_completion(&r->done);
-	r->async = false;
-	err = vdma_send(v, r, GFP_KERNEL);
-	if (err)
-		return err;
-	wait_for_completion(&r->done);
-	if (r->resp_len < offsetof(struct virtio_dma_resp, stat))
+	if (r->error)
+		return r->error;
+	if (r->resp_len < sizeof(r->resp))
 		return -EIO;
 	return le32_to_cpu(r->resp.status);
 }
 
-static void vdma_fill(struct virtio_dma_req *req, u32 type, u32 flags, u64 gpa, u64 len, u32 deadline)
+static void vdma_late_answer(struct work_struct *work);
+
+/*
+ * Sends a request and waits for its answer, at most timeout_ms and until a fatal signal.
+ * Returns the device's status or -errno. On -ETIMEDOUT and -EINTR the request is given up
+ * on: it (and a MAP's chunk) now belongs to vdma_late_answer(), and the caller must forget it.
+ */
+static int vdma_request_sync(struct vdma *v, struct vdma_request *r, unsigned int timeout_ms)
+{
+	spinlock_t *lock = vdma_lock_of(v, r);
+	long left;
+	int err;
+
+	init_completion(&r->done);
+	r->kind = VDMA_WAITED;
+	err = vdma_send(v, r);
+	if (err)
+		return err;
+	left = wait_for_completion_killable_timeout(&r->done, msecs_to_jiffies(timeout_ms) + 1);
+	if (left <= 0) {
+		spin_lock_irq(lock);
+		if (!r->answered) {
+			r->kind = VDMA_ABANDONED;
+			INIT_WORK(&r->work, vdma_late_answer);
+			spin_unlock_irq(lock);
+			atomic64_inc(&v->abandoned);
+			dev_warn_ratelimited(&v->vdev->dev, "request type %u %s after %u ms\n",
+					     le32_to_cpu(r->req.type),
+					     left ? "interrupted" : "unanswered", timeout_ms);
+			return left ? -EINTR : -ETIMEDOUT;
+		}
+		spin_unlock_irq(lock);
+	}
+	return vdma_status(r);
+}
+
+static void vdma_fill(struct virtio_dma_req *req, u32 type, u32 flags, u64 gpa, u64 len,
+		      u32 deadline)
 {
 	memset(req, 0, sizeof(*req));
 	req->type = cpu_to_le32(type);
@@ -249,21 +374,347 @@ static void vdma_fill(struct virtio_dma_req *req, u32 type, u32 flags, u64 gpa, 
 	req->deadline_ms = cpu_to_le32(deadline);
 }
 
-/* ---- dma-buf ops: one physically contiguous range, as the kernel's CMA heap ---- */
+/* ---- chunks: host mappings ---- */
+
+/* Gives a chunk's pages back to CMA and frees it. Process context. */
+static void vdma_chunk_free(struct vdma_chunk *c)
+{
+	struct vdma *v = c->v;
+
+	if (c->pages) {
+		cma_release(v->cma, c->pages, c->pagecount);
+		atomic64_dec(&v->chunks_live);
+	}
+	kfree(c->unmap);
+	kfree(c);
+	vdma_put(v);
+}
+
+/* The device answered a chunk's UNMAP (or went away). */
+static void vdma_unmap_done(struct work_struct *work)
+{
+	struct vdma_request *r = container_of(work, struct vdma_request, work);
+	struct vdma_chunk *c = r->chunk;
+	struct vdma *v = c->v;
+	int status = vdma_status(r);
+	bool keep = false;
+
+	if (status == VIRTIO_DMA_S_NOENT)
+		dev_warn(&v->vdev->dev, "UNMAP of %lu pages at %pa: not mapped\n", c->pagecount,
+			 &(phys_addr_t){ page_to_phys(c->pages) });
+	if (status != VIRTIO_DMA_S_OK && status != VIRTIO_DMA_S_NOENT) {
+		/*
+		 * The host may still map the pages: they must not be reused until it says it
+		 * does not, or the device is reset (-ENODEV: being removed, reset soon).
+		 */
+		spin_lock_irq(&v->withheld_lock);
+		if (!v->reset) {
+			list_add(&c->node, &v->withheld);
+			v->withheld_pages += c->pagecount;
+			keep = true;
+		}
+		spin_unlock_irq(&v->withheld_lock);
+		if (keep && status != -ENODEV) {
+			atomic64_inc(&v->unmaps_failed);
+			dev_err_ratelimited(&v->vdev->dev,
+					    "UNMAP of %lu pages at %pa failed (%d): pages withheld from CMA until reset\n",
+					    c->pagecount,
+					    &(phys_addr_t){ page_to_phys(c->pages) }, status);
+		}
+	}
+	if (!keep)
+		vdma_chunk_free(c);
+}
+
+/* Ends a chunk's mapping without waiting; any context. */
+static void vdma_chunk_unmap(struct vdma_chunk *c)
+{
+	struct vdma *v = c->v;
+	struct vdma_request *r = c->unmap;
+
+	/* DISCARD: the pages go back to CMA; nobody needs what is in them. */
+	vdma_fill(&r->req, VIRTIO_DMA_T_UNMAP, v->f_discard ? VIRTIO_DMA_FLAG_DISCARD : 0,
+		  page_to_phys(c->pages), c->pagecount << PAGE_SHIFT, 0);
+	r->kind = VDMA_ASYNC;
+	r->chunk = c;
+	INIT_WORK(&r->work, vdma_unmap_done);
+	atomic64_inc(&v->unmaps_sent);
+	vdma_send(v, r);
+}
+
+/* A request given up on has been answered (or the device went away). */
+static void vdma_late_answer(struct work_struct *work)
+{
+	struct vdma_request *r = container_of(work, struct vdma_request, work);
+	struct vdma_chunk *c = r->chunk;
+
+	if (c && le32_to_cpu(r->req.type) == VIRTIO_DMA_T_MAP) {
+		if (vdma_status(r) == VIRTIO_DMA_S_OK)
+			vdma_chunk_unmap(c);	/* the pages come back after its UNMAP */
+		else
+			vdma_chunk_free(c);
+	}
+	kfree(r);
+}
+
+static int vdma_status_errno(struct vdma *v, int status)
+{
+	switch (status) {
+	case VIRTIO_DMA_S_OK:
+		return 0;
+	case VIRTIO_DMA_S_NOMEM:
+	case VIRTIO_DMA_S_TOOBIG:
+	case VIRTIO_DMA_S_BUSY:
+	case VIRTIO_DMA_S_TIMEOUT:
+		return -ENOMEM;
+	default:
+		if (status > 0) {
+			dev_warn_ratelimited(&v->vdev->dev, "MAP refused with status %d\n", status);
+			return -EIO;
+		}
+		return status;
+	}
+}
+
+/* Gives the ranges a MAP found busy back to the CMA area. */
+static void vdma_release_aside(struct vdma *v, struct page **busy, unsigned int *nbusy,
+			       unsigned long pagecount)
+{
+	while (*nbusy > 0)
+		cma_release(v->cma, busy[--*nbusy], pagecount);
+}
+
+static unsigned int vdma_ms_left(unsigned long until)
+{
+	return time_after(until, jiffies) ? jiffies_to_msecs(until - jiffies) : 0;
+}
+
+/* cma_alloc() + MAP: a new host-contiguous chunk of pagecount pages. */
+static struct vdma_chunk *vdma_chunk_create(struct vdma *v, unsigned long pagecount,
+					    bool failfast)
+{
+	struct vdma_request *r = kzalloc(sizeof(*r), GFP_KERNEL);
+	struct vdma_chunk *c = kzalloc(sizeof(*c), GFP_KERNEL);
+	struct page *busy[8];
+	unsigned int nbusy = 0;
+	unsigned long until;
+	unsigned int align;
+	u32 flags;
+	int ret = -ENOMEM;
+
+	if (!r || !c)
+		goto free;
+	c->unmap = kzalloc(sizeof(*c->unmap), GFP_KERNEL);
+	if (!c->unmap)
+		goto free;
+	kref_get(&v->ref);
+	c->v = v;
+	c->pagecount = pagecount;
+	INIT_LIST_HEAD(&c->node);
+	align = max_t(unsigned int, get_order(pagecount << PAGE_SHIFT), get_order(v->granule));
+	if (align > CONFIG_CMA_ALIGNMENT)
+		align = max_t(unsigned int, CONFIG_CMA_ALIGNMENT, get_order(v->granule));
+	flags = failfast ? VIRTIO_DMA_FLAG_FAILFAST : 0;
+	/* DISCARD: buffers are zeroed through the new host-contiguous backing. */
+	if (v->f_discard)
+		flags |= VIRTIO_DMA_FLAG_DISCARD;
+	/*
+	 * Linux's cma_alloc() gives up when a page of the area cannot be migrated right now (it
+	 * is pinned, or locked for I/O). Without FAILFAST, try again until the deadline, as the
+	 * host does for its part of the MAP.
+	 */
+	until = jiffies + msecs_to_jiffies(failfast ? 0 : deadline_ms);
+	for (;;) {
+		unsigned int left;
+		int status;
+
+		if (fatal_signal_pending(current)) {
+			ret = -EINTR;
+			break;
+		}
+		c->pages = cma_alloc(v->cma, pagecount, align, !failfast);
+		if (!c->pages) {
+			if (failfast || time_after(jiffies, until))
+				break;
+			/*
+			 * Nothing free but the ranges kept aside: let them go (their pins may end,
+			 * and buffers freed meanwhile come back) and look again in a moment.
+			 */
+			vdma_release_aside(v, busy, &nbusy, pagecount);
+			atomic64_inc(&v->cma_retries);
+			usleep_range(VDMA_RETRY_MIN_US, VDMA_RETRY_MAX_US);
+			continue;
+		}
+		atomic64_inc(&v->chunks_live);
+		left = failfast ? 0 : vdma_ms_left(until);
+		vdma_fill(&r->req, VIRTIO_DMA_T_MAP, flags, page_to_phys(c->pages),
+			  pagecount << PAGE_SHIFT, v->f_deadline ? left : 0);
+		r->chunk = c;
+		status = vdma_request_sync(v, r, left + reply_margin_ms);
+		if (status == -ETIMEDOUT || status == -EINTR) {
+			/* r and c (with its pages) now belong to vdma_late_answer(). */
+			r = NULL;
+			c = NULL;
+			ret = status;
+			break;
+		}
+		/*
+		 * BUSY without FAILFAST: the host holds a page of this range with a long-term pin
+		 * (it waits out short ones itself). Keep the range aside so that the next
+		 * cma_alloc() looks elsewhere, as Linux's cma_alloc() moves past a range it cannot
+		 * migrate.
+		 */
+		if (status == VIRTIO_DMA_S_BUSY && !failfast && !time_after(jiffies, until)) {
+			if (nbusy == ARRAY_SIZE(busy))
+				vdma_release_aside(v, busy, &nbusy, pagecount);
+			busy[nbusy++] = c->pages;
+			c->pages = NULL;
+			atomic64_dec(&v->chunks_live);
+			atomic64_inc(&v->host_busy_skips);
+			continue;
+		}
+		ret = vdma_status_errno(v, status);
+		if (ret) {
+			cma_release(v->cma, c->pages, pagecount);
+			c->pages = NULL;
+			atomic64_dec(&v->chunks_live);
+		}
+		break;
+	}
+	vdma_release_aside(v, busy, &nbusy, pagecount);
+	if (!c)
+		goto out;
+	if (!c->pages) {
+		vdma_chunk_free(c);
+		c = NULL;
+		goto out;
+	}
+	c->host_addr = le64_to_cpu(r->resp.host_addr);
+	c->resp_flags = le32_to_cpu(r->resp.flags);
+	if (!v->f_host_phys)
+		c->resp_flags &= ~VIRTIO_DMA_RESP_HOST_PHYS;
+	c->extent = le64_to_cpu(r->resp.extent);
+	kfree(r);
+	return c;
+free:
+	if (c)
+		kfree(c->unmap);
+	kfree(c);
+	c = NULL;
+out:
+	kfree(r);
+	return ERR_PTR(ret);
+}
+
+/* ---- the pool of shared chunks ---- */
+
+/* Takes n pages aligned to align_mask + 1 at a free place of c; pool_lock held. */
+static bool vdma_chunk_take(struct vdma *v, struct vdma_chunk *c, unsigned long n,
+			    unsigned long align_mask, unsigned long *first)
+{
+	unsigned long i = bitmap_find_next_zero_area(c->map, POOL_CHUNK_PAGES, 0, n, align_mask);
+
+	if (i >= POOL_CHUNK_PAGES)
+		return false;
+	bitmap_set(c->map, i, n);
+	c->used += n;
+	if (v->idle == c)
+		v->idle = NULL;
+	*first = i;
+	return true;
+}
+
+/* A run of n pages in a pooled chunk; NULL if none has room. */
+static struct vdma_chunk *vdma_pool_take(struct vdma *v, unsigned long n,
+					 unsigned long align_mask, unsigned long *first)
+{
+	struct vdma_chunk *c;
+
+	spin_lock_irq(&v->pool_lock);
+	list_for_each_entry(c, &v->pool, node) {
+		if (vdma_chunk_take(v, c, n, align_mask, first)) {
+			spin_unlock_irq(&v->pool_lock);
+			return c;
+		}
+	}
+	spin_unlock_irq(&v->pool_lock);
+	return NULL;
+}
+
+/* Puts a fresh chunk into the pool with the first run taken, so that it is never idle. */
+static void vdma_pool_add(struct vdma *v, struct vdma_chunk *c, unsigned long n,
+			  unsigned long align_mask, unsigned long *first)
+{
+	c->pooled = true;
+	spin_lock_irq(&v->pool_lock);
+	vdma_chunk_take(v, c, n, align_mask, first);
+	list_add_tail(&c->node, &v->pool);
+	spin_unlock_irq(&v->pool_lock);
+}
+
+/* Gives a pooled buffer's pages back; an empty chunk other than the one kept is unmapped. */
+static void vdma_pool_put(struct vdma *v, struct vdma_chunk *c, unsigned long first,
+			  unsigned long n)
+{
+	struct vdma_chunk *drop = NULL;
+	unsigned long flags;
+
+	spin_lock_irqsave(&v->pool_lock, flags);
+	bitmap_clear(c->map, first, n);
+	c->used -= n;
+	if (!c->used) {
+		if (!v->idle && !v->gone && idle_chunk_ms) {
+			v->idle = c;
+			mod_delayed_work(system_wq, &v->idle_work, msecs_to_jiffies(idle_chunk_ms));
+		} else {
+			list_del(&c->node);
+			drop = c;
+		}
+	}
+	spin_unlock_irqrestore(&v->pool_lock, flags);
+	if (drop)
+		vdma_chunk_unmap(drop);
+}
+
+/* Unmaps the empty chunk kept for reuse, if any. */
+static void vdma_drop_idle(struct vdma *v)
+{
+	struct vdma_chunk *c;
+
+	spin_lock_irq(&v->pool_lock);
+	c = v->idle;
+	if (c) {
+		v->idle = NULL;
+		list_del(&c->node);
+	}
+	spin_unlock_irq(&v->pool_lock);
+	if (c)
+		vdma_chunk_unmap(c);
+}
+
+static void vdma_idle_work(struct work_struct *work)
+{
+	vdma_drop_idle(container_of(to_delayed_work(work), struct vdma, idle_work));
+}
+
+/* ---- dma-buf ops, as the kernel's CMA heap: one sg entry per page ---- */
 
 static int vdma_attach(struct dma_buf *dmabuf, struct dma_buf_attachment *attachment)
 {
 	struct vdma_buffer *buffer = dmabuf->priv;
 	struct vdma_attachment *a;
+	struct scatterlist *sg;
+	unsigned int i;
 
 	a = kzalloc(sizeof(*a), GFP_KERNEL);
 	if (!a)
 		return -ENOMEM;
-	if (sg_alloc_table(&a->table, 1, GFP_KERNEL)) {
+	if (sg_alloc_table(&a->table, buffer->pagecount, GFP_KERNEL)) {
 		kfree(a);
 		return -ENOMEM;
 	}
-	sg_set_page(a->table.sgl, buffer->pages, buffer->size, 0);
+	for_each_sgtable_sg(&a->table, sg, i)
+		sg_set_page(sg, buffer->pages + i, PAGE_SIZE, 0);
 	a->dev = attachment->dev;
 	INIT_LIST_HEAD(&a->list);
 	attachment->priv = a;
@@ -339,7 +790,8 @@ static int vdma_mmap(struct dma_buf *dmabuf, struct vm_area_struct *vma)
 
 	if ((vma->vm_flags & (VM_SHARED | VM_MAYSHARE)) == 0)
 		return -EINVAL;
-	if (vma->vm_pgoff > buffer->pagecount || len > (buffer->pagecount - vma->vm_pgoff) << PAGE_SHIFT)
+	if (vma->vm_pgoff > buffer->pagecount ||
+	    len > (buffer->pagecount - vma->vm_pgoff) << PAGE_SHIFT)
 		return -EINVAL;
 	return remap_pfn_range(vma, vma->vm_start, page_to_pfn(buffer->pages) + vma->vm_pgoff,
 			       len, vma->vm_page_prot);
@@ -358,177 +810,12 @@ static void vdma_vunmap(struct dma_buf *dmabuf, struct iosys_map *map)
 {
 }
 
-/* The device has answered our UNMAP: the pages are ours again, return them to CMA. */
-static void vdma_unmap_done(struct work_struct *work)
+static void vdma_buffer_put_pages(struct vdma *v, struct vdma_buffer *buffer)
 {
-	struct vdma_request *r = container_of(work, struct vdma_request, work);
-	struct vdma_chunk *c = r->chunk;
-	struct vdma *v = c->v;
-	int status = r->resp_len >= offsetof(struct virtio_dma_resp, stat) ?
-		le32_to_cpu(r->resp.status) : -EIO;
-
-	if (status != VDMA_OK)
-		dev_warn(&v->vdev->dev, "UNMAP of %lu pages at %pa: status %d\n", c->pagecount,
-			 &(phys_addr_t){ page_to_phys(c->pages) }, status);
-	cma_release(v->cma, c->pages, c->pagecount);
-	kfree(r);
-	kfree(c);
-}
-
-/* Ends a chunk's mapping without waiting; the pages go back to CMA once the device answers. */
-static void vdma_chunk_destroy(struct vdma_chunk *c)
-{
-	struct vdma *v = c->v;
-	struct vdma_request *r = c->unmap;
-
-	/* DISCARD: the pages go back to CMA; nobody needs what is in them. */
-	vdma_fill(&r->req, REQ_UNMAP, MAP_DISCARD, page_to_phys(c->pages), c->pagecount << PAGE_SHIFT, 0);
-	r->async = true;
-	r->chunk = c;
-	INIT_WORK(&r->work, vdma_unmap_done);
-	atomic64_inc(&v->unmaps_sent);
-	if (vdma_send(v, r, GFP_ATOMIC)) {
-		/* The ring is full: the pages stay mapped on the host, so they must not go back. */
-		dev_err(&v->vdev->dev, "cannot queue UNMAP; %lu pages leaked\n", c->pagecount);
-	}
-}
-
-static int vdma_status_errno(struct vdma *v, int status);
-
-/* Gives the ranges a MAP found busy back to the CMA area. */
-static void vdma_release_aside(struct vdma *v, struct page **busy, unsigned int *nbusy,
-			       unsigned long pagecount)
-{
-	while (*nbusy > 0)
-		cma_release(v->cma, busy[--*nbusy], pagecount);
-}
-
-/* cma_alloc() + MAP: a new host-contiguous chunk of pagecount pages. */
-static struct vdma_chunk *vdma_chunk_create(struct vdma *v, unsigned long pagecount, bool failfast)
-{
-	struct vdma_request *r = kzalloc(sizeof(*r), GFP_KERNEL);
-	struct vdma_chunk *c = kzalloc(sizeof(*c), GFP_KERNEL);
-	struct page *busy[8];
-	unsigned int nbusy = 0;
-	unsigned long until;
-	unsigned int align;
-	int ret = -ENOMEM;
-
-	if (!r || !c)
-		goto free;
-	c->unmap = kzalloc(sizeof(*c->unmap), GFP_KERNEL);
-	if (!c->unmap)
-		goto free;
-	c->v = v;
-	c->pagecount = pagecount;
-	INIT_LIST_HEAD(&c->node);
-	align = max_t(unsigned int, get_order(pagecount << PAGE_SHIFT), get_order(v->granule));
-	if (align > CONFIG_CMA_ALIGNMENT)
-		align = max_t(unsigned int, CONFIG_CMA_ALIGNMENT, get_order(v->granule));
-	/*
-	 * Linux's cma_alloc() gives up when a page of the area cannot be migrated right now (it
-	 * is pinned, or locked for I/O: seeds 000 and 001). Without FAILFAST, try again until the
-	 * request's deadline, as the host does for its part of the MAP.
-	 */
-	until = jiffies + msecs_to_jiffies(failfast ? 0 : deadline_ms);
-	for (;;) {
-		int status;
-
-		c->pages = cma_alloc(v->cma, pagecount, align, !failfast);
-		if (!c->pages) {
-			if (failfast || time_after(jiffies, until))
-				break;
-			/*
-			 * Nothing free but the ranges kept aside: let them go (their pins may end, and
-			 * buffers freed meanwhile come back) and look again in a moment.
-			 */
-			vdma_release_aside(v, busy, &nbusy, pagecount);
-			atomic64_inc(&v->cma_retries);
-			msleep(1);
-			continue;
-		}
-		/* DISCARD: buffers are zeroed through the new host-contiguous backing. */
-		vdma_fill(&r->req, REQ_MAP, MAP_DISCARD | (failfast ? MAP_FAILFAST : 0),
-			  page_to_phys(c->pages), pagecount << PAGE_SHIFT, failfast ? 0 : deadline_ms);
-		status = vdma_request_sync(v, r);
-		/*
-		 * BUSY without FAILFAST: the host holds a page of this range with a long-term pin
-		 * (it waits out short ones itself). Keep the range aside so that the next cma_alloc()
-		 * looks elsewhere, as Linux's cma_alloc() moves past a range it cannot migrate.
-		 */
-		if (status == VDMA_BUSY && !failfast && !time_after(jiffies, until)) {
-			if (nbusy == ARRAY_SIZE(busy))
-				vdma_release_aside(v, busy, &nbusy, pagecount);
-			busy[nbusy++] = c->pages;
-			c->pages = NULL;
-			atomic64_inc(&v->host_busy_skips);
-			continue;
-		}
-		ret = vdma_status_errno(v, status);
-		if (ret) {
-			cma_release(v->cma, c->pages, pagecount);
-			c->pages = NULL;
-		}
-		break;
-	}
-	vdma_release_aside(v, busy, &nbusy, pagecount);
-	if (!c->pages)
-		goto free;
-	c->host_addr = le64_to_cpu(r->resp.host_addr);
-	c->resp_flags = le32_to_cpu(r->resp.flags);
-	c->extent = le64_to_cpu(r->resp.extent);
-	kfree(r);
-	return c;
-free:
-	if (c)
-		kfree(c->unmap);
-	kfree(c);
-	kfree(r);
-	return ERR_PTR(ret);
-}
-
-/* A run of n pages, aligned to align_mask + 1, in a pooled chunk; NULL if none has room. */
-static struct vdma_chunk *vdma_pool_take(struct vdma *v, unsigned long n, unsigned long align_mask,
-					 unsigned long *first)
-{
-	struct vdma_chunk *c;
-	unsigned long i;
-
-	spin_lock_irq(&v->pool_lock);
-	list_for_each_entry(c, &v->pool, node) {
-		i = bitmap_find_next_zero_area(c->map, POOL_CHUNK_PAGES, 0, n, align_mask);
-		if (i < POOL_CHUNK_PAGES) {
-			bitmap_set(c->map, i, n);
-			c->used += n;
-			*first = i;
-			spin_unlock_irq(&v->pool_lock);
-			return c;
-		}
-	}
-	spin_unlock_irq(&v->pool_lock);
-	return NULL;
-}
-
-/* Gives a pooled buffer's pages back to its chunk; a second empty chunk is unmapped. */
-static void vdma_pool_put(struct vdma *v, struct vdma_chunk *c, unsigned long first, unsigned long n)
-{
-	struct vdma_chunk *other, *drop = NULL;
-	unsigned long flags;
-
-	spin_lock_irqsave(&v->pool_lock, flags);
-	bitmap_clear(c->map, first, n);
-	c->used -= n;
-	if (!c->used) {
-		list_for_each_entry(other, &v->pool, node)
-			if (other != c && !other->used) {
-				drop = c;
-				list_del(&c->node);
-				break;
-			}
-	}
-	spin_unlock_irqrestore(&v->pool_lock, flags);
-	if (drop)
-		vdma_chunk_destroy(drop);
+	if (buffer->chunk->pooled)
+		vdma_pool_put(v, buffer->chunk, buffer->first, buffer->pagecount);
+	else
+		vdma_chunk_unmap(buffer->chunk);
 }
 
 /* Never blocks and never allocates. */
@@ -541,10 +828,7 @@ static void vdma_release(struct dma_buf *dmabuf)
 	spin_lock_irqsave(&v->buffers_lock, flags);
 	list_del(&buffer->node);
 	spin_unlock_irqrestore(&v->buffers_lock, flags);
-	if (buffer->chunk->pooled)
-		vdma_pool_put(v, buffer->chunk, buffer->first, buffer->pagecount);
-	else
-		vdma_chunk_destroy(buffer->chunk);
+	vdma_buffer_put_pages(v, buffer);
 	kfree(buffer);
 }
 
@@ -561,43 +845,42 @@ static const struct dma_buf_ops vdma_buf_ops = {
 	.release = vdma_release,
 };
 
-static int vdma_status_errno(struct vdma *v, int status)
+/* Zeroes a buffer; the guest kernel is not preemptible, so yield now and then. */
+static int vdma_clear_pages(struct page *page, unsigned long n)
 {
-	switch (status) {
-	case VDMA_OK:
-		return 0;
-	case VDMA_NOMEM:
-	case VDMA_TOOBIG:
-	case VDMA_BUSY:
-	case VDMA_TIMEOUT:
-		return -ENOMEM;
-	default:
-		if (status > 0)
-			dev_warn(&v->vdev->dev, "MAP refused with status %d\n", status);
-		return status < 0 ? status : -EIO;
+	unsigned long i;
+
+	for (i = 0; i < n; i++) {
+		clear_highpage(page + i);
+		if ((i & 63) == 63) {
+			if (fatal_signal_pending(current))
+				return -EINTR;
+			cond_resched();
+		}
 	}
+	return 0;
 }
 
-static struct dma_buf *vdma_allocate(struct dma_heap *heap, unsigned long len, u32 fd_flags,
-				     u64 heap_flags)
+static struct dma_buf *vdma_allocate_on(struct vdma *v, struct dma_heap *heap,
+					unsigned long len, u32 fd_flags, bool failfast)
 {
-	struct vdma_heap_priv *hp = dma_heap_get_drvdata(heap);
-	struct vdma *v = hp->v;
 	DEFINE_DMA_BUF_EXPORT_INFO(exp_info);
 	struct vdma_buffer *buffer;
 	struct vdma_chunk *c;
 	struct dma_buf *dmabuf;
 	unsigned long n, first = 0;
-	size_t size;
+	size_t size, chunk_size;
 	bool pooled;
-	int tries;
+	int ret;
 
 	size = PAGE_ALIGN(len);
 	n = size >> PAGE_SHIFT;
+	if (!len || !size)
+		return ERR_PTR(-EINVAL);
 	pooled = v->granule <= (POOL_CHUNK_PAGES << PAGE_SHIFT) && n < POOL_CHUNK_PAGES;
-	if (!pooled)
-		size = ALIGN(size, v->granule);
-	if (!len || size > v->max_map_len)
+	/* A chunk of its own is whole granules; the buffer is what was asked for. */
+	chunk_size = pooled ? POOL_CHUNK_PAGES << PAGE_SHIFT : ALIGN(size, v->granule);
+	if (chunk_size > v->max_map_len || chunk_size < size)
 		return ERR_PTR(-ENOMEM);
 	buffer = kzalloc(sizeof(*buffer), GFP_KERNEL);
 	if (!buffer)
@@ -606,32 +889,24 @@ static struct dma_buf *vdma_allocate(struct dma_heap *heap, unsigned long len, u
 	mutex_init(&buffer->lock);
 	buffer->v = v;
 	buffer->size = size;
-	buffer->pagecount = size >> PAGE_SHIFT;
-	buffer->failfast = hp->failfast;
+	buffer->pagecount = n;
+	buffer->failfast = failfast;
 
 	if (pooled) {
 		/* Naturally aligned within the chunk, as cma_alloc() would align it. */
 		unsigned long align_mask = (1UL << get_order(size)) - 1;
 
-		for (tries = 0; !(c = vdma_pool_take(v, n, align_mask, &first)); tries++) {
-			struct vdma_chunk *fresh;
-
-			if (tries == 3) {
+		c = vdma_pool_take(v, n, align_mask, &first);
+		if (!c) {
+			c = vdma_chunk_create(v, POOL_CHUNK_PAGES, failfast);
+			if (IS_ERR(c)) {
 				kfree(buffer);
-				return ERR_PTR(-ENOMEM);
+				return ERR_CAST(c);
 			}
-			fresh = vdma_chunk_create(v, POOL_CHUNK_PAGES, hp->failfast);
-			if (IS_ERR(fresh)) {
-				kfree(buffer);
-				return ERR_CAST(fresh);
-			}
-			fresh->pooled = true;
-			spin_lock_irq(&v->pool_lock);
-			list_add_tail(&fresh->node, &v->pool);
-			spin_unlock_irq(&v->pool_lock);
+			vdma_pool_add(v, c, n, align_mask, &first);
 		}
 	} else {
-		c = vdma_chunk_create(v, buffer->pagecount, hp->failfast);
+		c = vdma_chunk_create(v, chunk_size >> PAGE_SHIFT, failfast);
 		if (IS_ERR(c)) {
 			kfree(buffer);
 			return ERR_CAST(c);
@@ -640,7 +915,11 @@ static struct dma_buf *vdma_allocate(struct dma_heap *heap, unsigned long len, u
 	buffer->chunk = c;
 	buffer->first = first;
 	buffer->pages = c->pages + first;
-	memset(page_address(buffer->pages), 0, size);
+	ret = vdma_clear_pages(buffer->pages, n);
+	if (ret) {
+		dmabuf = ERR_PTR(ret);
+		goto put;
+	}
 
 	exp_info.exp_name = dma_heap_get_name(heap);
 	exp_info.ops = &vdma_buf_ops;
@@ -648,17 +927,29 @@ static struct dma_buf *vdma_allocate(struct dma_heap *heap, unsigned long len, u
 	exp_info.flags = fd_flags;
 	exp_info.priv = buffer;
 	dmabuf = dma_buf_export(&exp_info);
-	if (IS_ERR(dmabuf)) {
-		if (c->pooled)
-			vdma_pool_put(v, c, first, n);
-		else
-			vdma_chunk_destroy(c);
-		kfree(buffer);
-		return dmabuf;
-	}
+	if (IS_ERR(dmabuf))
+		goto put;
 	spin_lock_irq(&v->buffers_lock);
 	list_add(&buffer->node, &v->buffers);
 	spin_unlock_irq(&v->buffers_lock);
+	return dmabuf;
+put:
+	vdma_buffer_put_pages(v, buffer);
+	kfree(buffer);
+	return dmabuf;
+}
+
+static struct dma_buf *vdma_allocate(struct dma_heap *heap, unsigned long len, u32 fd_flags,
+				     u64 heap_flags)
+{
+	struct vdma_heap_priv *hp = dma_heap_get_drvdata(heap);
+	struct vdma *v = vdma_get_current();
+	struct dma_buf *dmabuf;
+
+	if (!v)
+		return ERR_PTR(-ENODEV);
+	dmabuf = vdma_allocate_on(v, heap, len, fd_flags, hp->failfast);
+	vdma_put(v);
 	return dmabuf;
 }
 
@@ -674,12 +965,15 @@ static int vdma_buffers_show(struct seq_file *s, void *unused)
 	struct vdma_buffer *b;
 
 	spin_lock_irq(&v->buffers_lock);
-	list_for_each_entry(b, &v->buffers, node)
+	list_for_each_entry(b, &v->buffers, node) {
+		bool phys = b->chunk->resp_flags & VIRTIO_DMA_RESP_HOST_PHYS;
+
 		seq_printf(s, "gpa=%#llx len=%zu host_addr=%#llx host=%s extent=%llu failfast=%d pooled=%d\n",
 			   (u64)page_to_phys(b->pages), b->size,
 			   b->chunk->host_addr + (b->first << PAGE_SHIFT),
-			   b->chunk->resp_flags & RESP_HOST_PHYS ? "phys" : "region-offset",
-			   b->chunk->extent, b->failfast, b->chunk->pooled);
+			   phys ? "phys" : "region-offset", b->chunk->extent, b->failfast,
+			   b->chunk->pooled);
+	}
 	spin_unlock_irq(&v->buffers_lock);
 	return 0;
 }
@@ -688,31 +982,52 @@ DEFINE_SHOW_ATTRIBUTE(vdma_buffers);
 static int vdma_stats_show(struct seq_file *s, void *unused)
 {
 	static const char *const names[] = { "mappings", "mapped_bytes", "maps_ok", "maps_failed",
-					     "maps_busy", "maps_timeout", "unmaps", "bytes_migrated" };
+					     "maps_busy", "maps_timeout", "unmaps",
+					     "bytes_migrated" };
 	struct vdma *v = s->private;
 	struct vdma_request *r = kzalloc(sizeof(*r), GFP_KERNEL);
+	unsigned long backlog, backlog_max, withheld;
+	__le64 *stat;
 	int status, i;
 
 	if (!r)
 		return -ENOMEM;
-	vdma_fill(&r->req, REQ_STAT, 0, 0, 0, 0);
-	status = vdma_request_sync(v, r);
+	vdma_fill(&r->req, VIRTIO_DMA_T_STAT, 0, 0, 0, 0);
+	status = vdma_request_sync(v, r, reply_margin_ms);
 	seq_printf(s, "status=%d", status);
-	if (status == VDMA_OK && r->resp_len >= sizeof(r->resp))
+	if (status == VIRTIO_DMA_S_OK && r->resp_len >= sizeof(r->resp) + sizeof(r->stat)) {
+		stat = (__le64 *)&r->stat;
 		for (i = 0; i < ARRAY_SIZE(names); i++)
-			seq_printf(s, " %s=%llu", names[i], le64_to_cpu(r->resp.stat[i]));
-	seq_printf(s, " unmaps_sent=%lld cma_retries=%lld host_busy_skips=%lld window_base=%#llx window_size=%llu granule=%llu max_map_len=%llu\n",
+			seq_printf(s, " %s=%llu", names[i], le64_to_cpu(stat[i]));
+	}
+	if (status != -ETIMEDOUT && status != -EINTR)
+		kfree(r);
+	spin_lock_irq(&v->ctrlq_lock);
+	backlog = v->backlog_len;
+	backlog_max = v->backlog_max;
+	spin_unlock_irq(&v->ctrlq_lock);
+	spin_lock_irq(&v->withheld_lock);
+	withheld = v->withheld_pages;
+	spin_unlock_irq(&v->withheld_lock);
+	seq_printf(s, " unmaps_sent=%lld unmaps_failed=%lld withheld_pages=%lu unmap_backlog=%lu unmap_backlog_max=%lu chunks_live=%lld idle_chunk=%d abandoned=%lld cma_retries=%lld host_busy_skips=%lld",
 		   (long long)atomic64_read(&v->unmaps_sent),
+		   (long long)atomic64_read(&v->unmaps_failed), withheld, backlog, backlog_max,
+		   (long long)atomic64_read(&v->chunks_live), READ_ONCE(v->idle) ? 1 : 0,
+		   (long long)atomic64_read(&v->abandoned),
 		   (long long)atomic64_read(&v->cma_retries),
-		   (long long)atomic64_read(&v->host_busy_skips), v->window_base, v->window_size,
-		   v->granule, v->max_map_len);
-	kfree(r);
+		   (long long)atomic64_read(&v->host_busy_skips));
+	seq_printf(s, " window_base=%#llx window_size=%llu granule=%llu max_map_len=%llu features=%s%s%s\n",
+		   v->window_base, v->window_size, v->granule, v->max_map_len,
+		   v->f_host_phys ? "host_phys+" : "", v->f_deadline ? "deadline+" : "",
+		   v->f_discard ? "discard" : "");
 	return 0;
 }
 DEFINE_SHOW_ATTRIBUTE(vdma_stats);
 
+#ifdef CONFIG_VIRTIO_DMA_TEST_HOOKS
 /* raw: write exactly one 32-byte request header; read "status=N". */
-static ssize_t vdma_raw_write(struct file *file, const char __user *buf, size_t count, loff_t *ppos)
+static ssize_t vdma_raw_write(struct file *file, const char __user *buf, size_t count,
+			      loff_t *ppos)
 {
 	struct vdma *v = file->private_data;
 	struct vdma_request *r;
@@ -728,10 +1043,11 @@ static ssize_t vdma_raw_write(struct file *file, const char __user *buf, size_t 
 		return -EFAULT;
 	}
 	mutex_lock(&v->raw_lock);
-	status = vdma_request_sync(v, r);
+	status = vdma_request_sync(v, r, le32_to_cpu(r->req.deadline_ms) + reply_margin_ms);
 	v->raw_status = status;
 	mutex_unlock(&v->raw_lock);
-	kfree(r);
+	if (status != -ETIMEDOUT && status != -EINTR)
+		kfree(r);
 	return status < 0 ? status : count;
 }
 
@@ -768,7 +1084,6 @@ static void vdma_timer_free_fn(struct timer_list *t)
 static ssize_t vdma_timer_free_write(struct file *file, const char __user *buf, size_t count,
 				     loff_t *ppos)
 {
-	struct vdma *v = file->private_data;
 	struct vdma_timer_free *tf;
 	struct dma_buf *dmabuf;
 	unsigned long size;
@@ -776,7 +1091,7 @@ static ssize_t vdma_timer_free_write(struct file *file, const char __user *buf, 
 
 	if (ret)
 		return ret;
-	dmabuf = vdma_allocate(v->heap, size, O_RDWR, 0);
+	dmabuf = vdma_allocate(vdma_heap, size, O_RDWR, 0);
 	if (IS_ERR(dmabuf))
 		return PTR_ERR(dmabuf);
 	tf = kzalloc(sizeof(*tf), GFP_KERNEL);
@@ -795,45 +1110,62 @@ static const struct file_operations vdma_timer_free_fops = {
 	.write = vdma_timer_free_write,
 };
 
-/* ---- probe ---- */
-
-static int vdma_probe(struct virtio_device *vdev)
+static void vdma_debugfs_test_hooks(struct vdma *v)
 {
-	struct virtqueue_info vqs_info[] = {
-		{ "mapq", vdma_vq_done },
-		{ "ctrlq", vdma_vq_done },
-	};
+	debugfs_create_file("raw", 0600, v->debugfs, v, &vdma_raw_fops);
+	debugfs_create_file("timer_free", 0200, v->debugfs, v, &vdma_timer_free_fops);
+}
+#else
+static void vdma_debugfs_test_hooks(struct vdma *v)
+{
+}
+#endif
+
+/* ---- probe and remove ---- */
+
+/* Adds the two heaps once; they outlive every device (6.12 cannot remove a heap). */
+static int vdma_heaps_add(void)
+{
 	struct dma_heap_export_info exp = { .ops = &vdma_heap_ops };
-	struct virtqueue *vqs[2];
-	struct vdma *v;
-	int err;
+	struct dma_heap *heap;
 
-	if (vdma_global) {
-		dev_err(&vdev->dev, "only one virtio-dma device is supported\n");
-		return -EBUSY;
+	if (!vdma_heap) {
+		exp.name = "virtio-dma";
+		exp.priv = &heap_retry;
+		heap = dma_heap_add(&exp);
+		if (IS_ERR(heap))
+			return PTR_ERR(heap);
+		vdma_heap = heap;
 	}
-	v = devm_kzalloc(&vdev->dev, sizeof(*v), GFP_KERNEL);
-	if (!v)
-		return -ENOMEM;
-	v->vdev = vdev;
-	vdev->priv = v;
-	spin_lock_init(&v->mapq_lock);
-	spin_lock_init(&v->ctrlq_lock);
-	spin_lock_init(&v->buffers_lock);
-	INIT_LIST_HEAD(&v->buffers);
-	spin_lock_init(&v->pool_lock);
-	INIT_LIST_HEAD(&v->pool);
-	mutex_init(&v->raw_lock);
+	if (!vdma_heap_failfast) {
+		exp.name = "virtio-dma-failfast";
+		exp.priv = &heap_failfast;
+		heap = dma_heap_add(&exp);
+		if (IS_ERR(heap))
+			return PTR_ERR(heap);
+		vdma_heap_failfast = heap;
+	}
+	return 0;
+}
 
-	v->window_base = virtio_cread64(vdev, offsetof(struct virtio_dma_config, window_base));
-	v->window_size = virtio_cread64(vdev, offsetof(struct virtio_dma_config, window_size));
-	v->granule = virtio_cread32(vdev, offsetof(struct virtio_dma_config, granule));
-	v->max_map_len = virtio_cread64(vdev, offsetof(struct virtio_dma_config, max_map_len));
-	if (!v->granule || !is_power_of_2(v->granule) || v->granule < PAGE_SIZE) {
-		dev_err(&vdev->dev, "bad granule %llu\n", v->granule);
+static int vdma_read_config(struct vdma *v)
+{
+	struct virtio_device *vdev = v->vdev;
+	u32 granule;
+
+	virtio_cread_le(vdev, struct virtio_dma_config, window_base, &v->window_base);
+	virtio_cread_le(vdev, struct virtio_dma_config, window_size, &v->window_size);
+	virtio_cread_le(vdev, struct virtio_dma_config, granule, &granule);
+	virtio_cread_le(vdev, struct virtio_dma_config, max_map_len, &v->max_map_len);
+	v->granule = granule;
+	if (!granule || !is_power_of_2(granule) || granule < PAGE_SIZE) {
+		dev_err(&vdev->dev, "bad granule %u\n", granule);
 		return -EINVAL;
 	}
-
+	if (v->max_map_len < v->granule || v->max_map_len > v->window_size) {
+		dev_err(&vdev->dev, "bad max_map_len %llu\n", v->max_map_len);
+		return -EINVAL;
+	}
 	/* The window must be exactly this kernel's default CMA area (cma=SIZE@BASE). */
 	v->cma = dev_get_cma_area(NULL);
 	if (!v->cma || cma_get_base(v->cma) != v->window_base ||
@@ -844,44 +1176,152 @@ static int vdma_probe(struct virtio_device *vdev)
 			v->cma ? cma_get_size(v->cma) : 0);
 		return -ENODEV;
 	}
+	v->f_host_phys = virtio_has_feature(vdev, VIRTIO_DMA_F_HOST_PHYS);
+	v->f_deadline = virtio_has_feature(vdev, VIRTIO_DMA_F_DEADLINE);
+	v->f_discard = virtio_has_feature(vdev, VIRTIO_DMA_F_DISCARD);
+	return 0;
+}
 
+static int vdma_probe(struct virtio_device *vdev)
+{
+	struct virtqueue_info vqs_info[] = {
+		{ "mapq", vdma_vq_done },
+		{ "ctrlq", vdma_vq_done },
+	};
+	struct virtqueue *vqs[2];
+	struct vdma *v;
+	int err;
+
+	if (!vdev->config->get) {
+		dev_err(&vdev->dev, "the transport cannot read the configuration space\n");
+		return -EINVAL;
+	}
+	mutex_lock(&vdma_heaps_lock);
+	if (vdma_current) {
+		dev_err(&vdev->dev, "only one virtio-dma device is supported\n");
+		err = -EBUSY;
+		goto unlock;
+	}
+	/* Not devm: heaps, buffers and late answers may refer to it after remove(). */
+	v = kzalloc(sizeof(*v), GFP_KERNEL);
+	if (!v) {
+		err = -ENOMEM;
+		goto unlock;
+	}
+	kref_init(&v->ref);
+	v->vdev = vdev;
+	get_device(&vdev->dev);
+	vdev->priv = v;
+	spin_lock_init(&v->mapq_lock);
+	spin_lock_init(&v->ctrlq_lock);
+	INIT_LIST_HEAD(&v->backlog);
+	spin_lock_init(&v->buffers_lock);
+	INIT_LIST_HEAD(&v->buffers);
+	spin_lock_init(&v->pool_lock);
+	INIT_LIST_HEAD(&v->pool);
+	INIT_DELAYED_WORK(&v->idle_work, vdma_idle_work);
+	spin_lock_init(&v->withheld_lock);
+	INIT_LIST_HEAD(&v->withheld);
+#ifdef CONFIG_VIRTIO_DMA_TEST_HOOKS
+	mutex_init(&v->raw_lock);
+#endif
+
+	err = vdma_read_config(v);
+	if (err)
+		goto put;
 	err = virtio_find_vqs(vdev, 2, vqs, vqs_info, NULL);
 	if (err)
-		return err;
-	v->mapq = vqs[0];
-	v->ctrlq = vqs[1];
+		goto put;
+	v->mapq = vqs[VIRTIO_DMA_MAPQ];
+	v->ctrlq = vqs[VIRTIO_DMA_CTRLQ];
 	virtio_device_ready(vdev);
 
-	heap_retry = (struct vdma_heap_priv){ .v = v, .failfast = false };
-	heap_failfast = (struct vdma_heap_priv){ .v = v, .failfast = true };
-	exp.name = "virtio-dma";
-	exp.priv = &heap_retry;
-	v->heap = dma_heap_add(&exp);
-	exp.name = "virtio-dma-failfast";
-	exp.priv = &heap_failfast;
-	v->heap_failfast = IS_ERR(v->heap) ? v->heap : dma_heap_add(&exp);
-	if (IS_ERR(v->heap) || IS_ERR(v->heap_failfast)) {
-		err = PTR_ERR(IS_ERR(v->heap) ? v->heap : v->heap_failfast);
-		virtio_reset_device(vdev);
-		vdev->config->del_vqs(vdev);
-		return err;
-	}
+	err = vdma_heaps_add();
+	if (err)
+		goto del_vqs;
 
 	v->debugfs = debugfs_create_dir("virtio-dma", NULL);
 	debugfs_create_file("buffers", 0444, v->debugfs, v, &vdma_buffers_fops);
 	debugfs_create_file("stats", 0444, v->debugfs, v, &vdma_stats_fops);
-	debugfs_create_file("raw", 0600, v->debugfs, v, &vdma_raw_fops);
-	debugfs_create_file("timer_free", 0200, v->debugfs, v, &vdma_timer_free_fops);
-	vdma_global = v;
+	vdma_debugfs_test_hooks(v);
+
+	spin_lock(&vdma_current_lock);
+	vdma_current = v;
+	spin_unlock(&vdma_current_lock);
+	mutex_unlock(&vdma_heaps_lock);
 	dev_info(&vdev->dev, "window %#llx+%#llx, granule %llu, largest MAP %llu bytes\n",
 		 v->window_base, v->window_size, v->granule, v->max_map_len);
 	return 0;
+
+del_vqs:
+	virtio_reset_device(vdev);
+	vdev->config->del_vqs(vdev);
+put:
+	vdev->priv = NULL;
+	vdma_put(v);
+unlock:
+	mutex_unlock(&vdma_heaps_lock);
+	return err;
+}
+
+/* Answers every request the device still holds, and the backlog, with -ENODEV. */
+static void vdma_answer_all(struct vdma *v, struct virtqueue *vq, spinlock_t *lock)
+{
+	struct vdma_request *r, *next;
+
+	spin_lock_irq(lock);
+	while ((r = virtqueue_detach_unused_buf(vq))) {
+		r->error = -ENODEV;
+		vdma_answered(r);
+	}
+	if (vq == v->ctrlq) {
+		list_for_each_entry_safe(r, next, &v->backlog, backlog) {
+			list_del(&r->backlog);
+			v->backlog_len--;
+			r->error = -ENODEV;
+			vdma_answered(r);
+		}
+	}
+	spin_unlock_irq(lock);
 }
 
 static void vdma_remove(struct virtio_device *vdev)
 {
-	/* dma-buf heaps cannot be removed in 6.12; a built-in driver is never unbound here. */
-	dev_warn(&vdev->dev, "virtio-dma cannot be unbound while its heaps exist\n");
+	struct vdma *v = vdev->priv;
+	struct vdma_chunk *c, *next;
+	LIST_HEAD(withheld);
+
+	mutex_lock(&vdma_heaps_lock);
+	spin_lock(&vdma_current_lock);
+	vdma_current = NULL;	/* new allocations fail with -ENODEV */
+	spin_unlock(&vdma_current_lock);
+
+	spin_lock_irq(&v->mapq_lock);
+	spin_lock(&v->ctrlq_lock);
+	v->gone = true;		/* nothing more is sent */
+	spin_unlock(&v->ctrlq_lock);
+	spin_unlock_irq(&v->mapq_lock);
+
+	/* A reset device has ended every mapping (docs/virtio-dma.md): CMA may have them all. */
+	virtio_reset_device(vdev);
+	spin_lock_irq(&v->withheld_lock);
+	v->reset = true;
+	list_splice_init(&v->withheld, &withheld);
+	v->withheld_pages = 0;
+	spin_unlock_irq(&v->withheld_lock);
+	vdma_answer_all(v, v->mapq, &v->mapq_lock);
+	vdma_answer_all(v, v->ctrlq, &v->ctrlq_lock);
+	vdev->config->del_vqs(vdev);
+
+	list_for_each_entry_safe(c, next, &withheld, node)
+		vdma_chunk_free(c);
+	/* No chunk becomes idle once gone is set: drop the last one, and its timer. */
+	vdma_drop_idle(v);
+	cancel_delayed_work_sync(&v->idle_work);
+	debugfs_remove_recursive(v->debugfs);
+	mutex_unlock(&vdma_heaps_lock);
+	/* Live buffers keep v until they are released; their pages stay ordinary memory. */
+	vdma_put(v);
 }
 
 static const struct virtio_device_id id_table[] = {
@@ -897,6 +1337,13 @@ static struct virtio_driver virtio_dma_driver = {
 	.feature_table = features,
 	.feature_table_size = ARRAY_SIZE(features),
 	.driver.name = KBUILD_MODNAME,
+	/*
+	 * dma-buf heaps cannot be removed in 6.12, and userspace keeps using them (and the
+	 * buffers they gave out) whatever happens to the device: unbinding through sysfs would
+	 * only leave heaps that fail every allocation, so it is not offered. remove() still
+	 * runs when the transport goes away, and leaves the heaps and live buffers safe.
+	 */
+	.driver.suppress_bind_attrs = true,
 	.id_table = id_table,
 	.probe = vdma_probe,
 	.remove = vdma_remove,
