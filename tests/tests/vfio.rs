@@ -472,3 +472,32 @@ fn intx_carries_the_interrupts_of_a_guest_driver_without_msi() {
         "{info:?}"
     );
 }
+
+#[test]
+fn an_importer_with_4k_dma_segments_takes_virtio_dma_buffers() {
+    let Some(h) = host_or_skip("VFIO small DMA segments") else {
+        return;
+    };
+    // edu_dma.max_seg_kib=4: the device takes DMA segments of at most 4 KiB, and its driver
+    // refuses a dma-buf mapping with a longer one. virtio-dma exports one sg entry per page,
+    // as the kernel's CMA heap does, so a 4 MiB buffer maps as 1024 segments.
+    let steps = "waitfor vfio_done";
+    let g = run_shell_vfio(
+        &driven_script_with(
+            "vfio",
+            "64M",
+            "backing=hugetlb",
+            &format!("--device vfio={}", h.device),
+            "edu_dma.max_seg_kib=4 dmavisor.vfio_steps=pci,info,roundtrip,after-unmap",
+            steps,
+        ),
+        Duration::from_secs(420),
+        "edu",
+    );
+    assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
+    assert_round_trips(&g, 30);
+    let mapped = result_with(&g, "edu_big_segments");
+    assert_eq!(n(&mapped, "edu_big_size"), 4 << 20, "{mapped:?}");
+    assert_eq!(n(&mapped, "edu_big_segments"), 1024, "{mapped:?}");
+    assert!(n(&mapped, "edu_mapped_now_src") > 0, "{mapped:?}");
+}

@@ -69,6 +69,15 @@ static bool intx;
 module_param(intx, bool, 0444);
 MODULE_PARM_DESC(intx, "Use the legacy INTx line instead of MSI");
 
+/*
+ * A device whose DMA segments are at most this long (dma_set_max_seg_size()); 0 keeps the PCI
+ * default (64 KiB) unchecked. When set, importing a dma-buf whose mapping has a longer segment
+ * fails with EINVAL, as such a device could not be programmed with it: a test of exporters.
+ */
+static unsigned int max_seg_kib;
+module_param(max_seg_kib, uint, 0444);
+MODULE_PARM_DESC(max_seg_kib, "Largest DMA segment the device takes, in KiB (0: PCI default)");
+
 static DEFINE_IDA(edu_ida);
 
 struct edu {
@@ -175,7 +184,22 @@ static int edu_import(struct edu *edu, int fd, struct edu_import *imp)
 		ret = PTR_ERR(imp->sgt);
 		goto detach;
 	}
+	if (max_seg_kib) {
+		unsigned int max = dma_get_max_seg_size(&edu->pdev->dev), i;
+		struct scatterlist *sg;
+
+		for_each_sgtable_dma_sg(imp->sgt, sg, i) {
+			if (sg_dma_len(sg) > max) {
+				dev_warn(&edu->pdev->dev, "dma-buf segment of %u bytes, longer than %u\n",
+					 sg_dma_len(sg), max);
+				ret = -EINVAL;
+				goto unmap;
+			}
+		}
+	}
 	return 0;
+unmap:
+	dma_buf_unmap_attachment_unlocked(imp->att, imp->sgt, DMA_BIDIRECTIONAL);
 detach:
 	dma_buf_detach(imp->buf, imp->att);
 put:
@@ -526,6 +550,8 @@ static int edu_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	ret = dma_set_mask_and_coherent(dev, DMA_BIT_MASK(64));
 	if (ret)
 		return dev_err_probe(dev, ret, "no 64-bit DMA\n");
+	if (max_seg_kib)
+		dma_set_max_seg_size(dev, max_seg_kib << 10);
 
 	edu = kzalloc(sizeof(*edu), GFP_KERNEL);
 	if (!edu)
