@@ -391,3 +391,46 @@ fn removed_by_its_transport_the_heaps_stay_and_buffers_stay_usable() {
         ("2", "ok")
     );
 }
+
+/// The kernel's own dma-buf heap selftest (tools/testing/selftests/dmabuf-heaps, built from the
+/// guest's tree) passes on every heap of the guest, both virtio-dma heaps among them.
+#[test]
+fn the_kernels_dmabuf_heap_selftest_passes_on_both_virtio_dma_heaps() {
+    let g = Boot::scenario("dmabuf-selftest").run();
+    assert_eq!(g.exit_code, Some(0), "console:\n{}", g.console);
+    let r = g
+        .results()
+        .into_iter()
+        .find(|r| r.contains_key("selftest_rc"))
+        .unwrap_or_else(|| panic!("no selftest result; console:\n{}", g.console));
+    let num = |k: &str| -> u64 {
+        r.get(k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {r:?}; console:\n{}", g.console))
+    };
+    assert_eq!(num("fail"), 0, "console:\n{}", g.console);
+    assert_eq!(num("error"), 0, "{r:?}");
+    assert_eq!(r["selftest_rc"], "0", "{r:?}");
+    // Each heap's section ran its tests, and the virtio-dma heaps' passed.
+    for heap in ["virtio-dma", "virtio-dma-failfast"] {
+        let section: Vec<&str> = g
+            .console
+            .lines()
+            .skip_while(|l| !l.contains(&format!("Testing heap: {heap}")))
+            .skip(1)
+            .take_while(|l| !l.contains("Testing heap:"))
+            .filter(|l| l.contains("SELFTEST ok ") || l.contains("SELFTEST not ok "))
+            .collect();
+        assert!(
+            !section.is_empty(),
+            "{heap} was tested; console:\n{}",
+            g.console
+        );
+        assert!(
+            section.iter().all(|l| l.contains("SELFTEST ok ")),
+            "{heap}: {section:?}"
+        );
+        println!("{heap}: {} selftest results, all ok", section.len());
+    }
+    println!("totals: {r:?}");
+}
