@@ -266,7 +266,7 @@ impl DmaMemory {
                     .place_occupant_at(i, occupant(i))
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
             }
-            o.window.map_frames(0, 0, n)?;
+            o.window.lend_whole(n)?;
             let mut pages = o.window.lock();
             for i in 0..n {
                 pages.table[i].backing = Backing::Lent(i);

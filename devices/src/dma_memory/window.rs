@@ -316,6 +316,33 @@ impl Window {
         rc != 0 || vec.iter().any(|b| b & 1 != 0)
     }
 
+    /// Lends frames `0..n` to window pages `0..n` at once (a region lent whole): under write
+    /// protection, copies what the guest has in every page it touched, then maps the region over
+    /// the window. The guest may have used the window before the region was ready (the region
+    /// is reserved while it boots): without the copy its pages would turn into the region's.
+    pub fn lend_whole(&self, n: usize) -> std::io::Result<()> {
+        self.check(0, n)?;
+        let _moving = self.gate.begin();
+        let result = self.protect(0, n, false).and_then(|()| {
+            for p in (0..n).filter(|&p| self.resident(p)) {
+                // SAFETY: page `p` of the window and frame `p` of the region: separate live
+                // mappings of one page each. The page is read-only now, so stable.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.page_ptr(p).cast_const(),
+                        self.frame_ptr(p),
+                        self.page,
+                    )
+                };
+            }
+            self.map_frames(0, 0, n)
+        });
+        if result.is_err() {
+            let _ = self.protect(0, n, true);
+        }
+        result
+    }
+
     /// Moves RAM-backed page `p` onto frame `f` (already recorded as its occupant): under write
     /// protection, copies what the guest has there (if it touched it) and remaps. The caller
     /// updates the table.
