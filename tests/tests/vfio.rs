@@ -174,6 +174,30 @@ fn device_errors_say_what_is_wrong_and_how_to_fix_it() {
     );
 }
 
+/// Boots the `vfio` (or another) scenario with the device passed through on 2 MiB pages in the
+/// sandbox's `edu` mode, with a control socket for `steps` (see `driven_script_with`).
+fn run_with_device(
+    scenario: &str,
+    window: &str,
+    device: &str,
+    cmdline: &str,
+    steps: &str,
+    secs: u64,
+) -> GuestRun {
+    run_shell_vfio(
+        &driven_script_with(
+            scenario,
+            window,
+            "backing=hugetlb",
+            &format!("--device {device}"),
+            cmdline,
+            steps,
+        ),
+        Duration::from_secs(secs),
+        "edu",
+    )
+}
+
 /// The guest's view of the device and of its DMA, from the `vfio` scenario's result lines.
 fn assert_enumerated_and_live(g: &GuestRun) {
     assert_enumerated_and_live_with(g, 1)
@@ -255,17 +279,13 @@ fn the_device_dmas_only_into_mapped_buffers_byte_for_byte() {
                  for i in 1 2 3 4 5 6; do api migrate frames=4; sleep 1; done; \
                  waitfor edu_roundtrips; echo \"STAT-AFTER $(dmavisor stat --api-sock $sock --json)\"; \
                  waitfor vfio_done";
-    let g = integration_tests::run_shell_vfio(
-        &driven_script_with(
-            "vfio",
-            "64M",
-            "backing=hugetlb",
-            &format!("--device vfio={}", h.device),
-            "dmavisor.vfio_wait=1 dmavisor.iterations=3 dmavisor.load=auto",
-            steps,
-        ),
-        Duration::from_secs(600),
-        "edu",
+    let g = run_with_device(
+        "vfio",
+        "64M",
+        &format!("vfio={}", h.device),
+        "dmavisor.vfio_wait=1 dmavisor.iterations=3 dmavisor.load=auto",
+        steps,
+        600,
     );
     assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
     assert_enumerated_and_live(&g);
@@ -356,17 +376,13 @@ fn seed001_with_the_device_attached_has_no_failed_loops_and_lending_stays_on() {
     };
     let steps = "api pin-churn io_kib=64 hold_us=200; waitfor 'DMAVISOR-WAIT loaded'; echo go >&3; \
                  waitfor 'DMAVISOR-WAIT done'; echo \"STAT-DONE $(dmavisor stat --api-sock $sock --json)\"; echo go >&3";
-    let g = run_shell_vfio(
-        &driven_script_with(
-            "seed001",
-            "56M",
-            "backing=hugetlb",
-            &format!("--device vfio={},dma=mapped", h.device),
-            "dmavisor.seconds=15",
-            steps,
-        ),
-        Duration::from_secs(420),
-        "edu",
+    let g = run_with_device(
+        "seed001",
+        "56M",
+        &format!("vfio={},dma=mapped", h.device),
+        "dmavisor.seconds=15",
+        steps,
+        420,
     );
     assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
     let ours = &integration_tests::seed001_virtio_dma_run(&g);
@@ -395,17 +411,13 @@ fn dma_all_maps_all_guest_memory_and_nothing_moves() {
     };
     let steps = "waitfor 'DMAVISOR-WAIT vfio-roundtrip'; api migrate frames=2; \
                  echo \"STAT-ALL $(dmavisor stat --api-sock $sock --json)\"; echo go >&3; waitfor vfio_done";
-    let g = run_shell_vfio(
-        &driven_script_with(
-            "vfio",
-            "64M",
-            "backing=hugetlb",
-            &format!("--device vfio={},dma=all", h.device),
-            "dmavisor.vfio_wait=1 dmavisor.vfio_steps=pci,info,roundtrip,blocked",
-            steps,
-        ),
-        Duration::from_secs(420),
-        "edu",
+    let g = run_with_device(
+        "vfio",
+        "64M",
+        &format!("vfio={},dma=all", h.device),
+        "dmavisor.vfio_wait=1 dmavisor.vfio_steps=pci,info,roundtrip,blocked",
+        steps,
+        420,
     );
     assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
     assert_enumerated_and_live(&g);
@@ -445,17 +457,13 @@ fn intx_carries_the_interrupts_of_a_guest_driver_without_msi() {
     // The guest's driver takes the legacy line (edu_dma.intx=1): the MP table routes the
     // device's INTA to an IOAPIC pin, VFIO signals it, KVM resamples it at the guest's EOI.
     let steps = "waitfor vfio_done";
-    let g = run_shell_vfio(
-        &driven_script_with(
-            "vfio",
-            "64M",
-            "backing=hugetlb",
-            &format!("--device vfio={}", h.device),
-            "edu_dma.intx=1 dmavisor.vfio_steps=pci,info,roundtrip",
-            steps,
-        ),
-        Duration::from_secs(420),
-        "edu",
+    let g = run_with_device(
+        "vfio",
+        "64M",
+        &format!("vfio={}", h.device),
+        "edu_dma.intx=1 dmavisor.vfio_steps=pci,info,roundtrip",
+        steps,
+        420,
     );
     assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
     assert!(g.console.contains("INTx IRQ"), "console:\n{}", g.console);
@@ -482,17 +490,13 @@ fn an_importer_with_4k_dma_segments_takes_virtio_dma_buffers() {
     // refuses a dma-buf mapping with a longer one. virtio-dma exports one sg entry per page,
     // as the kernel's CMA heap does, so a 4 MiB buffer maps as 1024 segments.
     let steps = "waitfor vfio_done";
-    let g = run_shell_vfio(
-        &driven_script_with(
-            "vfio",
-            "64M",
-            "backing=hugetlb",
-            &format!("--device vfio={}", h.device),
-            "edu_dma.max_seg_kib=4 dmavisor.vfio_steps=pci,info,roundtrip,after-unmap",
-            steps,
-        ),
-        Duration::from_secs(420),
-        "edu",
+    let g = run_with_device(
+        "vfio",
+        "64M",
+        &format!("vfio={}", h.device),
+        "edu_dma.max_seg_kib=4 dmavisor.vfio_steps=pci,info,roundtrip,after-unmap",
+        steps,
+        420,
     );
     assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
     assert_round_trips(&g, 30);

@@ -85,18 +85,14 @@ pub enum VfioError {
         "--device vfio={path}: BAR {bar} of {size:#x} bytes does not fit in the guest's PCI space"
     )]
     BarSpace { path: PathBuf, bar: u32, size: u64 },
-    #[error("--device vfio={path}: mapping BAR {bar} into the guest: {source}")]
-    BarMap {
-        path: PathBuf,
-        bar: u32,
-        source: std::io::Error,
-    },
     #[error("wiring the device's interrupt: {0}")]
     Irq(kvm_ioctls::Error),
     #[error("placing the device: {0}")]
     Bus(String),
     #[error("mapping guest RAM in the IOMMU (dma=all): {0}")]
-    MapAll(vfio_ioctls::VfioError),
+    MapAll(std::io::Error),
+    #[error("creating an eventfd for the device's interrupt: {0}")]
+    EventFd(std::io::Error),
 }
 
 /// The passed-through devices of a VM and the IOMMU domain they share; dropping it closes
@@ -268,11 +264,7 @@ impl Passthrough {
                 }
                 iommu
                     .map(start, r.as_ptr() as usize, r.len() as usize)
-                    .map_err(|e| {
-                        VfioError::MapAll(vfio_ioctls::VfioError::IommuDmaMap(
-                            vmm_sys_util::errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
-                        ))
-                    })?;
+                    .map_err(VfioError::MapAll)?;
                 bytes += r.len();
             }
             tracing::warn!(
@@ -458,8 +450,10 @@ pub struct VfioPci {
     dev: Arc<VfioDevice>,
     bars: [Bar; 6],
     msi: Option<MsiCap>,
-    /// MSI-X capability offset, hidden from the guest's capability walk.
-    msix: Option<u8>,
+    /// Hides MSI-X from the guest's capability walk: the config byte that points at the MSI-X
+    /// capability (0x34, or the previous capability's next pointer) and the value read instead
+    /// (MSI-X's own next pointer). Found once at start.
+    msix_skip: Option<(usize, u8)>,
     router: Arc<GsiRouter>,
     gsi: u32,
     msi_evt: EventFd,
@@ -542,11 +536,7 @@ impl MsiCap {
 impl VfioPci {
     fn new(path: PathBuf, dev: Arc<VfioDevice>, router: Arc<GsiRouter>) -> Result<Self, VfioError> {
         let gsi = router.allocate();
-        let msi_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VfioError::BarMap {
-            path: path.clone(),
-            bar: 0,
-            source: e,
-        })?;
+        let msi_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VfioError::EventFd)?;
         let mut d = Self {
             path,
             dev,
@@ -560,7 +550,7 @@ impl VfioPci {
                 mapped: false,
             }; 6],
             msi: None,
-            msix: None,
+            msix_skip: None,
             router,
             gsi,
             msi_evt,
@@ -590,6 +580,8 @@ impl VfioPci {
             return;
         }
         let mut ptr = self.cfg_read(0x34, 1) as usize & 0xfc;
+        // Where the pointer to the capability at `ptr` lives.
+        let mut pointer_at = 0x34;
         let mut seen = 0;
         while ptr >= 0x40 && seen < 48 {
             let header = self.cfg_read(ptr, 2);
@@ -607,9 +599,10 @@ impl VfioPci {
                     }
                     self.msi = Some(cap);
                 }
-                0x11 => self.msix = Some(ptr as u8),
+                0x11 => self.msix_skip = Some((pointer_at, (header >> 8) as u8)),
                 _ => {}
             }
+            pointer_at = ptr + 1;
             ptr = (header >> 8) as usize & 0xfc;
             seen += 1;
         }
@@ -804,13 +797,7 @@ impl VfioPci {
     /// Wires the INTx line to IOAPIC pin `gsi` (level, with KVM's resample irqfd) and turns it
     /// on; MSI takes over when the guest enables it.
     fn setup_intx(&mut self, vm: &VmFd, gsi: u32) -> Result<(), VfioError> {
-        let evt = || {
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
-                VfioError::Irq(kvm_ioctls::Error::new(
-                    e.raw_os_error().unwrap_or(libc::EIO),
-                ))
-            })
-        };
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(VfioError::EventFd);
         let intx = Intx {
             trigger: evt()?,
             resample: evt()?,
@@ -877,41 +864,15 @@ impl VfioPci {
         }
     }
 
-    /// Skips the MSI-X capability in a dword that holds a capability pointer.
+    /// Skips the MSI-X capability in the dword that holds the pointer to it.
     fn hide_msix(&self, reg: usize, value: u32) -> u32 {
-        let Some(msix) = self.msix else { return value };
-        let next_of_msix = self.cfg_read(msix as usize + 1, 1);
-        let patch_byte = |value: u32, byte: usize| {
-            if (value >> (byte * 8)) & 0xff == msix as u32 {
-                (value & !(0xff << (byte * 8))) | next_of_msix << (byte * 8)
-            } else {
-                value
+        match self.msix_skip {
+            Some((at, next)) if at / 4 == reg => {
+                let shift = (at % 4) * 8;
+                (value & !(0xff << shift)) | u32::from(next) << shift
             }
-        };
-        if reg == 0x34 / 4 {
-            return patch_byte(value, 0);
+            _ => value,
         }
-        // A capability header at this dword: its next pointer is byte 1.
-        if reg * 4 >= 0x40 && reg * 4 != msix as usize {
-            let header_here = {
-                let mut ptr = self.cfg_read(0x34, 1) as usize & 0xfc;
-                let mut found = false;
-                let mut n = 0;
-                while ptr >= 0x40 && n < 48 {
-                    if ptr == reg * 4 {
-                        found = true;
-                        break;
-                    }
-                    ptr = self.cfg_read(ptr + 1, 1) as usize & 0xfc;
-                    n += 1;
-                }
-                found
-            };
-            if header_here {
-                return patch_byte(value, 1);
-            }
-        }
-        value
     }
 }
 
