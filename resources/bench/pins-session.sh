@@ -1,6 +1,7 @@
 #!/bin/sh
 # One guest run for resources/bench/pins.sh (runs where dmavisor runs: here or in the sandbox).
-# usage: pins-session.sh MODE KERNEL INITRD   (MODE: seed001, seed004 or migrate; CHURN=0: no
+# usage: pins-session.sh MODE KERNEL INITRD   (MODE: seed001, seed004, seed001-ab (SEGMENTS=N
+# interleaved segments, see resources/bench/seed001-tail.sh) or migrate; CHURN=0: no
 # host pin churn; WINDOW=SIZE: the seeds' window, 56M by default; MEMCPY=1: end the seeds with a
 # one-frame forced migration, whose reply carries this VMM's memcpy speed)
 # Prints the guest console and the control API's replies ("API ... => JSON").
@@ -13,6 +14,8 @@ dd if=/dev/zero of=/tmp/dmavisor-bench.img bs=1M count=64 2>/dev/null
 dev=$(losetup -f) && losetup "$dev" /tmp/dmavisor-bench.img || { echo "losetup failed"; exit 1; }
 case $mode in
   seed001|seed004) scenario="$mode dmavisor.seconds=${SECONDS_PER_HEAP:-20}" window=${WINDOW:-56M} ;;
+  seed001-ab) scenario="$mode dmavisor.seconds=${SECONDS_PER_HEAP:-8} dmavisor.segments=${SEGMENTS:-3}"
+    window=${WINDOW:-56M} ;;
   migrate) scenario=migrate-verify window=64M ;;
 esac
 # REGION=SIZE: a region of that size instead of the window's (e.g. headroom for moves).
@@ -29,7 +32,7 @@ api() { echo "API $* => $(dmavisor api --api-sock $sock "$@" 2>&1)"; }
 waitfor DMAVISOR-SCENARIO
 n=0; until dmavisor stat --api-sock $sock | grep -q lending || [ $n -gt 600 ]; do sleep 0.1; n=$((n+1)); done
 case $mode in
-  seed001|seed004)
+  seed001|seed004|seed001-ab)
     [ "${CHURN:-1}" = 1 ] && api pin-churn io_kib=64 hold_us=200
     waitfor 'DMAVISOR-WAIT loaded'; echo go >&3
     waitfor 'DMAVISOR-WAIT done'

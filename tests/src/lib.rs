@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -337,7 +338,7 @@ fn execute(
     label: &str,
     input: Option<ConsoleInput>,
 ) -> GuestRun {
-    let first = execute_once(make(), timeout, label, input);
+    let first = keep_console(execute_once(make(), timeout, label, input));
     let triple_fault = first.console.contains(GUEST_TRIPLE_FAULT);
     if first.exit_code.is_some() && !triple_fault {
         return first;
@@ -355,7 +356,7 @@ fn execute(
     } else {
         "no exit status within the time limit"
     };
-    let second = execute_once(make(), timeout, label, input);
+    let second = keep_console(execute_once(make(), timeout, label, input));
     let outcome = if second.console.contains(GUEST_TRIPLE_FAULT) {
         "the retry triple-faulted too"
     } else if second.exit_code.is_some() {
@@ -365,6 +366,25 @@ fn execute(
     };
     record_retry(&format!("{label}: {stalled}; {outcome}"));
     second
+}
+
+/// With `DMAVISOR_TEST_CONSOLES=DIR`, every run's console is also written to `DIR/run-N.log`
+/// (passing runs too: the guest's and the host's statistics are in them).
+fn keep_console(run: GuestRun) -> GuestRun {
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    if let Some(dir) = std::env::var_os("DMAVISOR_TEST_CONSOLES") {
+        let path = PathBuf::from(dir).join(format!(
+            "run-{}-{}.log",
+            std::process::id(),
+            RUNS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let written = std::fs::create_dir_all(path.parent().expect("a directory"))
+            .and_then(|()| std::fs::write(&path, &run.console));
+        if let Err(e) = written {
+            eprintln!("[harness] keeping the console in {}: {e}", path.display());
+        }
+    }
+    run
 }
 
 /// What dmavisor prints when the guest triple-faults. In the sandbox host this happens now and

@@ -181,6 +181,35 @@ fn held_buffers_sit_at_distinct_host_contiguous_places() {
 }
 
 #[test]
+fn buffers_shorter_than_a_granule_are_mapped_at_their_own_size() {
+    let g = guest();
+    let r = heap_result(g, "/dev/dma_heap/virtio-dma", MIB, 6);
+    assert_eq!(
+        (r["ok"].as_str(), r["failed"].as_str(), r["verify"].as_str()),
+        ("6", "0", "ok"),
+        "{r:?}"
+    );
+    let s = stats(g);
+    assert_eq!(s["granule"], 2 << 20, "a 2 MiB granule: {s:?}");
+    // Each listed on a chunk of its own (not pooled), at distinct host places, two to a
+    // granule at most.
+    let own: Vec<HashMap<String, String>> = g
+        .results()
+        .into_iter()
+        .filter(|m| m.contains_key("host_addr") && m["len"] == "1048576" && m["pooled"] == "0")
+        .collect();
+    assert_eq!(own.len(), 6, "console:\n{}", g.console);
+    let mut addrs: Vec<u64> = own
+        .iter()
+        .map(|b| u64::from_str_radix(b["host_addr"].trim_start_matches("0x"), 16).unwrap())
+        .collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 6, "distinct host placements: {own:?}");
+    assert!(addrs.iter().all(|a| a % MIB as u64 == 0), "{own:?}");
+}
+
+#[test]
 fn larger_than_any_extent_is_toobig_on_the_host_and_enomem_in_the_guest() {
     // A 32M region behind a 64M window: its largest extent is at most 32M.
     let mut boot = Boot::scenario("virtio-dma-toobig");

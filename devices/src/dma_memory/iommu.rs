@@ -82,7 +82,9 @@ impl Owner {
         let pin = memory
             .pin_longterm(gpa, len, PinHolder::Iommu)
             .map_err(|e| MapError::Io(format!("pinning the range for the IOMMU: {e}")))?;
-        let host = self.window.page_addr(self.window.page_of(gpa));
+        let page = self.window.page_of(gpa);
+        let page_base = self.window.base + (page * self.window.page) as u64;
+        let host = self.window.page_addr(page) + (gpa - page_base) as usize;
         let t = Instant::now();
         if let Err(e) = iommu.map(gpa, host, len as usize) {
             self.counters.map_failures.fetch_add(1, Ordering::Relaxed);
@@ -93,7 +95,7 @@ impl Owner {
             .map_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.counters.maps.fetch_add(1, Ordering::Relaxed);
-        lock(&self.iommu_pins).insert(gpa, pin);
+        lock(&self.iommu_pins).insert(gpa, (pin, len));
         Ok(())
     }
 
@@ -135,7 +137,7 @@ impl DmaMemory {
             Some(IommuPolicy::All) => (1, o.window.len),
             Some(IommuPolicy::Mapped) => {
                 let pins = lock(&o.iommu_pins);
-                (pins.len() as u64, pins.values().map(|p| p.len).sum())
+                (pins.len() as u64, pins.values().map(|(_, len)| len).sum())
             }
             None => (0, 0),
         };
@@ -162,7 +164,7 @@ impl DmaMemory {
                 lock(&o.iommu_pins)
                     .range(..=addr)
                     .next_back()
-                    .is_some_and(|(&gpa, p)| addr < gpa + p.len)
+                    .is_some_and(|(&gpa, (p, _))| addr < gpa + p.len)
             }
             None => false,
         }

@@ -61,7 +61,8 @@ pub enum MapError {
 /// back. Implemented by [`DmaMemory`]; a host-wide manager serving several VMs would implement
 /// it per VM.
 pub trait DmaMapper: Send + Sync {
-    /// Backs `[gpa, gpa + len)` with host-contiguous, pinned memory.
+    /// Backs `[gpa, gpa + len)` with host-contiguous, pinned memory. The range is whole
+    /// granules, or whole [`SUB_PAGE`]s inside one granule.
     fn map(&self, gpa: u64, len: u64, opts: MapOptions) -> Result<Placement, MapError>;
     /// Ends the mapping at `gpa` of `len` bytes; the range keeps its contents. Never waits for
     /// a MAP.
@@ -141,6 +142,9 @@ enum InPlace {
     Busy,
 }
 
+/// The unit of a MAP inside one window page: a guest page.
+pub const SUB_PAGE: u64 = 4096;
+
 impl DmaMapper for DmaMemory {
     fn map(&self, gpa: u64, len: u64, opts: MapOptions) -> Result<Placement, MapError> {
         let t = Instant::now();
@@ -149,8 +153,12 @@ impl DmaMapper for DmaMemory {
             .map_err(|e| MapError::Io(e.to_string()))?;
         let page = self.granule() as u64;
         if !len.is_multiple_of(page) || !gpa.is_multiple_of(page) {
+            if n == 1 && gpa.is_multiple_of(SUB_PAGE) && len.is_multiple_of(SUB_PAGE) {
+                return self.map_in_page(first, gpa, len, opts, t);
+            }
             return Err(MapError::Io(format!(
-                "MAP of {len:#x} at {gpa:#x} is not in whole {page}-byte pages"
+                "MAP of {len:#x} at {gpa:#x} is neither whole {page}-byte pages nor whole \
+                 {SUB_PAGE}-byte pages inside one"
             )));
         }
         let (alloc, placement, phases) = self.inner.map_pages(first, n, opts)?;
@@ -170,6 +178,19 @@ impl DmaMapper for DmaMemory {
     }
 
     fn unmap(&self, gpa: u64, len: u64) -> Result<(), MapError> {
+        let (first, n) = self.pages_of(gpa, len).map_err(|_| MapError::NotMapped)?;
+        let page = self.granule() as u64;
+        if !len.is_multiple_of(page) || !gpa.is_multiple_of(page) {
+            return if n == 1 {
+                self.unmap_in_page(first, gpa, len)
+            } else {
+                Err(MapError::NotMapped)
+            };
+        }
+        // A page shared by shorter MAPs ends with the last of them, never as a whole.
+        if lock(&self.inner.shared).contains_key(&first) {
+            return Err(MapError::NotMapped);
+        }
         match lock(&self.inner.mappings).get(&gpa) {
             Some(a) if a.len() as u64 == len => {}
             _ => return Err(MapError::NotMapped),
@@ -187,6 +208,92 @@ impl DmaMapper for DmaMemory {
 
     fn host_phys(&self) -> bool {
         self.region().extents().iter().any(|e| e.phys.is_some())
+    }
+}
+
+impl DmaMemory {
+    /// A MAP inside window page `page`, shorter than it (a 1 MiB buffer on 2 MiB pages): the
+    /// page is mapped whole by the first such MAP (its frame then holds still, and is the
+    /// host-contiguous backing of every MAP inside it) and given back with the last. The page's
+    /// other bytes are the guest's too, so they move with it: DISCARD does not apply.
+    fn map_in_page(
+        &self,
+        page: usize,
+        gpa: u64,
+        len: u64,
+        opts: MapOptions,
+        t: Instant,
+    ) -> Result<Placement, MapError> {
+        let o = &self.inner;
+        let base = o.window.base + (page * o.window.page) as u64;
+        let mut shared = lock(&o.shared);
+        let (placement, phases) = match shared.get(&page) {
+            Some(inside) => {
+                let overlaps = inside
+                    .range(..gpa + len)
+                    .next_back()
+                    .is_some_and(|(&start, &l)| start + l > gpa);
+                if overlaps {
+                    return Err(MapError::Io("range overlaps a mapping".into()));
+                }
+                let alloc_placement = lock(&o.mappings)
+                    .get(&base)
+                    .map(|a| o.placement(a, 0))
+                    .ok_or_else(|| MapError::Io("a shared page lost its mapping".into()))?;
+                o.iommu_map(self, gpa, len)?;
+                (alloc_placement, MapPhases::default())
+            }
+            None => {
+                if lock(&o.mappings).contains_key(&base) {
+                    return Err(MapError::Io("range overlaps a mapping".into()));
+                }
+                let keep = MapOptions {
+                    discard: false,
+                    ..opts
+                };
+                let (alloc, placement, phases) = o.map_pages(page, 1, keep)?;
+                if let Err(e) = o.iommu_map(self, gpa, len) {
+                    o.unmap_pages(page, alloc);
+                    return Err(e);
+                }
+                lock(&o.mappings).insert(base, alloc);
+                (placement, phases)
+            }
+        };
+        shared.entry(page).or_default().insert(gpa, len);
+        drop(shared);
+        o.samples.record(
+            t.elapsed().as_nanos() as u64,
+            placement.bytes_migrated,
+            phases,
+        );
+        let off = gpa - base;
+        Ok(Placement {
+            host_addr: placement.host_addr + off,
+            region_offset: placement.region_offset + off,
+            ..placement
+        })
+    }
+
+    /// Ends a MAP made by [`DmaMemory::map_in_page`]; the page is given back with the last.
+    fn unmap_in_page(&self, page: usize, gpa: u64, len: u64) -> Result<(), MapError> {
+        let o = &self.inner;
+        let mut shared = lock(&o.shared);
+        let inside = shared.get_mut(&page).ok_or(MapError::NotMapped)?;
+        if inside.get(&gpa) != Some(&len) {
+            return Err(MapError::NotMapped);
+        }
+        o.iommu_unmap(gpa, len)?;
+        inside.remove(&gpa);
+        if inside.is_empty() {
+            shared.remove(&page);
+            let base = o.window.base + (page * o.window.page) as u64;
+            let alloc = lock(&o.mappings)
+                .remove(&base)
+                .ok_or_else(|| MapError::Io("a shared page lost its mapping".into()))?;
+            o.unmap_pages(page, alloc);
+        }
+        Ok(())
     }
 }
 

@@ -18,8 +18,9 @@
 //!    the allocator's in-place conversions.
 //! 3. the allocator's own map locks (inside `cma`), which it never holds while calling the mover.
 //!
-//! `mappings` (the allocations by guest address) is a leaf: taken alone, for a lookup or an
-//! insert.
+//! `shared` (window pages shared by MAPs shorter than a page) comes before `layout`: a MAP into
+//! a page not mapped yet places the page while holding it. `mappings` (the allocations by guest
+//! address) is a leaf: taken alone, for a lookup or an insert.
 //!
 //! A later host-wide manager that serves several VMs from one region can sit behind the same
 //! interface: each VM keeps a `DmaMemory`-shaped handle (window, page table, pins) and the
@@ -42,7 +43,7 @@ use cma::{AllocError, AllocRequest, Allocation, Allocator, AllocatorConfig, Regi
 use crate::guest_memory::GuestMemoryHandle;
 
 pub use iommu::{Iommu, IommuAttachment, IommuPolicy, IommuStats};
-pub use map::{DmaMapper, MapError, MapOptions, MappingInfo, Placement};
+pub use map::{DmaMapper, MapError, MapOptions, MappingInfo, Placement, SUB_PAGE};
 pub use pins::{HostBuffer, LongTermPin, PinHolder, TransientPin};
 pub use stats::{DmaMemoryStats, LendingStats, MapPercentiles};
 pub use window::{Backing, PageState, WINDOW_OWNER};
@@ -109,6 +110,10 @@ struct Owner {
     window: Arc<Window>,
     layout: Mutex<()>,
     mappings: Mutex<BTreeMap<u64, Allocation>>,
+    /// Window pages mapped for MAPs shorter than a page (a 1 MiB buffer on 2 MiB pages): the
+    /// page's allocation is in `mappings` at the page's address, and here are the MAPs inside
+    /// it, guest address to length. The page is given back when its last MAP ends.
+    shared: Mutex<BTreeMap<usize, BTreeMap<u64, u64>>>,
     samples: MapSamples,
     /// MAPs that found a pin on their pages' own frames and waited for it.
     pin_waits: AtomicU64,
@@ -120,7 +125,8 @@ struct Owner {
     iommu: Option<IommuAttachment>,
     /// With [`IommuPolicy::Mapped`]: the pin of each range the IOMMU maps, by guest address. A
     /// leaf lock.
-    iommu_pins: Mutex<BTreeMap<u64, LongTermPin>>,
+    /// With the length the IOMMU maps (the pin covers whole window pages).
+    iommu_pins: Mutex<BTreeMap<u64, (LongTermPin, u64)>>,
     counters: iommu::IommuCounters,
 }
 
@@ -201,6 +207,7 @@ impl DmaMemory {
                 window,
                 layout: Mutex::new(()),
                 mappings: Mutex::new(BTreeMap::new()),
+                shared: Mutex::new(BTreeMap::new()),
                 samples: MapSamples::default(),
                 pin_waits: AtomicU64::new(0),
                 longterm_ranges: AtomicU64::new(0),
@@ -234,7 +241,8 @@ impl DmaMemory {
         (self.inner.window.base, self.inner.window.len)
     }
 
-    /// The smallest unit of MAP and of every page state: one region page.
+    /// The unit of every page state: one region page. A MAP is whole pages, or lies inside one
+    /// page in whole [`SUB_PAGE`] units (see [`DmaMapper::map`]).
     pub fn granule(&self) -> usize {
         self.inner.window.page
     }

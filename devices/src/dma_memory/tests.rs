@@ -522,3 +522,53 @@ fn all_policy_maps_the_window_once_and_never_moves_it() {
     dma.unmap(BASE, 2 * MIB).unwrap();
     assert_eq!(iommu.maps.lock().unwrap().len(), 1);
 }
+
+#[test]
+fn maps_inside_one_page_share_it_and_the_last_gives_it_back() {
+    // A window lent whole (here because of dma=all) has 2 MiB pages on any region.
+    let (dma, guest, _iommu) = memory_with_iommu(8 << 20, 8 * MIB, IommuPolicy::All);
+    assert_eq!(dma.granule() as u64, 2 * MIB);
+    let page_base = BASE + 2 * MIB;
+    guest
+        .memory()
+        .write_obj(0xabcd_u64, GuestAddress(page_base + 1536 * 1024))
+        .unwrap();
+    let a = dma.map(page_base + MIB, 512 << 10, FAILFAST).unwrap();
+    assert_eq!(a.region_offset, 3 * MIB, "page 1's frame, 1 MiB in");
+    let b = dma.map(page_base + 4096, 8192, FAILFAST).unwrap();
+    assert_eq!(b.region_offset, 2 * MIB + 4096);
+    assert_eq!(dma.mappings().len(), 1, "one page mapped for both");
+    let page = dma.inner.window.page_of(page_base);
+    assert!(matches!(
+        dma.page_state(page).unwrap().backing,
+        Backing::Mapped(_)
+    ));
+    // Overlaps, ranges across pages, and odd units are refused and change nothing.
+    assert!(dma.map(page_base + MIB + 4096, 4096, FAILFAST).is_err());
+    assert!(dma.map(page_base, 2 * MIB, FAILFAST).is_err());
+    assert!(dma.map(page_base - 4096, 8192, FAILFAST).is_err());
+    assert!(dma.map(page_base + 512, 4096, FAILFAST).is_err());
+    // The page ends with its last MAP, not as a whole nor by a range it does not hold.
+    assert_eq!(dma.unmap(page_base, 2 * MIB), Err(MapError::NotMapped));
+    assert_eq!(dma.unmap(page_base + MIB, 4096), Err(MapError::NotMapped));
+    dma.unmap(page_base + MIB, 512 << 10).unwrap();
+    assert_eq!(
+        dma.mappings().len(),
+        1,
+        "the other MAP still holds the page"
+    );
+    dma.unmap(page_base + 4096, 8192).unwrap();
+    assert!(dma.mappings().is_empty());
+    assert!(matches!(
+        dma.page_state(page).unwrap().backing,
+        Backing::Lent(_)
+    ));
+    // The guest's bytes elsewhere in the page were never touched.
+    let kept: u64 = guest
+        .memory()
+        .read_obj(GuestAddress(page_base + 1536 * 1024))
+        .unwrap();
+    assert_eq!(kept, 0xabcd);
+    // A whole-page MAP works again.
+    dma.map(page_base, 2 * MIB, FAILFAST).unwrap();
+}

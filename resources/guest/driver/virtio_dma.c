@@ -58,17 +58,29 @@ static unsigned int idle_chunk_ms = 1000;
 module_param(idle_chunk_ms, uint, 0644);
 MODULE_PARM_DESC(idle_chunk_ms, "How long an empty shared chunk stays mapped for reuse");
 
+/*
+ * By default a chunk is shared when at least two buffers fit in it: above half a chunk, sharing
+ * saves no cma_alloc() or MAP, and the rest of the chunk would go unused.
+ */
+static unsigned int pool_max_kib = 1024;
+module_param(pool_max_kib, uint, 0644);
+MODULE_PARM_DESC(pool_max_kib,
+		 "Buffers up to this size share 2 MiB chunks (one cma_alloc() and MAP per chunk)");
+
 /* Pause between cma_alloc() retries: about the length of the pins that make it fail. */
 #define VDMA_RETRY_MIN_US 100
 #define VDMA_RETRY_MAX_US 300
 
 /*
- * Buffers smaller than a chunk share 2 MiB chunks: one cma_alloc() and one MAP per chunk, and
- * a buffer is a run of pages in it. Larger buffers get a chunk of their own. At most one
- * empty chunk stays mapped, for idle_chunk_ms.
+ * Small buffers (up to pool_max_kib, or any buffer smaller than the smallest MAP the device
+ * takes) share 2 MiB chunks: one cma_alloc() and one MAP per chunk, and a buffer is a run of
+ * pages in it. Other buffers get a chunk of their own, of the size asked for where the device
+ * allows it, as the kernel's CMA heap allocates them. At most one empty chunk stays mapped, for
+ * idle_chunk_ms.
  */
 #define POOL_CHUNK_ORDER 9
 #define POOL_CHUNK_PAGES BIT(POOL_CHUNK_ORDER)
+#define POOL_CHUNK_BYTES (POOL_CHUNK_PAGES << PAGE_SHIFT)
 
 struct vdma;
 struct vdma_chunk;
@@ -120,7 +132,9 @@ struct vdma {
 	unsigned long backlog_len, backlog_max;
 	struct cma *cma;
 	u64 window_base, window_size, granule, max_map_len;
-	bool f_deadline, f_discard, f_host_phys;
+	bool f_deadline, f_discard, f_host_phys, f_sub_granule;
+	/* The smallest MAP: the granule, or a page inside one with SUB_GRANULE. */
+	u64 map_unit;
 	spinlock_t buffers_lock;	/* protects buffers */
 	struct list_head buffers;
 	spinlock_t pool_lock;		/* protects pool, idle, every pooled chunk's map and used */
@@ -511,9 +525,17 @@ static struct vdma_chunk *vdma_chunk_create(struct vdma *v, unsigned long pageco
 	c->v = v;
 	c->pagecount = pagecount;
 	INIT_LIST_HEAD(&c->node);
-	align = max_t(unsigned int, get_order(pagecount << PAGE_SHIFT), get_order(v->granule));
-	if (align > CONFIG_CMA_ALIGNMENT)
-		align = max_t(unsigned int, CONFIG_CMA_ALIGNMENT, get_order(v->granule));
+	align = get_order(pagecount << PAGE_SHIFT);
+	if ((pagecount << PAGE_SHIFT) >= v->granule) {
+		/* Whole granules, on a granule boundary. */
+		align = max_t(unsigned int, align, get_order(v->granule));
+		if (align > CONFIG_CMA_ALIGNMENT)
+			align = max_t(unsigned int, CONFIG_CMA_ALIGNMENT, get_order(v->granule));
+	}
+	/*
+	 * Shorter than a granule (SUB_GRANULE): aligned to its own order, not capped at
+	 * CONFIG_CMA_ALIGNMENT as the CMA heap caps it, so that it lies inside one granule.
+	 */
 	flags = failfast ? VIRTIO_DMA_FLAG_FAILFAST : 0;
 	/* DISCARD: buffers are zeroed through the new host-contiguous backing. */
 	if (v->f_discard)
@@ -877,9 +899,18 @@ static struct dma_buf *vdma_allocate_on(struct vdma *v, struct dma_heap *heap,
 	n = size >> PAGE_SHIFT;
 	if (!len || !size)
 		return ERR_PTR(-EINVAL);
-	pooled = v->granule <= (POOL_CHUNK_PAGES << PAGE_SHIFT) && n < POOL_CHUNK_PAGES;
-	/* A chunk of its own is whole granules; the buffer is what was asked for. */
-	chunk_size = pooled ? POOL_CHUNK_PAGES << PAGE_SHIFT : ALIGN(size, v->granule);
+	pooled = v->map_unit <= POOL_CHUNK_BYTES && n < POOL_CHUNK_PAGES &&
+		 (size <= (size_t)READ_ONCE(pool_max_kib) * SZ_1K || size < v->map_unit);
+	/*
+	 * A chunk of its own is the size asked for if the device takes it in one MAP (inside one
+	 * granule with SUB_GRANULE), else whole granules; the buffer is what was asked for.
+	 */
+	if (pooled)
+		chunk_size = POOL_CHUNK_BYTES;
+	else if (size <= v->granule)
+		chunk_size = ALIGN(size, v->map_unit);
+	else
+		chunk_size = ALIGN(size, v->granule);
 	if (chunk_size > v->max_map_len || chunk_size < size)
 		return ERR_PTR(-ENOMEM);
 	buffer = kzalloc(sizeof(*buffer), GFP_KERNEL);
@@ -1016,10 +1047,10 @@ static int vdma_stats_show(struct seq_file *s, void *unused)
 		   (long long)atomic64_read(&v->abandoned),
 		   (long long)atomic64_read(&v->cma_retries),
 		   (long long)atomic64_read(&v->host_busy_skips));
-	seq_printf(s, " window_base=%#llx window_size=%llu granule=%llu max_map_len=%llu features=%s%s%s\n",
+	seq_printf(s, " window_base=%#llx window_size=%llu granule=%llu max_map_len=%llu features=%s%s%s%s\n",
 		   v->window_base, v->window_size, v->granule, v->max_map_len,
 		   v->f_host_phys ? "host_phys+" : "", v->f_deadline ? "deadline+" : "",
-		   v->f_discard ? "discard" : "");
+		   v->f_discard ? "discard+" : "", v->f_sub_granule ? "sub_granule" : "");
 	return 0;
 }
 DEFINE_SHOW_ATTRIBUTE(vdma_stats);
@@ -1179,6 +1210,9 @@ static int vdma_read_config(struct vdma *v)
 	v->f_host_phys = virtio_has_feature(vdev, VIRTIO_DMA_F_HOST_PHYS);
 	v->f_deadline = virtio_has_feature(vdev, VIRTIO_DMA_F_DEADLINE);
 	v->f_discard = virtio_has_feature(vdev, VIRTIO_DMA_F_DISCARD);
+	v->f_sub_granule = virtio_has_feature(vdev, VIRTIO_DMA_F_SUB_GRANULE) &&
+			   PAGE_SIZE % VIRTIO_DMA_SUB_GRANULE_UNIT == 0;
+	v->map_unit = v->f_sub_granule ? PAGE_SIZE : v->granule;
 	return 0;
 }
 
@@ -1331,6 +1365,7 @@ static const struct virtio_device_id id_table[] = {
 
 static unsigned int features[] = {
 	VIRTIO_DMA_F_HOST_PHYS, VIRTIO_DMA_F_DEADLINE, VIRTIO_DMA_F_DISCARD,
+	VIRTIO_DMA_F_SUB_GRANULE,
 };
 
 static struct virtio_driver virtio_dma_driver = {

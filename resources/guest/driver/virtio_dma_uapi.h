@@ -18,6 +18,10 @@
 #define VIRTIO_DMA_F_HOST_PHYS	0	/* MAP responses may carry host-physical addresses */
 #define VIRTIO_DMA_F_DEADLINE	1	/* MAP honours deadline_ms */
 #define VIRTIO_DMA_F_DISCARD	2	/* MAP and UNMAP honour VIRTIO_DMA_FLAG_DISCARD */
+#define VIRTIO_DMA_F_SUB_GRANULE	3	/* MAP/UNMAP take whole units inside one granule */
+
+/* With VIRTIO_DMA_F_SUB_GRANULE: the unit of a range shorter than the granule. */
+#define VIRTIO_DMA_SUB_GRANULE_UNIT	4096
 
 /* Virtqueues */
 #define VIRTIO_DMA_MAPQ		0	/* MAP */

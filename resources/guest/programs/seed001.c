@@ -2,9 +2,9 @@
 // COUNT buffers of SIZE from a dma-buf heap, then free them all; repeat for SECONDS. A loop
 // fails if any allocation in it failed.
 //
-// usage: seed001 HEAP_PATH SECONDS SIZE COUNT
+// usage: seed001 HEAP_PATH SECONDS SIZE COUNT [LABEL]
 // Prints "DMAVISOR-RESULT seed001 heap=H loops=L failed_loops=F failed_allocs=A allocs=N
-// p50_us=.. p99_us=.. max_us=.. last_errno=E".
+// p50_us=.. p99_us=.. max_us=.. last_errno=E", with " label=LABEL" if given.
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/dma-heap.h>
@@ -27,8 +27,8 @@ static int cmp(const void *a, const void *b) {
 }
 
 int main(int argc, char **argv) {
-  if (argc != 5) {
-    fprintf(stderr, "usage: %s HEAP_PATH SECONDS SIZE COUNT\n", argv[0]);
+  if (argc != 5 && argc != 6) {
+    fprintf(stderr, "usage: %s HEAP_PATH SECONDS SIZE COUNT [LABEL]\n", argv[0]);
     return 2;
   }
   const char *heap = argv[1];
@@ -69,9 +69,9 @@ int main(int argc, char **argv) {
   } while (now_ns() < deadline);
   qsort(lat, n, sizeof(uint64_t), cmp);
   printf("DMAVISOR-RESULT seed001 heap=%s loops=%ld failed_loops=%ld failed_allocs=%ld allocs=%zu "
-         "p50_us=%llu p99_us=%llu max_us=%llu last_errno=%d\n",
+         "p50_us=%llu p99_us=%llu max_us=%llu last_errno=%d%s%s\n",
          heap, loops, failed_loops, failed, n, (unsigned long long)lat[n / 2] / 1000,
          (unsigned long long)lat[(n * 99) / 100] / 1000, (unsigned long long)lat[n - 1] / 1000,
-         last_errno);
+         last_errno, argc == 6 ? " label=" : "", argc == 6 ? argv[5] : "");
   return 0;
 }

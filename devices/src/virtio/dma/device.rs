@@ -17,8 +17,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::handler::RequestHandler;
 use super::protocol::{
-    Request, RequestHeader, Response, Status, CTRLQ, F_DEADLINE, F_DISCARD, F_HOST_PHYS, MAPQ,
-    REQ_SIZE, RESP_SIZE,
+    Request, RequestHeader, Response, Status, CTRLQ, F_DEADLINE, F_DISCARD, F_HOST_PHYS,
+    F_SUB_GRANULE, MAPQ, REQ_SIZE, RESP_SIZE,
 };
 use crate::dma_memory::DmaMapper;
 use crate::guest_memory::GuestMemoryHandle;
@@ -247,7 +247,7 @@ impl<M: DmaMapper + 'static> VirtioDevice for Dma<M> {
             Ok(h) if self.offer_host_phys && h.memory().host_phys() => F_HOST_PHYS,
             _ => 0,
         };
-        VIRTIO_F_VERSION_1 | F_DEADLINE | F_DISCARD | phys
+        VIRTIO_F_VERSION_1 | F_DEADLINE | F_DISCARD | F_SUB_GRANULE | phys
     }
     fn set_acked_features(&mut self, acked: u64) {
         self.acked = acked;
@@ -340,7 +340,8 @@ mod tests {
 
     const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
     const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
-    const ALL_FEATURES: u64 = VIRTIO_F_VERSION_1 | F_HOST_PHYS | F_DEADLINE | F_DISCARD;
+    const ALL_FEATURES: u64 =
+        VIRTIO_F_VERSION_1 | F_HOST_PHYS | F_DEADLINE | F_DISCARD | F_SUB_GRANULE;
 
     /// Places every MAP at host-physical 0x1000 in extent 3.
     struct FixedPlacement;

@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::protocol::{Config, Request, Response, Stat, Status, F_HOST_PHYS, RESP_HOST_PHYS};
+use super::protocol::{
+    Config, Request, Response, Stat, Status, F_HOST_PHYS, F_SUB_GRANULE, RESP_HOST_PHYS,
+    SUB_GRANULE_UNIT,
+};
 use crate::dma_memory::{DmaMapper, MapError, MapOptions};
 
 impl MapError {
@@ -127,18 +130,31 @@ impl<M: DmaMapper> RequestHandler<M> {
         self.table().stat
     }
 
-    /// Range and alignment checks shared by MAP and UNMAP.
-    fn check_range(&self, gpa: u64, len: u64) -> Result<(), Status> {
+    /// Range and alignment checks shared by MAP and UNMAP: whole granules, or with
+    /// `VIRTIO_DMA_F_SUB_GRANULE` whole 4 KiB units inside one granule.
+    fn check_range(&self, gpa: u64, len: u64, features: u64) -> Result<(), Status> {
         let end = gpa.checked_add(len).ok_or(Status::Range)?;
         let (base, size) = (self.config.window_base, self.config.window_size);
         if gpa < base || end > base + size {
             return Err(Status::Range);
         }
         let g = u64::from(self.config.granule);
-        if len == 0 || !gpa.is_multiple_of(g) || !len.is_multiple_of(g) {
+        if len == 0 {
             return Err(Status::Unaligned);
         }
-        Ok(())
+        if gpa.is_multiple_of(g) && len.is_multiple_of(g) {
+            return Ok(());
+        }
+        let inside_one = (gpa - base) / g == (end - 1 - base) / g;
+        let unit = SUB_GRANULE_UNIT;
+        if features & F_SUB_GRANULE != 0
+            && inside_one
+            && gpa.is_multiple_of(unit)
+            && len.is_multiple_of(unit)
+        {
+            return Ok(());
+        }
+        Err(Status::Unaligned)
     }
 
     /// Carries out one request of a driver that negotiated `features`; for STAT also returns
@@ -161,16 +177,17 @@ impl<M: DmaMapper> RequestHandler<M> {
                     discard,
                     deadline: Duration::from_millis(u64::from(deadline_ms)),
                 };
-                (self.map(gpa, len, opts, features & F_HOST_PHYS != 0), None)
+                (self.map(gpa, len, opts, features), None)
             }
-            Request::Unmap { gpa, len, .. } => (self.unmap(gpa, len), None),
+            Request::Unmap { gpa, len, .. } => (self.unmap(gpa, len, features), None),
             Request::Stat => (Response::status(Status::Ok), Some(self.stat())),
         }
     }
 
     /// MAP; the response names a host-physical address only if the driver negotiated
-    /// `VIRTIO_DMA_F_HOST_PHYS` (`host_phys`), and the region offset otherwise.
-    fn map(&self, gpa: u64, len: u64, opts: MapOptions, host_phys: bool) -> Response {
+    /// `VIRTIO_DMA_F_HOST_PHYS`, and the region offset otherwise.
+    fn map(&self, gpa: u64, len: u64, opts: MapOptions, features: u64) -> Response {
+        let host_phys = features & F_HOST_PHYS != 0;
         let fail = |table: &mut MappingTable, status: Status| {
             table.stat.maps_failed += 1;
             match status {
@@ -182,7 +199,7 @@ impl<M: DmaMapper> RequestHandler<M> {
         };
         {
             let mut table = self.table();
-            if let Err(status) = self.check_range(gpa, len) {
+            if let Err(status) = self.check_range(gpa, len, features) {
                 return fail(&mut table, status);
             }
             if len > self.config.max_map_len {
@@ -231,10 +248,10 @@ impl<M: DmaMapper> RequestHandler<M> {
         }
     }
 
-    fn unmap(&self, gpa: u64, len: u64) -> Response {
+    fn unmap(&self, gpa: u64, len: u64, features: u64) -> Response {
         {
             let mut table = self.table();
-            if let Err(status) = self.check_range(gpa, len) {
+            if let Err(status) = self.check_range(gpa, len, features) {
                 return Response::status(status);
             }
             match table.entries.get(&gpa) {

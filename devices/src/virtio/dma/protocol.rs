@@ -26,6 +26,11 @@ pub const CTRLQ: usize = 1;
 pub const F_HOST_PHYS: u64 = 1 << 0;
 pub const F_DEADLINE: u64 = 1 << 1;
 pub const F_DISCARD: u64 = 1 << 2;
+/// MAP and UNMAP also take a range shorter than the granule that lies inside one granule, in
+/// whole [`SUB_GRANULE_UNIT`]s.
+pub const F_SUB_GRANULE: u64 = 1 << 3;
+/// The unit of a range inside one granule (with [`F_SUB_GRANULE`]).
+pub const SUB_GRANULE_UNIT: u64 = 4096;
 
 pub const REQ_MAP: u32 = 1;
 pub const REQ_UNMAP: u32 = 2;

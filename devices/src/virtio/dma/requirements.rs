@@ -27,12 +27,13 @@ const MIB: u64 = 1 << 20;
 const BASE: u64 = 0x4000_0000;
 const PHYS_BASE: u64 = 0x2_0000_0000;
 const QUEUE_SIZE: u16 = 16;
-const ALL: u64 = VIRTIO_F_VERSION_1 | F_HOST_PHYS | F_DEADLINE | F_DISCARD;
+const ALL: u64 = VIRTIO_F_VERSION_1 | F_HOST_PHYS | F_DEADLINE | F_DISCARD | F_SUB_GRANULE;
+const GRANULE: u64 = 64 << 10;
 
 const CONFIG: Config = Config {
     window_base: BASE,
     window_size: 64 * MIB,
-    granule: 4096,
+    granule: GRANULE as u32,
     max_mappings: 8,
     max_map_len: 16 * MIB,
     region_size: 64 * MIB,
@@ -330,7 +331,10 @@ fn device_id_is_60_which_virtio_mmio_and_virtio_pci_accept() {
 fn device_offers_version_1_and_refuses_a_driver_without_it() {
     let mut d = TestDriver::new(false, false);
     let offered = d.device_features();
-    assert_eq!(offered, VIRTIO_F_VERSION_1 | F_DEADLINE | F_DISCARD);
+    assert_eq!(
+        offered,
+        VIRTIO_F_VERSION_1 | F_DEADLINE | F_DISCARD | F_SUB_GRANULE
+    );
     assert!(
         !d.negotiate(F_DEADLINE | F_DISCARD),
         "legacy driver refused"
@@ -362,7 +366,11 @@ fn config_space_is_the_documented_layout_and_read_only() {
     };
     let before = read(&mut d);
     assert_eq!(before, CONFIG.encode());
-    assert_eq!(before[16..20], 4096u32.to_le_bytes(), "granule at 16");
+    assert_eq!(
+        before[16..20],
+        (GRANULE as u32).to_le_bytes(),
+        "granule at 16"
+    );
     d.t.write(0x100, &[0xff; 4]);
     d.t.write(0x110, &[0; 4]);
     assert_eq!(read(&mut d), before, "writes change nothing");
@@ -384,6 +392,50 @@ fn discard_or_deadline_without_their_features_is_inval_and_changes_nothing() {
     d.start(ALL);
     assert_eq!(d.status(MAPQ, REQ_MAP, MAP_DISCARD, BASE, MIB, 100), OK);
     assert_eq!(d.status(CTRLQ, REQ_UNMAP, MAP_DISCARD, BASE, MIB, 0), OK);
+}
+
+#[test]
+fn a_range_shorter_than_a_granule_needs_sub_granule_and_lies_inside_one_granule() {
+    const UNALIGNED: u32 = Status::Unaligned as u32;
+    const EXISTS: u32 = Status::Exists as u32;
+    let mut d = TestDriver::new(false, false);
+    d.start(VIRTIO_F_VERSION_1);
+    assert_eq!(d.map(BASE, 4096), UNALIGNED, "without the feature");
+    assert!(d.record.maps().is_empty());
+    d.reset();
+    d.start(ALL);
+    assert_eq!(d.map(BASE, 4096), OK);
+    assert_eq!(d.map(BASE + 8192, 8192), OK);
+    assert_eq!(
+        d.map(BASE + GRANULE - 4096, 8192),
+        UNALIGNED,
+        "crosses a granule"
+    );
+    assert_eq!(
+        d.map(BASE + GRANULE + 512, 4096),
+        UNALIGNED,
+        "not whole 4 KiB units"
+    );
+    assert_eq!(
+        d.map(BASE + GRANULE, 6144),
+        UNALIGNED,
+        "not whole 4 KiB units"
+    );
+    assert_eq!(
+        d.map(BASE + 4096, 8192),
+        EXISTS,
+        "overlaps the one at 8 KiB"
+    );
+    assert_eq!(d.map(BASE, GRANULE), EXISTS, "the whole granule overlaps");
+    assert_eq!(
+        d.record.maps(),
+        vec![(BASE, 4096), (BASE + 8192, 8192)],
+        "only the valid MAPs reached the host"
+    );
+    assert_eq!(d.unmap(BASE, 8192), Status::NoEnt as u32, "not a mapping");
+    assert_eq!(d.unmap(BASE, 4096), OK);
+    assert_eq!(d.unmap(BASE + 8192, 8192), OK);
+    assert_eq!(d.stat().mappings, 0);
 }
 
 #[test]
@@ -518,7 +570,7 @@ fn ctrlq_is_served_while_a_map_waits_on_mapq() {
 fn device_enforces_max_mappings_and_max_map_len() {
     let mut d = TestDriver::new(false, false);
     d.start(ALL);
-    let too_long = CONFIG.max_map_len + 4096;
+    let too_long = CONFIG.max_map_len + GRANULE;
     assert_eq!(d.map(BASE, too_long), Status::TooBig as u32);
     for i in 0..u64::from(CONFIG.max_mappings) {
         assert_eq!(d.map(BASE + i * MIB, MIB), OK);
