@@ -90,8 +90,9 @@ fn guest_data_survives_forced_migrations_under_pin_churn() {
 /// Prints one heap's seed 001 numbers, the way the issue asks for them.
 fn report(r: &HashMap<String, String>) {
     println!(
-        "{}: {} loops, {} failed, {} failed allocations; allocation latency p50 {} us, p99 {} us, max {} us",
-        r["heap"], r["loops"], r["failed_loops"], r["failed_allocs"], r["p50_us"], r["p99_us"], r["max_us"]
+        "{}: {} loops, {} failed, {} failed allocations; allocation latency p50 {} us, p99 {} us, max {} us; {} ms of CPU in {} ms",
+        r["heap"], r["loops"], r["failed_loops"], r["failed_allocs"], r["p50_us"], r["p99_us"], r["max_us"],
+        r["cpu_ms"], r["wall_ms"]
     );
 }
 

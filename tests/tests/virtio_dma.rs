@@ -383,6 +383,13 @@ fn a_device_that_stops_answering_fails_allocations_in_time_and_loses_no_unmap() 
     assert!(stalled["unmap_backlog_max"] >= 1, "{stalled:?}");
     let end = stats_of(&g, "end_stats");
     assert!(end["abandoned"] >= 2, "{end:?}");
+    // MAPs that found mapq full waited for room, and every one succeeded once the device
+    // answered again (before, they failed at once with ENOSPC).
+    let q = g
+        .line_with("queued_maps_ok", "140")
+        .unwrap_or_else(|| panic!("not every queued MAP succeeded; console:\n{}", g.console));
+    assert_eq!(q["queued_maps_enospc"], "0", "{q:?}");
+    assert!(end["ring_full_waits"] >= 1, "{end:?}");
     assert_nothing_left(&g);
 }
 

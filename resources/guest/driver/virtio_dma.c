@@ -129,6 +129,9 @@ struct vdma {
 	spinlock_t mapq_lock, ctrlq_lock;
 	bool gone;			/* removed: nothing more is sent; under both queue locks */
 	struct list_head backlog;	/* UNMAPs waiting for room on ctrlq; under ctrlq_lock */
+	/* MAPs wait here for room on mapq; room_gen counts the times answers made room. */
+	wait_queue_head_t room;
+	atomic_t room_gen;
 	unsigned long backlog_len, backlog_max;
 	struct cma *cma;
 	u64 window_base, window_size, granule, max_map_len;
@@ -156,6 +159,7 @@ struct vdma {
 	atomic64_t host_busy_skips;
 	atomic64_t abandoned;
 	atomic64_t chunks_live;
+	atomic64_t ring_full_waits;	/* requests that waited for room on their queue */
 };
 
 /*
@@ -329,6 +333,8 @@ static void vdma_vq_done(struct virtqueue *vq)
 			vdma_flush_backlog(v);
 	} while (!virtqueue_enable_cb(vq));
 	spin_unlock_irqrestore(lock, flags);
+	atomic_inc(&v->room_gen);
+	wake_up_all(&v->room);
 }
 
 /* The device's status for an answered request, or -errno. */
@@ -347,6 +353,8 @@ static void vdma_late_answer(struct work_struct *work);
  * Sends a request and waits for its answer, at most timeout_ms and until a fatal signal.
  * Returns the device's status or -errno. On -ETIMEDOUT and -EINTR the request is given up
  * on: it (and a MAP's chunk) now belongs to vdma_late_answer(), and the caller must forget it.
+ * While the queue is full the request waits for room; if it never gets any it was not sent,
+ * stays the caller's, and the result is -EBUSY (or -ERESTARTSYS on a fatal signal).
  */
 static int vdma_request_sync(struct vdma *v, struct vdma_request *r, unsigned int timeout_ms)
 {
@@ -354,12 +362,31 @@ static int vdma_request_sync(struct vdma *v, struct vdma_request *r, unsigned in
 	long left;
 	int err;
 
+	unsigned long until = jiffies + msecs_to_jiffies(timeout_ms) + 1;
+
 	init_completion(&r->done);
 	r->kind = VDMA_WAITED;
-	err = vdma_send(v, r);
+	/* The ring is full: wait for answers to make room, within the same time. */
+	for (;;) {
+		int gen = atomic_read(&v->room_gen);
+
+		err = vdma_send(v, r);
+		if (err != -ENOSPC)
+			break;
+		atomic64_inc(&v->ring_full_waits);
+		left = wait_event_killable_timeout(v->room, atomic_read(&v->room_gen) != gen ||
+						   READ_ONCE(v->gone),
+						   max_t(long, (long)(until - jiffies), 1));
+		/* Not sent: the request is still the caller's. */
+		if (left < 0)
+			return left;	/* -ERESTARTSYS: a fatal signal */
+		if (!left)
+			return -EBUSY;
+	}
 	if (err)
 		return err;
-	left = wait_for_completion_killable_timeout(&r->done, msecs_to_jiffies(timeout_ms) + 1);
+	left = wait_for_completion_killable_timeout(&r->done,
+						    max_t(long, (long)(until - jiffies), 1));
 	if (left <= 0) {
 		spin_lock_irq(lock);
 		if (!r->answered) {
@@ -1040,13 +1067,14 @@ static int vdma_stats_show(struct seq_file *s, void *unused)
 	spin_lock_irq(&v->withheld_lock);
 	withheld = v->withheld_pages;
 	spin_unlock_irq(&v->withheld_lock);
-	seq_printf(s, " unmaps_sent=%lld unmaps_failed=%lld withheld_pages=%lu unmap_backlog=%lu unmap_backlog_max=%lu chunks_live=%lld idle_chunk=%d abandoned=%lld cma_retries=%lld host_busy_skips=%lld",
+	seq_printf(s, " unmaps_sent=%lld unmaps_failed=%lld withheld_pages=%lu unmap_backlog=%lu unmap_backlog_max=%lu chunks_live=%lld idle_chunk=%d abandoned=%lld cma_retries=%lld host_busy_skips=%lld ring_full_waits=%lld",
 		   (long long)atomic64_read(&v->unmaps_sent),
 		   (long long)atomic64_read(&v->unmaps_failed), withheld, backlog, backlog_max,
 		   (long long)atomic64_read(&v->chunks_live), READ_ONCE(v->idle) ? 1 : 0,
 		   (long long)atomic64_read(&v->abandoned),
 		   (long long)atomic64_read(&v->cma_retries),
-		   (long long)atomic64_read(&v->host_busy_skips));
+		   (long long)atomic64_read(&v->host_busy_skips),
+		   (long long)atomic64_read(&v->ring_full_waits));
 	seq_printf(s, " window_base=%#llx window_size=%llu granule=%llu max_map_len=%llu features=%s%s%s%s\n",
 		   v->window_base, v->window_size, v->granule, v->max_map_len,
 		   v->f_host_phys ? "host_phys+" : "", v->f_deadline ? "deadline+" : "",
@@ -1247,6 +1275,7 @@ static int vdma_probe(struct virtio_device *vdev)
 	get_device(&vdev->dev);
 	vdev->priv = v;
 	spin_lock_init(&v->mapq_lock);
+	init_waitqueue_head(&v->room);
 	spin_lock_init(&v->ctrlq_lock);
 	INIT_LIST_HEAD(&v->backlog);
 	spin_lock_init(&v->buffers_lock);
@@ -1335,6 +1364,7 @@ static void vdma_remove(struct virtio_device *vdev)
 	v->gone = true;		/* nothing more is sent */
 	spin_unlock(&v->ctrlq_lock);
 	spin_unlock_irq(&v->mapq_lock);
+	wake_up_all(&v->room);	/* MAPs waiting for room fail with -ENODEV */
 
 	/* A reset device has ended every mapping (docs/virtio-dma.md): CMA may have them all. */
 	virtio_reset_device(vdev);

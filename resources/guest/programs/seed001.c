@@ -4,7 +4,9 @@
 //
 // usage: seed001 HEAP_PATH SECONDS SIZE COUNT [LABEL]
 // Prints "DMAVISOR-RESULT seed001 heap=H loops=L failed_loops=F failed_allocs=A allocs=N
-// p50_us=.. p99_us=.. max_us=.. last_errno=E", with " label=LABEL" if given.
+// p50_us=.. p99_us=.. max_us=.. last_errno=E wall_ms=W cpu_ms=C", with " label=LABEL" if given.
+// cpu_ms is the CPU time the loop used (user + system, so the kernel's cma_alloc() work), and
+// wall_ms the time it took: the difference is time spent waiting or preempted.
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/dma-heap.h>
@@ -12,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -45,6 +48,9 @@ int main(int argc, char **argv) {
   uint64_t *lat = calloc(cap, sizeof(uint64_t));
   long loops = 0, failed_loops = 0, failed = 0;
   int last_errno = 0;
+  struct rusage ru0, ru1;
+  uint64_t start = now_ns();
+  getrusage(RUSAGE_SELF, &ru0);
   do {
     int loop_failed = 0;
     for (int i = 0; i < count; i++) {
@@ -67,11 +73,16 @@ int main(int argc, char **argv) {
     loops++;
     failed_loops += loop_failed;
   } while (now_ns() < deadline);
+  getrusage(RUSAGE_SELF, &ru1);
+  uint64_t wall_ms = (now_ns() - start) / 1000000;
+#define TV_MS(tv) ((uint64_t)(tv).tv_sec * 1000 + (uint64_t)(tv).tv_usec / 1000)
+  uint64_t cpu_ms = TV_MS(ru1.ru_utime) + TV_MS(ru1.ru_stime) - TV_MS(ru0.ru_utime) - TV_MS(ru0.ru_stime);
   qsort(lat, n, sizeof(uint64_t), cmp);
   printf("DMAVISOR-RESULT seed001 heap=%s loops=%ld failed_loops=%ld failed_allocs=%ld allocs=%zu "
-         "p50_us=%llu p99_us=%llu max_us=%llu last_errno=%d%s%s\n",
+         "p50_us=%llu p99_us=%llu max_us=%llu last_errno=%d wall_ms=%llu cpu_ms=%llu%s%s\n",
          heap, loops, failed_loops, failed, n, (unsigned long long)lat[n / 2] / 1000,
          (unsigned long long)lat[(n * 99) / 100] / 1000, (unsigned long long)lat[n - 1] / 1000,
-         last_errno, argc == 6 ? " label=" : "", argc == 6 ? argv[5] : "");
+         last_errno, (unsigned long long)wall_ms, (unsigned long long)cpu_ms,
+         argc == 6 ? " label=" : "", argc == 6 ? argv[5] : "");
   return 0;
 }
