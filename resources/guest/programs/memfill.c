@@ -2,7 +2,8 @@
 // migration tests (every byte must survive the host moving the pages behind it) and the
 // memory-heavy background load of the seed scenarios.
 //
-// usage: memfill MIB SECONDS   (SIGTERM ends it early, after the current round)
+// usage: memfill MIB SECONDS   (SIGTERM ends it early: after the current round and one more
+// whole round, which checks every word once whatever woke it is over)
 // Prints "memfill ready" once the memory is filled, then
 // "DMAVISOR-RESULT memfill_mib=M rounds=R bad_words=B" when the time is up (exit 1 if B > 0).
 #include <signal.h>
@@ -48,7 +49,11 @@ int main(int argc, char **argv) {
   signal(SIGTERM, on_term);
   double end = now() + seconds;
   uint64_t round = 0, bad = 0;
+  // After SIGTERM, one more whole round: every word is checked once the host's work is over,
+  // however far the round under way had got when it came.
+  int last = 0;
   do {
+    last = stop;
     for (size_t i = 0; i < words; i++) {
       if (m[i] != word(i, round)) {
         if (bad < 5) printf("memfill: word %zu round %llu is %#llx, want %#llx\n", i,
@@ -59,7 +64,7 @@ int main(int argc, char **argv) {
       m[i] = word(i, round + 1);
     }
     round++;
-  } while (now() < end && !stop);
+  } while (now() < end && !last);
   printf("DMAVISOR-RESULT memfill_mib=%zu rounds=%llu bad_words=%llu\n", mib,
          (unsigned long long)round, (unsigned long long)bad);
   return bad != 0;
