@@ -6,52 +6,71 @@
 
 use std::sync::Mutex;
 
-use devices::virtio::dma::protocol::{RESP_SIZE, STAT_SIZE};
-use devices::virtio::dma::{
-    serve_chain, Config, DmaBackend, DmaCore, MapError, MapOptions, Placement, Response,
-};
+use devices::dma_memory::{DmaMapper, MapError, MapOptions, Placement};
+use devices::guest_memory::GuestMemoryHandle;
+use devices::virtio::dma::protocol::{F_DEADLINE, F_DISCARD, F_HOST_PHYS, F_SUB_GRANULE, RESP_SIZE, STAT_SIZE};
+use devices::virtio::dma::{serve_chain, Config, RequestHandler, Response};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 
 const MEM: usize = 0x4_0000;
 const WINDOW: u64 = 0x1_0000;
 
-/// Places mappings bump-style; fails every third MAP with the next error in turn.
-struct Backend(Mutex<u64>);
+/// Places mappings bump-style; fails some MAPs with the next error in turn.
+struct Mapper(Mutex<u64>);
 
-impl DmaBackend for Backend {
-    type Mapping = u64;
-    fn map(&self, _gpa: u64, len: u64, _o: MapOptions) -> Result<(u64, Placement), MapError> {
+impl DmaMapper for Mapper {
+    fn map(&self, _gpa: u64, len: u64, _o: MapOptions) -> Result<Placement, MapError> {
         let mut n = self.0.lock().unwrap();
         *n += 1;
         match *n % 9 {
             3 => Err(MapError::Busy),
             6 => Err(MapError::Timeout),
-            _ => Ok((len, Placement { host_addr: *n << 12, host_phys: false, extent: 0, bytes_migrated: 0 })),
+            _ => Ok(Placement {
+                host_addr: *n << 12,
+                host_phys: false,
+                region_offset: *n << 12,
+                extent: 0,
+                bytes_migrated: len,
+            }),
         }
     }
-    fn unmap(&self, _gpa: u64, _len: u64, _m: u64, _discard: bool) {}
+    fn unmap(&self, _gpa: u64, _len: u64) -> Result<(), MapError> {
+        Ok(())
+    }
+    fn host_phys(&self) -> bool {
+        false
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {
         return;
     }
-    let mem: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
-    let core = DmaCore::new(
+    let guest = GuestMemoryHandle::new(
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap(),
+    );
+    let handler = RequestHandler::new(
         Config {
             window_base: WINDOW,
             window_size: 0x2_0000,
-            granule: 4096,
+            granule: 0x4000,
             max_mappings: 4,
             max_map_len: 0x1_0000,
             region_size: 0x2_0000,
         },
-        Backend(Mutex::new(0)),
+        Mapper(Mutex::new(0)),
     );
+    // The negotiated features, from the fuzzer too.
+    let all = [F_HOST_PHYS, F_DEADLINE, F_DISCARD, F_SUB_GRANULE];
+    let features = all
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| data[0] >> (4 + i) & 1 == 1)
+        .fold(0, |f, (_, b)| f | b);
     // Several chains per input, so MAP/UNMAP sequences (double UNMAP, overlap) get exercised.
     let chains = 1 + (data[0] % 4) as usize;
     let mut rest = &data[1..];
@@ -77,6 +96,7 @@ fuzz_target!(|data: &[u8]| {
         // Guest memory contents (request headers among them) from the fuzzer too.
         let take = tail.len().min(256);
         let (content, tail) = tail.split_at(take);
+        let mem = guest.memory();
         let _ = mem.write_slice(content, GuestAddress(0x1000));
         rest = tail;
 
@@ -85,13 +105,16 @@ fuzz_target!(|data: &[u8]| {
             mem.read_slice(&mut v, GuestAddress(0)).unwrap();
             v
         };
-        let vq = MockSplitQueue::new(&mem, 16);
+        let vq = MockSplitQueue::new(&*mem, 16);
         if vq.build_desc_chain(&raw).is_err() {
             continue;
         }
         let mut q: Queue = vq.create_queue().unwrap();
-        let Some(chain) = q.pop_descriptor_chain(&mem) else { continue };
-        let written = serve_chain(&core, &mem, chain) as usize;
+        drop(vq);
+        drop(mem);
+        let Some((_, written)) = serve_chain(&handler, &guest, &mut q, features) else { continue };
+        let written = written as usize;
+        let mem = guest.memory();
         assert!(
             written == 0 || written == RESP_SIZE || written == RESP_SIZE + STAT_SIZE,
             "odd response size {written}"
