@@ -8,7 +8,9 @@ use std::sync::Mutex;
 
 use devices::dma_memory::{DmaMapper, MapError, MapOptions, Placement};
 use devices::guest_memory::GuestMemoryHandle;
-use devices::virtio::dma::protocol::{F_DEADLINE, F_DISCARD, F_HOST_PHYS, F_SUB_GRANULE, RESP_SIZE, STAT_SIZE};
+use devices::virtio::dma::protocol::{
+    F_DEADLINE, F_DISCARD, F_HOST_PHYS, F_SUB_GRANULE, RESP_SIZE, STAT_SIZE,
+};
 use devices::virtio::dma::{serve_chain, Config, RequestHandler, Response};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -50,9 +52,8 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {
         return;
     }
-    let guest = GuestMemoryHandle::new(
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap(),
-    );
+    let guest =
+        GuestMemoryHandle::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap());
     let handler = RequestHandler::new(
         Config {
             window_base: WINDOW,
@@ -75,7 +76,9 @@ fuzz_target!(|data: &[u8]| {
     let chains = 1 + (data[0] % 4) as usize;
     let mut rest = &data[1..];
     for _ in 0..chains {
-        let Some((&n, tail)) = rest.split_first() else { return };
+        let Some((&n, tail)) = rest.split_first() else {
+            return;
+        };
         let n = 1 + (n % 6) as usize;
         if tail.len() < n * 7 {
             return;
@@ -112,7 +115,9 @@ fuzz_target!(|data: &[u8]| {
         let mut q: Queue = vq.create_queue().unwrap();
         drop(vq);
         drop(mem);
-        let Some((_, written)) = serve_chain(&handler, &guest, &mut q, features) else { continue };
+        let Some((_, written)) = serve_chain(&handler, &guest, &mut q, features) else {
+            continue;
+        };
         let written = written as usize;
         let mem = guest.memory();
         assert!(
@@ -127,9 +132,14 @@ fuzz_target!(|data: &[u8]| {
         for (i, (a, b)) in snapshot.iter().zip(&after).enumerate() {
             if a != b {
                 let i = i as u64;
-                let inside = writable.iter().any(|&(addr, len)| i >= addr && i < addr + u64::from(len));
+                let inside = writable
+                    .iter()
+                    .any(|&(addr, len)| i >= addr && i < addr + u64::from(len));
                 let ring = i < 0x1000;
-                assert!(inside || ring, "handler wrote guest byte {i:#x} outside its response buffers");
+                assert!(
+                    inside || ring,
+                    "handler wrote guest byte {i:#x} outside its response buffers"
+                );
             }
         }
         if written >= RESP_SIZE && writable[0].1 as usize >= RESP_SIZE {
