@@ -164,20 +164,30 @@ fn held_buffers_sit_at_distinct_host_contiguous_places() {
         "four held 2 MiB buffers listed; console:\n{}",
         g.console
     );
-    let mut addrs: Vec<u64> = buffers
-        .iter()
-        .map(|b| u64::from_str_radix(b["host_addr"].trim_start_matches("0x"), 16).unwrap())
-        .collect();
-    addrs.sort_unstable();
-    addrs.dedup();
-    assert_eq!(addrs.len(), 4, "distinct host placements: {buffers:?}");
+    assert_eq!(
+        distinct_host_addrs(&buffers).len(),
+        4,
+        "distinct host placements: {buffers:?}"
+    );
     for b in &buffers {
         if b["host"] == "phys" {
             // A host-physical address: the region's extents hold whole 2 MiB-aligned pages.
-            let a = u64::from_str_radix(b["host_addr"].trim_start_matches("0x"), 16).unwrap();
-            assert_eq!(a % (2 << 20), 0, "{b:?}");
+            assert_eq!(host_addr(b) % (2 << 20), 0, "{b:?}");
         }
     }
+}
+
+/// A listed buffer's host address (`host_addr=0x...` of the driver's debugfs `buffers`).
+fn host_addr(b: &HashMap<String, String>) -> u64 {
+    u64::from_str_radix(b["host_addr"].trim_start_matches("0x"), 16).unwrap()
+}
+
+/// The distinct host addresses of listed buffers, sorted.
+fn distinct_host_addrs(buffers: &[HashMap<String, String>]) -> Vec<u64> {
+    let mut addrs: Vec<u64> = buffers.iter().map(host_addr).collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    addrs
 }
 
 #[test]
@@ -199,12 +209,7 @@ fn buffers_shorter_than_a_granule_are_mapped_at_their_own_size() {
         .filter(|m| m.contains_key("host_addr") && m["len"] == "1048576" && m["pooled"] == "0")
         .collect();
     assert_eq!(own.len(), 6, "console:\n{}", g.console);
-    let mut addrs: Vec<u64> = own
-        .iter()
-        .map(|b| u64::from_str_radix(b["host_addr"].trim_start_matches("0x"), 16).unwrap())
-        .collect();
-    addrs.sort_unstable();
-    addrs.dedup();
+    let addrs = distinct_host_addrs(&own);
     assert_eq!(addrs.len(), 6, "distinct host placements: {own:?}");
     assert!(addrs.iter().all(|a| a % MIB as u64 == 0), "{own:?}");
 }
