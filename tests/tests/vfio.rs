@@ -175,7 +175,8 @@ fn device_errors_say_what_is_wrong_and_how_to_fix_it() {
 }
 
 /// Boots the `vfio` (or another) scenario with the device passed through on 2 MiB pages in the
-/// sandbox's `edu` mode, with a control socket for `steps` (see `driven_script_with`).
+/// sandbox's `edu` mode, with a control socket for `steps` (see `driven_script_with`); the VMM
+/// must have exited 0.
 fn run_with_device(
     scenario: &str,
     window: &str,
@@ -184,7 +185,7 @@ fn run_with_device(
     steps: &str,
     secs: u64,
 ) -> GuestRun {
-    run_shell_vfio(
+    let g = run_shell_vfio(
         &driven_script_with(
             scenario,
             window,
@@ -195,7 +196,14 @@ fn run_with_device(
         ),
         Duration::from_secs(secs),
         "edu",
-    )
+    );
+    assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
+    g
+}
+
+/// The `vfio` scenario with the device (`device`: `vfio=PATH[,dma=...]`) behind a 64M window.
+fn run_vfio_scenario(device: &str, cmdline: &str, steps: &str, secs: u64) -> GuestRun {
+    run_with_device("vfio", "64M", device, cmdline, steps, secs)
 }
 
 /// The guest's view of the device and of its DMA, from the `vfio` scenario's result lines.
@@ -279,15 +287,12 @@ fn the_device_dmas_only_into_mapped_buffers_byte_for_byte() {
                  for i in 1 2 3 4 5 6; do api migrate frames=4; sleep 1; done; \
                  waitfor edu_roundtrips; echo \"STAT-AFTER $(dmavisor stat --api-sock $sock --json)\"; \
                  waitfor vfio_done";
-    let g = run_with_device(
-        "vfio",
-        "64M",
+    let g = run_vfio_scenario(
         &format!("vfio={}", h.device),
         "dmavisor.vfio_wait=1 dmavisor.iterations=3 dmavisor.load=auto",
         steps,
         600,
     );
-    assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
     assert_enumerated_and_live(&g);
     assert_round_trips(&g, 90);
     // The rest of the window kept moving while the device was attached.
@@ -384,7 +389,6 @@ fn seed001_with_the_device_attached_has_no_failed_loops_and_lending_stays_on() {
         steps,
         420,
     );
-    assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
     let ours = &integration_tests::seed001_virtio_dma_run(&g);
     assert_eq!(n(ours, "failed_loops"), 0, "{ours:?}");
     let stat = json_after(&g, "STAT-DONE ");
@@ -411,15 +415,12 @@ fn dma_all_maps_all_guest_memory_and_nothing_moves() {
     };
     let steps = "waitfor 'DMAVISOR-WAIT vfio-roundtrip'; api migrate frames=2; \
                  echo \"STAT-ALL $(dmavisor stat --api-sock $sock --json)\"; echo go >&3; waitfor vfio_done";
-    let g = run_with_device(
-        "vfio",
-        "64M",
+    let g = run_vfio_scenario(
         &format!("vfio={},dma=all", h.device),
         "dmavisor.vfio_wait=1 dmavisor.vfio_steps=pci,info,roundtrip,blocked",
         steps,
         420,
     );
-    assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
     assert_enumerated_and_live(&g);
     assert_round_trips(&g, 30);
     let stat = json_after(&g, "STAT-ALL ");
@@ -457,15 +458,12 @@ fn intx_carries_the_interrupts_of_a_guest_driver_without_msi() {
     // The guest's driver takes the legacy line (edu_dma.intx=1): the MP table routes the
     // device's INTA to an IOAPIC pin, VFIO signals it, KVM resamples it at the guest's EOI.
     let steps = "waitfor vfio_done";
-    let g = run_with_device(
-        "vfio",
-        "64M",
+    let g = run_vfio_scenario(
         &format!("vfio={}", h.device),
         "edu_dma.intx=1 dmavisor.vfio_steps=pci,info,roundtrip",
         steps,
         420,
     );
-    assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
     assert!(g.console.contains("INTx IRQ"), "console:\n{}", g.console);
     assert_enumerated_and_live_with(&g, 0);
     let rt = assert_round_trips(&g, 30);
@@ -490,15 +488,12 @@ fn an_importer_with_4k_dma_segments_takes_virtio_dma_buffers() {
     // refuses a dma-buf mapping with a longer one. virtio-dma exports one sg entry per page,
     // as the kernel's CMA heap does, so a 4 MiB buffer maps as 1024 segments.
     let steps = "waitfor vfio_done";
-    let g = run_with_device(
-        "vfio",
-        "64M",
+    let g = run_vfio_scenario(
         &format!("vfio={}", h.device),
         "edu_dma.max_seg_kib=4 dmavisor.vfio_steps=pci,info,roundtrip,after-unmap",
         steps,
         420,
     );
-    assert!(g.console.contains("VMM-RC=0"), "console:\n{}", g.console);
     assert_round_trips(&g, 30);
     let mapped = result_with(&g, "edu_big_segments");
     assert_eq!(n(&mapped, "edu_big_size"), 4 << 20, "{mapped:?}");

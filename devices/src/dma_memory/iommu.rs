@@ -83,7 +83,7 @@ impl Owner {
             .pin_longterm(gpa, len, PinHolder::Iommu)
             .map_err(|e| MapError::Io(format!("pinning the range for the IOMMU: {e}")))?;
         let page = self.window.page_of(gpa);
-        let page_base = self.window.base + (page * self.window.page) as u64;
+        let page_base = self.window.page_gpa(page);
         let host = self.window.page_addr(page) + (gpa - page_base) as usize;
         let t = Instant::now();
         if let Err(e) = iommu.map(gpa, host, len as usize) {
@@ -160,7 +160,7 @@ impl DmaMemory {
         match o.iommu.as_ref().map(|a| a.policy) {
             Some(IommuPolicy::All) => true,
             Some(IommuPolicy::Mapped) => {
-                let addr = o.window.base + (page * o.window.page) as u64;
+                let addr = o.window.page_gpa(page);
                 lock(&o.iommu_pins)
                     .range(..=addr)
                     .next_back()

@@ -225,7 +225,7 @@ impl DmaMemory {
         t: Instant,
     ) -> Result<Placement, MapError> {
         let o = &self.inner;
-        let base = o.window.base + (page * o.window.page) as u64;
+        let base = o.window.page_gpa(page);
         let mut shared = lock(&o.shared);
         let (placement, phases) = match shared.get(&page) {
             Some(inside) => {
@@ -287,7 +287,7 @@ impl DmaMemory {
         inside.remove(&gpa);
         if inside.is_empty() {
             shared.remove(&page);
-            let base = o.window.base + (page * o.window.page) as u64;
+            let base = o.window.page_gpa(page);
             let alloc = lock(&o.mappings)
                 .remove(&base)
                 .ok_or_else(|| MapError::Io("a shared page lost its mapping".into()))?;

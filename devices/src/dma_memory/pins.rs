@@ -181,7 +181,7 @@ impl DmaMemory {
             guards: Vec::new(),
             buffers: Vec::new(),
             holder,
-            gpa: o.window.base + (first * o.window.page) as u64,
+            gpa: o.window.page_gpa(first),
             len: (n * o.window.page) as u64,
             moved_out: 0,
             pinned_in_place: 0,

@@ -148,6 +148,11 @@ impl Window {
         ((gpa - self.base) / self.page as u64) as usize
     }
 
+    /// The guest-physical address of window page `p`.
+    pub fn page_gpa(&self, p: usize) -> u64 {
+        self.base + (p * self.page) as u64
+    }
+
     pub fn region(&self) -> &Arc<Region> {
         &self.region
     }
