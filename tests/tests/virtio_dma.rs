@@ -236,20 +236,29 @@ fn larger_than_any_extent_is_toobig_on_the_host_and_enomem_in_the_guest() {
 }
 
 /// The JSON reply of the first `api CMD` a driven script ran.
+/// The last reply to `api {cmd}`.
 fn api_reply(g: &GuestRun, cmd: &str) -> serde_json::Value {
+    api_replies(g, cmd)
+        .pop()
+        .unwrap_or_else(|| panic!("no `api {cmd}`; console:\n{}", g.console))
+}
+
+/// Every reply to `api {cmd}`, in order.
+fn api_replies(g: &GuestRun, cmd: &str) -> Vec<serde_json::Value> {
     let prefix = format!("API {cmd} ");
-    let line = g
-        .console
+    g.console
         .lines()
-        .find(|l| l.starts_with(&prefix))
-        .unwrap_or_else(|| panic!("no `api {cmd}`; console:\n{}", g.console));
-    let json = line.split_once(" => ").map_or("", |(_, j)| j);
-    serde_json::from_str(json).unwrap_or_else(|e| {
-        panic!(
-            "`{line}` is not a JSON reply ({e}); console:\n{}",
-            g.console
-        )
-    })
+        .filter(|l| l.starts_with(&prefix))
+        .map(|line| {
+            let json = line.split_once(" => ").map_or("", |(_, j)| j);
+            serde_json::from_str(json).unwrap_or_else(|e| {
+                panic!(
+                    "`{line}` is not a JSON reply ({e}); console:\n{}",
+                    g.console
+                )
+            })
+        })
+        .collect()
 }
 
 /// The guest's CMA area and the host's books are back where they started: the driver
@@ -386,6 +395,12 @@ fn a_device_that_stops_answering_fails_allocations_in_time_and_loses_no_unmap() 
     // The UNMAPs that did not fit the ring waited for room instead of being dropped.
     let stalled = stats_of(&g, "stalled_stats");
     assert!(stalled["unmap_backlog_max"] >= 1, "{stalled:?}");
+    // A suspend with requests unanswered is refused; the UNMAPs it held back go out after
+    // (assert_nothing_left below).
+    let s = g
+        .line_with("stalled_suspend", "refused")
+        .unwrap_or_else(|| panic!("a suspend was not refused; console:\n{}", g.console));
+    assert!(s["stalled_suspend_stats"].contains(",suspends=0,"), "{s:?}");
     let end = stats_of(&g, "end_stats");
     assert!(end["abandoned"] >= 2, "{end:?}");
     // MAPs that found mapq full waited for room, and every one succeeded once the device
@@ -474,4 +489,78 @@ fn the_kernels_dmabuf_heap_selftest_passes_on_both_virtio_dma_heaps() {
         println!("{heap}: {} selftest results, all ok", section.len());
     }
     println!("totals: {r:?}");
+}
+
+/// The guest ranges the host maps, per `api mappings`, sorted.
+fn mapped_ranges(m: &serde_json::Value) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = m["mappings"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not a mappings reply: {m}"))
+        .iter()
+        .map(|x| (x["gpa"].as_u64().unwrap(), x["len"].as_u64().unwrap()))
+        .collect();
+    ranges.sort_unstable();
+    ranges
+}
+
+/// System sleep with buffers live: the driver's freeze resets the device (the host ends every
+/// mapping) and its restore MAPs every live chunk again, at the same guest addresses and with
+/// the buffers' contents kept. Without freeze/restore the driver's queues are gone after the
+/// resume and the host maps nothing.
+#[test]
+fn a_suspend_and_resume_keeps_live_buffers_mapped_with_their_contents() {
+    let steps = "waitfor 'DMAVISOR-WAIT suspend'; api mappings; echo go >&3; \
+                 waitfor 'DMAVISOR-WAIT resumed'; api mappings; echo go >&3; \
+                 waitfor 'DMAVISOR-WAIT check'; api mappings; echo go >&3";
+    let g = run_shell(
+        &driven_script("virtio-dma-suspend", "64M", "size=64M", "", steps),
+        Duration::from_secs(400),
+    );
+    assert_eq!(
+        g.result("suspend").as_deref(),
+        Some("ok"),
+        "console:\n{}",
+        g.console
+    );
+    let before = stats_of(&g, "before_suspend");
+    let after = stats_of(&g, "after_suspend");
+    println!("before: {before:?}\nafter: {after:?}");
+    // 4 x 1 MiB on two shared 2 MiB chunks, 2 x 4 MiB on chunks of their own.
+    assert_eq!(before["mappings"], 4, "{before:?}");
+    assert_eq!(after["suspends"], 1, "{after:?}");
+    assert_eq!(
+        (after["remaps"], after["remaps_failed"]),
+        (4, 0),
+        "every live chunk MAPped again: {after:?}"
+    );
+    assert_eq!(after["mappings"], 4, "the device's own count: {after:?}");
+    assert_eq!(g.number("buffers_after"), g.number("buffers_before"));
+    let replies = api_replies(&g, "mappings");
+    assert_eq!(replies.len(), 3, "console:\n{}", g.console);
+    let (b, a) = (mapped_ranges(&replies[0]), mapped_ranges(&replies[1]));
+    assert_eq!(b.len(), 4, "{b:?}");
+    assert_eq!(a, b, "the host maps the same guest ranges after the resume");
+    let again = g
+        .line_with("after_resume", "1")
+        .unwrap_or_else(|| panic!("console:\n{}", g.console));
+    assert_eq!(
+        (again["ok"].as_str(), again["verify"].as_str()),
+        ("2", "ok"),
+        "allocations after the resume: {again:?}"
+    );
+    for size in ["1048576", "4194304"] {
+        let held = g
+            .results()
+            .into_iter()
+            .find(|r| {
+                r.contains_key("many_heap") && r.get("size").map(String::as_str) == Some(size)
+            })
+            .unwrap_or_else(|| panic!("no holder of {size}; console:\n{}", g.console));
+        assert_eq!(
+            (held["failed"].as_str(), held["verify"].as_str()),
+            ("0", "ok"),
+            "contents written before the suspend read back after it: {held:?}"
+        );
+    }
+    assert_nothing_left(&g);
 }

@@ -14,6 +14,10 @@
  * A request given up on keeps its memory (and a MAP its pages) until the device answers or
  * is reset.
  *
+ * System sleep: freeze waits for the device to answer what it holds, then resets it (which
+ * ends every mapping; the pages keep their contents); restore MAPs every live chunk again, so
+ * that live buffers are host-contiguous again (docs/virtio-dma.md §7.1.1).
+ *
  * dma-buf heaps cannot be removed in Linux 6.12, so the heaps are added once and outlive the
  * device: without a device, allocations fail with -ENODEV and live buffers stay usable memory.
  *
@@ -119,6 +123,10 @@ struct vdma_chunk {
 	unsigned long used;	/* pooled: pages handed out; under v->pool_lock */
 	DECLARE_BITMAP(map, POOL_CHUNK_PAGES);
 	struct vdma_request *unmap;	/* preallocated: ending a mapping never allocates */
+	/* Under v->chunks_lock: */
+	struct list_head live;	/* in v->chunks from its MAP until its release is carried out */
+	bool mapped;		/* the device may map it (not after a reset, until MAPped again) */
+	bool released;		/* released while the device was suspended: restore ends it */
 };
 
 struct vdma {
@@ -148,6 +156,16 @@ struct vdma {
 	struct list_head withheld;	/* chunks whose UNMAP failed: the host may still map them */
 	unsigned long withheld_pages;
 	bool reset;			/* the device has been reset: it maps nothing any more */
+	/*
+	 * System sleep (freeze/restore). Allocations hold pm_sem for reading; a suspended device
+	 * holds it for writing. quiesced (under both queue locks): nothing is sent.
+	 */
+	struct rw_semaphore pm_sem;
+	bool quiesced;
+	spinlock_t chunks_lock;		/* protects chunks, suspended, and live, mapped, released */
+	struct list_head chunks;
+	bool suspended;			/* releases are held until restore */
+	bool unmapped_by_reset;		/* the device was reset while suspended */
 	struct dentry *debugfs;
 #ifdef CONFIG_VIRTIO_DMA_TEST_HOOKS
 	struct mutex raw_lock;		/* one raw request at a time */
@@ -160,6 +178,9 @@ struct vdma {
 	atomic64_t abandoned;
 	atomic64_t chunks_live;
 	atomic64_t ring_full_waits;	/* requests that waited for room on their queue */
+	atomic64_t suspends;
+	atomic64_t remaps;		/* chunks MAPped again on restore */
+	atomic64_t remaps_failed;	/* ... that the device refused: no longer host-contiguous */
 };
 
 /*
@@ -256,8 +277,9 @@ static int vdma_add(struct vdma *v, struct vdma_request *r)
 }
 
 /*
- * Sends a request. An UNMAP (VDMA_ASYNC) is never refused: while the ring is full it waits in
- * the backlog, and without a device it is answered at once with -ENODEV.
+ * Sends a request. An UNMAP (VDMA_ASYNC) is never refused: while the ring is full (or the
+ * device suspended) it waits in the backlog, and without a device it is answered at once with
+ * -ENODEV. Other requests get -ENOSPC while the ring is full or the device suspended.
  */
 static int vdma_send(struct vdma *v, struct vdma_request *r)
 {
@@ -272,8 +294,8 @@ static int vdma_send(struct vdma *v, struct vdma_request *r)
 	spin_lock_irqsave(lock, flags);
 	if (v->gone) {
 		err = -ENODEV;
-	} else if (async && !list_empty(&v->backlog)) {
-		err = -ENOSPC;	/* keep the order */
+	} else if (v->quiesced || (async && !list_empty(&v->backlog))) {
+		err = -ENOSPC;	/* suspended, or keep the order */
 	} else {
 		err = vdma_add(v, r);
 		if (!err)
@@ -301,7 +323,7 @@ static void vdma_flush_backlog(struct vdma *v)
 	struct vdma_request *r, *next;
 	bool added = false;
 
-	if (v->gone)
+	if (v->gone || v->quiesced)
 		return;
 	list_for_each_entry_safe(r, next, &v->backlog, backlog) {
 		if (vdma_add(v, r))
@@ -467,17 +489,48 @@ static void vdma_unmap_done(struct work_struct *work)
 		vdma_chunk_free(c);
 }
 
-/* Ends a chunk's mapping without waiting; any context. */
+static void vdma_chunk_free_work(struct work_struct *work)
+{
+	vdma_chunk_free(container_of(work, struct vdma_request, work)->chunk);
+}
+
+/*
+ * Ends a chunk's mapping without waiting; any context. While the device is suspended the
+ * release is held (restore carries it out); a chunk the device no longer maps goes straight
+ * back to CMA.
+ */
 static void vdma_chunk_unmap(struct vdma_chunk *c)
 {
 	struct vdma *v = c->v;
 	struct vdma_request *r = c->unmap;
+	unsigned long flags;
+	bool mapped;
+
+	spin_lock_irqsave(&v->chunks_lock, flags);
+	if (v->suspended) {
+		c->released = true;
+		/* A MAP given up on and answered late is not on the list yet. */
+		if (list_empty(&c->live)) {
+			c->mapped = !v->unmapped_by_reset;
+			list_add_tail(&c->live, &v->chunks);
+		}
+		spin_unlock_irqrestore(&v->chunks_lock, flags);
+		return;
+	}
+	list_del_init(&c->live);
+	mapped = c->mapped;
+	spin_unlock_irqrestore(&v->chunks_lock, flags);
+	r->chunk = c;
+	if (!mapped) {
+		INIT_WORK(&r->work, vdma_chunk_free_work);
+		queue_work(system_wq, &r->work);
+		return;
+	}
 
 	/* DISCARD: the pages go back to CMA; nobody needs what is in them. */
 	vdma_fill(&r->req, VIRTIO_DMA_T_UNMAP, v->f_discard ? VIRTIO_DMA_FLAG_DISCARD : 0,
 		  page_to_phys(c->pages), c->pagecount << PAGE_SHIFT, 0);
 	r->kind = VDMA_ASYNC;
-	r->chunk = c;
 	INIT_WORK(&r->work, vdma_unmap_done);
 	atomic64_inc(&v->unmaps_sent);
 	vdma_send(v, r);
@@ -490,10 +543,12 @@ static void vdma_late_answer(struct work_struct *work)
 	struct vdma_chunk *c = r->chunk;
 
 	if (c && le32_to_cpu(r->req.type) == VIRTIO_DMA_T_MAP) {
-		if (vdma_status(r) == VIRTIO_DMA_S_OK)
+		if (vdma_status(r) == VIRTIO_DMA_S_OK) {
+			c->mapped = true;	/* on no list yet: only this work sees it */
 			vdma_chunk_unmap(c);	/* the pages come back after its UNMAP */
-		else
+		} else {
 			vdma_chunk_free(c);
+		}
 	}
 	kfree(r);
 }
@@ -552,6 +607,7 @@ static struct vdma_chunk *vdma_chunk_create(struct vdma *v, unsigned long pageco
 	c->v = v;
 	c->pagecount = pagecount;
 	INIT_LIST_HEAD(&c->node);
+	INIT_LIST_HEAD(&c->live);
 	align = get_order(pagecount << PAGE_SHIFT);
 	if ((pagecount << PAGE_SHIFT) >= v->granule) {
 		/* Whole granules, on a granule boundary. */
@@ -644,6 +700,11 @@ static struct vdma_chunk *vdma_chunk_create(struct vdma *v, unsigned long pageco
 		c->resp_flags &= ~VIRTIO_DMA_RESP_HOST_PHYS;
 	c->extent = le64_to_cpu(r->resp.extent);
 	kfree(r);
+	/* Allocations hold pm_sem: the device has not been suspended since the MAP. */
+	spin_lock_irq(&v->chunks_lock);
+	c->mapped = true;
+	list_add_tail(&c->live, &v->chunks);
+	spin_unlock_irq(&v->chunks_lock);
 	return c;
 free:
 	if (c)
@@ -1006,7 +1067,13 @@ static struct dma_buf *vdma_allocate(struct dma_heap *heap, unsigned long len, u
 
 	if (!v)
 		return ERR_PTR(-ENODEV);
+	/* Not while the device is suspended (only kernel threads still run then). */
+	if (down_read_killable(&v->pm_sem)) {
+		vdma_put(v);
+		return ERR_PTR(-EINTR);
+	}
 	dmabuf = vdma_allocate_on(v, heap, len, fd_flags, hp->failfast);
+	up_read(&v->pm_sem);
 	vdma_put(v);
 	return dmabuf;
 }
@@ -1067,14 +1134,17 @@ static int vdma_stats_show(struct seq_file *s, void *unused)
 	spin_lock_irq(&v->withheld_lock);
 	withheld = v->withheld_pages;
 	spin_unlock_irq(&v->withheld_lock);
-	seq_printf(s, " unmaps_sent=%lld unmaps_failed=%lld withheld_pages=%lu unmap_backlog=%lu unmap_backlog_max=%lu chunks_live=%lld idle_chunk=%d abandoned=%lld cma_retries=%lld host_busy_skips=%lld ring_full_waits=%lld",
+	seq_printf(s, " unmaps_sent=%lld unmaps_failed=%lld withheld_pages=%lu unmap_backlog=%lu unmap_backlog_max=%lu chunks_live=%lld idle_chunk=%d abandoned=%lld cma_retries=%lld host_busy_skips=%lld ring_full_waits=%lld suspends=%lld remaps=%lld remaps_failed=%lld",
 		   (long long)atomic64_read(&v->unmaps_sent),
 		   (long long)atomic64_read(&v->unmaps_failed), withheld, backlog, backlog_max,
 		   (long long)atomic64_read(&v->chunks_live), READ_ONCE(v->idle) ? 1 : 0,
 		   (long long)atomic64_read(&v->abandoned),
 		   (long long)atomic64_read(&v->cma_retries),
 		   (long long)atomic64_read(&v->host_busy_skips),
-		   (long long)atomic64_read(&v->ring_full_waits));
+		   (long long)atomic64_read(&v->ring_full_waits),
+		   (long long)atomic64_read(&v->suspends),
+		   (long long)atomic64_read(&v->remaps),
+		   (long long)atomic64_read(&v->remaps_failed));
 	seq_printf(s, " window_base=%#llx window_size=%llu granule=%llu max_map_len=%llu features=%s%s%s%s\n",
 		   v->window_base, v->window_size, v->granule, v->max_map_len,
 		   v->f_host_phys ? "host_phys+" : "", v->f_deadline ? "deadline+" : "",
@@ -1285,6 +1355,9 @@ static int vdma_probe(struct virtio_device *vdev)
 	INIT_DELAYED_WORK(&v->idle_work, vdma_idle_work);
 	spin_lock_init(&v->withheld_lock);
 	INIT_LIST_HEAD(&v->withheld);
+	init_rwsem(&v->pm_sem);
+	spin_lock_init(&v->chunks_lock);
+	INIT_LIST_HEAD(&v->chunks);
 #ifdef CONFIG_VIRTIO_DMA_TEST_HOOKS
 	mutex_init(&v->raw_lock);
 #endif
@@ -1388,6 +1461,234 @@ static void vdma_remove(struct virtio_device *vdev)
 	vdma_put(v);
 }
 
+#ifdef CONFIG_PM_SLEEP
+/* ---- system sleep ---- */
+
+static void vdma_set_quiesced(struct vdma *v, bool quiesced)
+{
+	spin_lock_irq(&v->mapq_lock);
+	spin_lock(&v->ctrlq_lock);
+	v->quiesced = quiesced;
+	if (!quiesced)
+		vdma_flush_backlog(v);
+	spin_unlock(&v->ctrlq_lock);
+	spin_unlock_irq(&v->mapq_lock);
+	if (!quiesced) {
+		/* Requests that waited for the device try again. */
+		atomic_inc(&v->room_gen);
+		wake_up_all(&v->room);
+	}
+}
+
+/* The device has answered every request it was given. */
+static bool vdma_drained(struct vdma *v)
+{
+	bool drained;
+
+	spin_lock_irq(&v->mapq_lock);
+	spin_lock(&v->ctrlq_lock);
+	drained = v->mapq->num_free == virtqueue_get_vring_size(v->mapq) &&
+		  v->ctrlq->num_free == virtqueue_get_vring_size(v->ctrlq);
+	spin_unlock(&v->ctrlq_lock);
+	spin_unlock_irq(&v->mapq_lock);
+	return drained;
+}
+
+/*
+ * Carries out the releases held while the device was suspended: an UNMAP for a chunk the
+ * device may map, else the pages go straight back to CMA. Process context.
+ */
+static void vdma_end_released(struct vdma *v)
+{
+	struct vdma_chunk *c, *next;
+	LIST_HEAD(released);
+
+	spin_lock_irq(&v->chunks_lock);
+	list_for_each_entry_safe(c, next, &v->chunks, live) {
+		if (c->released)
+			list_move_tail(&c->live, &released);
+	}
+	spin_unlock_irq(&v->chunks_lock);
+	list_for_each_entry_safe(c, next, &released, live) {
+		list_del_init(&c->live);
+		c->released = false;
+		if (c->mapped)
+			vdma_chunk_unmap(c);	/* not suspended any more */
+		else
+			vdma_chunk_free(c);
+	}
+}
+
+static void vdma_resume_releases(struct vdma *v)
+{
+	spin_lock_irq(&v->chunks_lock);
+	v->suspended = false;
+	v->unmapped_by_reset = false;
+	spin_unlock_irq(&v->chunks_lock);
+	vdma_end_released(v);
+}
+
+/*
+ * Before system sleep (and hibernation): the device is reset, which ends every mapping while
+ * the guest's pages keep their contents (docs/virtio-dma.md §7). Live buffers stay; restore
+ * MAPs their chunks again. Fails with -EBUSY, the device untouched, if it does not answer
+ * what it holds within a request's time.
+ */
+static int vdma_freeze(struct virtio_device *vdev)
+{
+	struct vdma *v = vdev->priv;
+	struct vdma_request *r, *rn;
+	struct vdma_chunk *c, *next;
+	LIST_HEAD(backlog);
+	LIST_HEAD(withheld);
+
+	/* No allocation is under way, and none starts until restore. */
+	down_write(&v->pm_sem);
+	spin_lock_irq(&v->chunks_lock);
+	v->suspended = true;
+	spin_unlock_irq(&v->chunks_lock);
+	vdma_set_quiesced(v, true);
+	cancel_delayed_work_sync(&v->idle_work);
+	vdma_drop_idle(v);	/* held as released: the reset ends it */
+
+	if (!wait_event_timeout(v->room, vdma_drained(v),
+				msecs_to_jiffies(deadline_ms + reply_margin_ms))) {
+		dev_warn(&vdev->dev, "suspend refused: the device holds unanswered requests\n");
+		vdma_set_quiesced(v, false);
+		vdma_resume_releases(v);
+		up_write(&v->pm_sem);
+		return -EBUSY;
+	}
+	virtio_reset_device(vdev);
+	vdev->config->del_vqs(vdev);
+
+	/* The reset ended every mapping, those of UNMAPs not yet sent or that failed too. */
+	spin_lock_irq(&v->ctrlq_lock);
+	list_splice_init(&v->backlog, &backlog);
+	v->backlog_len = 0;
+	spin_unlock_irq(&v->ctrlq_lock);
+	spin_lock_irq(&v->withheld_lock);
+	list_splice_init(&v->withheld, &withheld);
+	v->withheld_pages = 0;
+	spin_unlock_irq(&v->withheld_lock);
+	list_for_each_entry_safe(r, rn, &backlog, backlog)
+		vdma_chunk_free(r->chunk);
+	list_for_each_entry_safe(c, next, &withheld, node)
+		vdma_chunk_free(c);
+
+	spin_lock_irq(&v->chunks_lock);
+	v->unmapped_by_reset = true;
+	list_for_each_entry(c, &v->chunks, live)
+		c->mapped = false;
+	spin_unlock_irq(&v->chunks_lock);
+	vdma_end_released(v);
+	atomic64_inc(&v->suspends);
+	return 0;
+}
+
+/*
+ * MAPs a live chunk again at its guest address, keeping its contents (no DISCARD), so that
+ * its buffers are host-contiguous again. Returns whether the device may now map it.
+ */
+static bool vdma_remap(struct vdma *v, struct vdma_chunk *c)
+{
+	struct vdma_request *r = kzalloc(sizeof(*r), GFP_KERNEL);
+	int status;
+
+	if (!r)
+		return false;
+	vdma_fill(&r->req, VIRTIO_DMA_T_MAP, 0, page_to_phys(c->pages),
+		  c->pagecount << PAGE_SHIFT, v->f_deadline ? deadline_ms : 0);
+	status = vdma_request_sync(v, r, deadline_ms + reply_margin_ms);
+	if (status == -ETIMEDOUT || status == -EINTR) {
+		/*
+		 * r belongs to vdma_late_answer() now (it has no chunk). The MAP may still be
+		 * carried out: an UNMAP at the release settles it either way.
+		 */
+		atomic64_inc(&v->remaps_failed);
+		return true;
+	}
+	if (status != VIRTIO_DMA_S_OK) {
+		kfree(r);
+		atomic64_inc(&v->remaps_failed);
+		dev_err_ratelimited(&v->vdev->dev,
+				    "restore: MAP of %lu pages at %pa failed (%d): its buffers are no longer host-contiguous\n",
+				    c->pagecount, &(phys_addr_t){ page_to_phys(c->pages) }, status);
+		return false;
+	}
+	c->host_addr = le64_to_cpu(r->resp.host_addr);
+	c->resp_flags = le32_to_cpu(r->resp.flags);
+	if (!v->f_host_phys)
+		c->resp_flags &= ~VIRTIO_DMA_RESP_HOST_PHYS;
+	c->extent = le64_to_cpu(r->resp.extent);
+	kfree(r);
+	atomic64_inc(&v->remaps);
+	return true;
+}
+
+static int vdma_restore(struct virtio_device *vdev)
+{
+	struct virtqueue_info vqs_info[] = {
+		{ "mapq", vdma_vq_done },
+		{ "ctrlq", vdma_vq_done },
+	};
+	struct vdma *v = vdev->priv;
+	struct virtqueue *vqs[2];
+	struct vdma_chunk *c;
+	LIST_HEAD(todo);
+	u64 base = v->window_base, size = v->window_size;
+	int err;
+
+	err = vdma_read_config(v);
+	if (!err && (v->window_base != base || v->window_size != size))
+		err = -ENODEV;
+	if (!err)
+		err = virtio_find_vqs(vdev, 2, vqs, vqs_info, NULL);
+	if (err) {
+		dev_err(&vdev->dev, "restore failed (%d): the device is not used any more\n", err);
+		spin_lock_irq(&v->mapq_lock);
+		spin_lock(&v->ctrlq_lock);
+		v->gone = true;
+		spin_unlock(&v->ctrlq_lock);
+		spin_unlock_irq(&v->mapq_lock);
+		wake_up_all(&v->room);
+		vdma_resume_releases(v);
+		up_write(&v->pm_sem);
+		return err;
+	}
+	v->mapq = vqs[VIRTIO_DMA_MAPQ];
+	v->ctrlq = vqs[VIRTIO_DMA_CTRLQ];
+	virtio_device_ready(vdev);
+	vdma_set_quiesced(v, false);
+
+	/*
+	 * Releases are still held, so every chunk stays on a list: those on todo are this
+	 * function's to move, one at a time, back to v->chunks.
+	 */
+	spin_lock_irq(&v->chunks_lock);
+	list_splice_init(&v->chunks, &todo);
+	spin_unlock_irq(&v->chunks_lock);
+	for (;;) {
+		bool remap, mapped;
+
+		spin_lock_irq(&v->chunks_lock);
+		c = list_first_entry_or_null(&todo, struct vdma_chunk, live);
+		remap = c && !c->released && !c->mapped;
+		spin_unlock_irq(&v->chunks_lock);
+		if (!c)
+			break;
+		mapped = remap ? vdma_remap(v, c) : c->mapped;
+		spin_lock_irq(&v->chunks_lock);
+		c->mapped = mapped;
+		list_move_tail(&c->live, &v->chunks);
+		spin_unlock_irq(&v->chunks_lock);
+	}
+	vdma_resume_releases(v);
+	up_write(&v->pm_sem);
+	return 0;
+}
+#endif
+
 static const struct virtio_device_id id_table[] = {
 	{ VIRTIO_ID_DMA, VIRTIO_DEV_ANY_ID },
 	{ 0 },
@@ -1412,6 +1713,10 @@ static struct virtio_driver virtio_dma_driver = {
 	.id_table = id_table,
 	.probe = vdma_probe,
 	.remove = vdma_remove,
+#ifdef CONFIG_PM_SLEEP
+	.freeze = vdma_freeze,
+	.restore = vdma_restore,
+#endif
 };
 
 module_virtio_driver(virtio_dma_driver);
