@@ -279,10 +279,13 @@ fn assert_nothing_left(g: &GuestRun) {
         "CMA pages in use (cma_alloc'd) before and after; console:\n{}",
         g.console
     );
+    // The exact check is the one above (the CMA bitmap). CmaFree also counts movable pages of
+    // other users that land in the area (tmpfs files, page tables; a suspend attempt syncs and
+    // allocates too: -488 KiB seen once), so it only bounds a lost shared chunk (2048 KiB).
     let free_diff = g.number("life_cma_free_end_kb") - g.number("life_cma_free_start_kb");
     assert!(
-        free_diff.abs() <= 256,
-        "CmaFree moved by {free_diff} KiB (movable pages may come and go; the driver's are whole chunks of 2048 KiB); console:\n{}",
+        free_diff.abs() <= 1024,
+        "CmaFree moved by {free_diff} KiB (movable pages may come and go; a shared chunk is 2048 KiB); console:\n{}",
         g.console
     );
     let end = stats_of(g, "end_stats");

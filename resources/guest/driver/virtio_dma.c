@@ -585,6 +585,17 @@ static unsigned int vdma_ms_left(unsigned long until)
 	return time_after(until, jiffies) ? jiffies_to_msecs(until - jiffies) : 0;
 }
 
+/* Where the device placed a chunk, from the answer to its MAP. */
+static void vdma_chunk_placed(struct vdma *v, struct vdma_chunk *c,
+			      const struct virtio_dma_resp *resp)
+{
+	c->host_addr = le64_to_cpu(resp->host_addr);
+	c->resp_flags = le32_to_cpu(resp->flags);
+	if (!v->f_host_phys)
+		c->resp_flags &= ~VIRTIO_DMA_RESP_HOST_PHYS;
+	c->extent = le64_to_cpu(resp->extent);
+}
+
 /* cma_alloc() + MAP: a new host-contiguous chunk of pagecount pages. */
 static struct vdma_chunk *vdma_chunk_create(struct vdma *v, unsigned long pagecount,
 					    bool failfast)
@@ -694,11 +705,7 @@ static struct vdma_chunk *vdma_chunk_create(struct vdma *v, unsigned long pageco
 		c = NULL;
 		goto out;
 	}
-	c->host_addr = le64_to_cpu(r->resp.host_addr);
-	c->resp_flags = le32_to_cpu(r->resp.flags);
-	if (!v->f_host_phys)
-		c->resp_flags &= ~VIRTIO_DMA_RESP_HOST_PHYS;
-	c->extent = le64_to_cpu(r->resp.extent);
+	vdma_chunk_placed(v, c, &r->resp);
 	kfree(r);
 	/* Allocations hold pm_sem: the device has not been suspended since the MAP. */
 	spin_lock_irq(&v->chunks_lock);
@@ -1446,9 +1453,12 @@ static void vdma_remove(struct virtio_device *vdev)
 	list_splice_init(&v->withheld, &withheld);
 	v->withheld_pages = 0;
 	spin_unlock_irq(&v->withheld_lock);
-	vdma_answer_all(v, v->mapq, &v->mapq_lock);
-	vdma_answer_all(v, v->ctrlq, &v->ctrlq_lock);
-	vdev->config->del_vqs(vdev);
+	/* No queues if a restore failed: freeze deleted them and answered everything. */
+	if (v->mapq) {
+		vdma_answer_all(v, v->mapq, &v->mapq_lock);
+		vdma_answer_all(v, v->ctrlq, &v->ctrlq_lock);
+		vdev->config->del_vqs(vdev);
+	}
 
 	list_for_each_entry_safe(c, next, &withheld, node)
 		vdma_chunk_free(c);
@@ -1561,6 +1571,8 @@ static int vdma_freeze(struct virtio_device *vdev)
 	}
 	virtio_reset_device(vdev);
 	vdev->config->del_vqs(vdev);
+	v->mapq = NULL;		/* quiesced: nothing uses them until restore */
+	v->ctrlq = NULL;
 
 	/* The reset ended every mapping, those of UNMAPs not yet sent or that failed too. */
 	spin_lock_irq(&v->ctrlq_lock);
@@ -1616,11 +1628,7 @@ static bool vdma_remap(struct vdma *v, struct vdma_chunk *c)
 				    c->pagecount, &(phys_addr_t){ page_to_phys(c->pages) }, status);
 		return false;
 	}
-	c->host_addr = le64_to_cpu(r->resp.host_addr);
-	c->resp_flags = le32_to_cpu(r->resp.flags);
-	if (!v->f_host_phys)
-		c->resp_flags &= ~VIRTIO_DMA_RESP_HOST_PHYS;
-	c->extent = le64_to_cpu(r->resp.extent);
+	vdma_chunk_placed(v, c, &r->resp);
 	kfree(r);
 	atomic64_inc(&v->remaps);
 	return true;
