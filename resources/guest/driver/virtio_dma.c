@@ -1607,8 +1607,10 @@ static bool vdma_remap(struct vdma *v, struct vdma_chunk *c)
 	struct vdma_request *r = kzalloc(sizeof(*r), GFP_KERNEL);
 	int status;
 
-	if (!r)
+	if (!r) {
+		atomic64_inc(&v->remaps_failed);
 		return false;
+	}
 	vdma_fill(&r->req, VIRTIO_DMA_T_MAP, 0, page_to_phys(c->pages),
 		  c->pagecount << PAGE_SHIFT, v->f_deadline ? deadline_ms : 0);
 	status = vdma_request_sync(v, r, deadline_ms + reply_margin_ms);
