@@ -235,8 +235,7 @@ fn larger_than_any_extent_is_toobig_on_the_host_and_enomem_in_the_guest() {
     assert_eq!(g.exit_code, Some(0));
 }
 
-/// The JSON reply of the first `api CMD` a driven script ran.
-/// The last reply to `api {cmd}`.
+/// The JSON reply of the last `api CMD` a driven script ran.
 fn api_reply(g: &GuestRun, cmd: &str) -> serde_json::Value {
     api_replies(g, cmd)
         .pop()
@@ -301,6 +300,18 @@ fn assert_nothing_left(g: &GuestRun) {
     );
 }
 
+/// The result line with `key=value`: it got `ok` buffers, and every one read back its pattern.
+fn assert_all_verified(g: &GuestRun, key: &str, value: &str, ok: &str, what: &str) {
+    let r = g
+        .line_with(key, value)
+        .unwrap_or_else(|| panic!("no {key}={value}; console:\n{}", g.console));
+    assert_eq!(
+        (r["ok"].as_str(), r["verify"].as_str()),
+        (ok, "ok"),
+        "{what}: {r:?}"
+    );
+}
+
 fn stats_of(g: &GuestRun, key: &str) -> HashMap<String, i64> {
     let line = g
         .result(key)
@@ -323,10 +334,13 @@ fn unbind_is_refused_with_buffers_live_and_10000_buffers_closed_at_once_leave_no
         .line_with("unbind", "refused")
         .unwrap_or_else(|| panic!("unbind was not refused; console:\n{}", g.console));
     assert_eq!(u["still_bound"], "1", "{u:?}");
-    let held = g
-        .line_with("many_heap", "/dev/dma_heap/virtio-dma")
-        .unwrap_or_else(|| panic!("console:\n{}", g.console));
-    assert_eq!((held["ok"].as_str(), held["verify"].as_str()), ("4", "ok"));
+    assert_all_verified(
+        &g,
+        "many_heap",
+        "/dev/dma_heap/virtio-dma",
+        "4",
+        "buffers held across the attempt",
+    );
     let after = heap_result(&g, "/dev/dma_heap/virtio-dma", MIB, 2);
     assert_eq!(after["ok"], "2", "allocations after the attempt: {after:?}");
     let odd = g
@@ -433,22 +447,15 @@ fn removed_by_its_transport_the_heaps_stay_and_buffers_stay_usable() {
         ("0", "19"),
         "ENODEV without a device: {removed:?}"
     );
-    let held = g
-        .line_with("many_heap", "/dev/dma_heap/virtio-dma")
-        .unwrap_or_else(|| panic!("console:\n{}", g.console));
-    assert_eq!(
-        (held["ok"].as_str(), held["verify"].as_str()),
-        ("4", "ok"),
-        "buffers held across the removal: {held:?}"
+    assert_all_verified(
+        &g,
+        "many_heap",
+        "/dev/dma_heap/virtio-dma",
+        "4",
+        "buffers held across the removal",
     );
     assert_eq!(g.result("rebound").as_deref(), Some("1"));
-    let again = g
-        .line_with("after_rebind", "1")
-        .unwrap_or_else(|| panic!("console:\n{}", g.console));
-    assert_eq!(
-        (again["ok"].as_str(), again["verify"].as_str()),
-        ("2", "ok")
-    );
+    assert_all_verified(&g, "after_rebind", "1", "2", "allocations after the rebind");
 }
 
 /// The kernel's own dma-buf heap selftest (tools/testing/selftests/dmabuf-heaps, built from the
@@ -555,14 +562,7 @@ fn a_suspend_and_resume_keeps_live_buffers_mapped_with_their_contents() {
         a.iter().all(|r| b.contains(r)),
         "the host maps the live buffers' guest ranges again: before {b:?}, after {a:?}"
     );
-    let again = g
-        .line_with("after_resume", "1")
-        .unwrap_or_else(|| panic!("console:\n{}", g.console));
-    assert_eq!(
-        (again["ok"].as_str(), again["verify"].as_str()),
-        ("2", "ok"),
-        "allocations after the resume: {again:?}"
-    );
+    assert_all_verified(&g, "after_resume", "1", "2", "allocations after the resume");
     for size in ["1048576", "4194304"] {
         let held = g
             .results()

@@ -1321,13 +1321,37 @@ static int vdma_read_config(struct vdma *v)
 	return 0;
 }
 
-static int vdma_probe(struct virtio_device *vdev)
+/* Sets up both queues and tells the device the driver is ready (probe and restore). */
+static int vdma_setup_vqs(struct vdma *v)
 {
 	struct virtqueue_info vqs_info[] = {
 		{ "mapq", vdma_vq_done },
 		{ "ctrlq", vdma_vq_done },
 	};
 	struct virtqueue *vqs[2];
+	int err = virtio_find_vqs(v->vdev, 2, vqs, vqs_info, NULL);
+
+	if (err)
+		return err;
+	v->mapq = vqs[VIRTIO_DMA_MAPQ];
+	v->ctrlq = vqs[VIRTIO_DMA_CTRLQ];
+	virtio_device_ready(v->vdev);
+	return 0;
+}
+
+/* Nothing more is sent: requests fail with -ENODEV, and MAPs waiting for room wake to it. */
+static void vdma_set_gone(struct vdma *v)
+{
+	spin_lock_irq(&v->mapq_lock);
+	spin_lock(&v->ctrlq_lock);
+	v->gone = true;
+	spin_unlock(&v->ctrlq_lock);
+	spin_unlock_irq(&v->mapq_lock);
+	wake_up_all(&v->room);
+}
+
+static int vdma_probe(struct virtio_device *vdev)
+{
 	struct vdma *v;
 	int err;
 
@@ -1372,12 +1396,9 @@ static int vdma_probe(struct virtio_device *vdev)
 	err = vdma_read_config(v);
 	if (err)
 		goto put;
-	err = virtio_find_vqs(vdev, 2, vqs, vqs_info, NULL);
+	err = vdma_setup_vqs(v);
 	if (err)
 		goto put;
-	v->mapq = vqs[VIRTIO_DMA_MAPQ];
-	v->ctrlq = vqs[VIRTIO_DMA_CTRLQ];
-	virtio_device_ready(vdev);
 
 	err = vdma_heaps_add();
 	if (err)
@@ -1439,12 +1460,7 @@ static void vdma_remove(struct virtio_device *vdev)
 	vdma_current = NULL;	/* new allocations fail with -ENODEV */
 	spin_unlock(&vdma_current_lock);
 
-	spin_lock_irq(&v->mapq_lock);
-	spin_lock(&v->ctrlq_lock);
-	v->gone = true;		/* nothing more is sent */
-	spin_unlock(&v->ctrlq_lock);
-	spin_unlock_irq(&v->mapq_lock);
-	wake_up_all(&v->room);	/* MAPs waiting for room fail with -ENODEV */
+	vdma_set_gone(v);
 
 	/* A reset device has ended every mapping (docs/virtio-dma.md): CMA may have them all. */
 	virtio_reset_device(vdev);
@@ -1529,13 +1545,15 @@ static void vdma_end_released(struct vdma *v)
 	}
 }
 
-static void vdma_resume_releases(struct vdma *v)
+/* Ends a suspension (restored, or refused): held releases go ahead, and allocations. */
+static void vdma_end_suspend(struct vdma *v)
 {
 	spin_lock_irq(&v->chunks_lock);
 	v->suspended = false;
 	v->unmapped_by_reset = false;
 	spin_unlock_irq(&v->chunks_lock);
 	vdma_end_released(v);
+	up_write(&v->pm_sem);
 }
 
 /*
@@ -1565,8 +1583,7 @@ static int vdma_freeze(struct virtio_device *vdev)
 				msecs_to_jiffies(deadline_ms + reply_margin_ms))) {
 		dev_warn(&vdev->dev, "suspend refused: the device holds unanswered requests\n");
 		vdma_set_quiesced(v, false);
-		vdma_resume_releases(v);
-		up_write(&v->pm_sem);
+		vdma_end_suspend(v);
 		return -EBUSY;
 	}
 	virtio_reset_device(vdev);
@@ -1638,12 +1655,7 @@ static bool vdma_remap(struct vdma *v, struct vdma_chunk *c)
 
 static int vdma_restore(struct virtio_device *vdev)
 {
-	struct virtqueue_info vqs_info[] = {
-		{ "mapq", vdma_vq_done },
-		{ "ctrlq", vdma_vq_done },
-	};
 	struct vdma *v = vdev->priv;
-	struct virtqueue *vqs[2];
 	struct vdma_chunk *c;
 	LIST_HEAD(todo);
 	u64 base = v->window_base, size = v->window_size;
@@ -1653,22 +1665,13 @@ static int vdma_restore(struct virtio_device *vdev)
 	if (!err && (v->window_base != base || v->window_size != size))
 		err = -ENODEV;
 	if (!err)
-		err = virtio_find_vqs(vdev, 2, vqs, vqs_info, NULL);
+		err = vdma_setup_vqs(v);
 	if (err) {
 		dev_err(&vdev->dev, "restore failed (%d): the device is not used any more\n", err);
-		spin_lock_irq(&v->mapq_lock);
-		spin_lock(&v->ctrlq_lock);
-		v->gone = true;
-		spin_unlock(&v->ctrlq_lock);
-		spin_unlock_irq(&v->mapq_lock);
-		wake_up_all(&v->room);
-		vdma_resume_releases(v);
-		up_write(&v->pm_sem);
+		vdma_set_gone(v);
+		vdma_end_suspend(v);
 		return err;
 	}
-	v->mapq = vqs[VIRTIO_DMA_MAPQ];
-	v->ctrlq = vqs[VIRTIO_DMA_CTRLQ];
-	virtio_device_ready(vdev);
 	vdma_set_quiesced(v, false);
 
 	/*
@@ -1693,8 +1696,7 @@ static int vdma_restore(struct virtio_device *vdev)
 		list_move_tail(&c->live, &v->chunks);
 		spin_unlock_irq(&v->chunks_lock);
 	}
-	vdma_resume_releases(v);
-	up_write(&v->pm_sem);
+	vdma_end_suspend(v);
 	return 0;
 }
 #endif
